@@ -1,0 +1,336 @@
+"""``App``: registers durable functions, starts runs, sends events, runs workers."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import uuid
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+from typing import Any, ParamSpec, TypeVar, overload
+
+from durable._handle import _NO_TYPE, RunHandle, RunInfo
+from engine import (
+    Context,
+    FunctionSpec,
+    Listener,
+    Store,
+    Worker,
+    WorkerOptions,
+    current_carrier,
+    dump,
+    validate_input,
+)
+from engine.errors import ConfigurationError, InvalidInput, SerializationError
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+I = TypeVar("I")  # noqa: E741
+P = ParamSpec("P")
+Fn = TypeVar("Fn", bound=Callable[..., Awaitable[Any]])
+
+
+class App:
+    """A durable application: its functions and its connection to Postgres.
+
+    ::
+
+        app = durable.App()          # database_url=None → $DURABLE_DATABASE_URL → embedded
+
+        @app.function()
+        async def greet(ctx: durable.Context, name: str) -> str:
+            return await ctx.step("greet", make_greeting, name)
+
+        async with app:              # connects and applies migrations
+            run = await app.start(greet, "Ada")
+            print(await run.result())
+
+    ``lease`` bounds how long a killed worker's runs stay stuck before another worker resumes
+    them; ``connect_timeout=None`` retries an unreachable database forever (with backoff).
+    """
+
+    def __init__(
+        self,
+        database_url: str | None = None,
+        *,
+        lease: timedelta = timedelta(seconds=30),
+        poll_interval: timedelta = timedelta(seconds=2),
+        short_wait: timedelta = timedelta(milliseconds=250),
+        pool_size: int = 10,
+        connect_timeout: float | None = None,
+    ) -> None:
+        self._database_url = database_url
+        self._lease = lease
+        self._poll_interval = poll_interval
+        self._short_wait = short_wait
+        self._pool_size = pool_size
+        self._connect_timeout = connect_timeout
+        self._functions: dict[str, FunctionSpec] = {}
+        self._store: Store | None = None
+        self._listener: Listener | None = None
+        self._done_waiters: dict[uuid.UUID, set[Callable[[], None]]] = {}
+        self._workers: set[Worker] = set()
+
+    # -- registration ---------------------------------------------------------------------------
+
+    def function(self, *, name: str | None = None) -> Callable[[Fn], Fn]:
+        """Register a durable function ``async def f(ctx, input) -> result``.
+
+        The name defaults to ``module.qualname`` and is what runs are stored under, so keep it
+        stable across deploys (or pass ``name=``).
+        """
+
+        def register(fn: Fn) -> Fn:
+            spec = FunctionSpec.describe(fn, name)
+            if spec.name in self._functions and self._functions[spec.name].fn is not fn:
+                raise ConfigurationError(f"a durable function named {spec.name!r} already exists")
+            self._functions[spec.name] = spec
+            return fn
+
+        return register
+
+    @property
+    def functions(self) -> dict[str, FunctionSpec]:
+        """The registered functions, by name."""
+        return dict(self._functions)
+
+    # -- connection -----------------------------------------------------------------------------
+
+    async def __aenter__(self) -> App:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def connect(self) -> None:
+        """Connect (starting the embedded Postgres if no URL is set) and apply migrations."""
+        if self._store is not None:
+            return
+        dsn = await self._resolve_url()
+        store = await Store.connect(
+            dsn, max_size=self._pool_size, connect_timeout=self._connect_timeout
+        )
+        try:
+            await store.migrate()
+            listener = Listener(store.connect_raw)
+            listener.subscribe("durable_done", self._dispatch_done)
+            await listener.start()
+        except BaseException:
+            await store.close()
+            raise
+        self._store, self._listener = store, listener
+
+    async def close(self) -> None:
+        """Stop this app's workers and close its connections."""
+        for worker in list(self._workers):
+            worker.stop()
+        if self._listener is not None:
+            await self._listener.close()
+            self._listener = None
+        if self._store is not None:
+            await self._store.close()
+            self._store = None
+
+    @property
+    def database_url(self) -> str | None:
+        """The URL in use once connected (the embedded server's when none was given)."""
+        return self._store.dsn if self._store else self._database_url
+
+    async def _resolve_url(self) -> str:
+        url = self._database_url or os.environ.get("DURABLE_DATABASE_URL")
+        if url:
+            if not url.startswith(("postgresql://", "postgres://")):
+                raise ConfigurationError(
+                    f"database URL must start with postgresql:// (got {url[:40]!r})"
+                )
+            return url
+        from durable import _embedded
+
+        server = await asyncio.to_thread(_embedded.acquire)
+        log.info("using embedded PostgreSQL in %s", server.data_dir)
+        return server.dsn
+
+    def _store_or_raise(self) -> Store:
+        if self._store is None:
+            raise ConfigurationError(
+                "the app is not connected: use `async with app:` or `await app.connect()`"
+            )
+        return self._store
+
+    # -- runs -----------------------------------------------------------------------------------
+
+    @overload
+    async def start(
+        self,
+        fn: Callable[[Context, I], Awaitable[T]],
+        input: I,
+        *,
+        run_id: uuid.UUID | str | None = None,
+        idempotency_key: str | None = None,
+    ) -> RunHandle[T]: ...
+
+    @overload
+    async def start(
+        self,
+        fn: Callable[[Context], Awaitable[T]],
+        input: None = None,
+        *,
+        run_id: uuid.UUID | str | None = None,
+        idempotency_key: str | None = None,
+    ) -> RunHandle[T]: ...
+
+    @overload
+    async def start(
+        self,
+        fn: str,
+        input: Any = None,
+        *,
+        run_id: uuid.UUID | str | None = None,
+        idempotency_key: str | None = None,
+    ) -> RunHandle[Any]: ...
+
+    async def start(
+        self,
+        fn: Callable[..., Awaitable[Any]] | str,
+        input: Any = None,
+        *,
+        run_id: uuid.UUID | str | None = None,
+        idempotency_key: str | None = None,
+    ) -> RunHandle[Any]:
+        """Start a run of ``fn`` (a registered function, or its name) with ``input``.
+
+        The input is validated against the function's annotation here: invalid input raises
+        InvalidInput and nothing is stored. With an ``idempotency_key`` (or a ``run_id``) that
+        already exists, the existing run is returned instead of starting a second one.
+        """
+        store = self._store_or_raise()
+        spec = self._spec_for(fn)
+        name = spec.name if spec else str(fn)
+        if spec is not None:
+            if not spec.takes_input and input is not None:
+                raise InvalidInput(f"function {name!r} takes no input, got {type(input).__name__}")
+            data = (
+                validate_input(spec.input_type, input, f"start {name!r}")
+                if spec.takes_input
+                else None
+            )
+        else:
+            data = _json_or_invalid(input, f"start {name!r}")
+        chosen = uuid.UUID(str(run_id)) if run_id is not None else uuid.uuid4()
+        found, created = await store.start_run(
+            chosen, name, data, idempotency_key, current_carrier()
+        )
+        if not created:
+            log.info("run %s already exists; returning it", found, extra={"run_id": str(found)})
+        return RunHandle(self, found, spec.return_type if spec else _NO_TYPE)
+
+    def get_run(self, run_id: uuid.UUID | str) -> RunHandle[Any]:
+        """A handle on an existing run (its existence is checked when you ask it something)."""
+        return RunHandle(self, uuid.UUID(str(run_id)))
+
+    async def list_runs(self, *, status: str | None = None, limit: int = 50) -> list[RunInfo]:
+        """The most recent runs, newest first, optionally of one status."""
+        rows = await self._store_or_raise().list_runs(status, limit)
+        return [RunInfo.from_row(r) for r in rows]
+
+    async def resume_run(self, run_id: uuid.UUID | str) -> bool:
+        """Make a paused run (non-determinism) runnable again; False if it was not paused."""
+        return await self._store_or_raise().resume(uuid.UUID(str(run_id)))
+
+    async def send_event(self, name: str, payload: Any = None, *, key: str | None = None) -> int:
+        """Send an event; every run waiting on ``name`` and ``key`` receives it once.
+
+        The event is stored, so a run that reaches ``wait_for_event`` later still receives it
+        (if it was sent after the run started). Returns the event's id.
+        """
+        data = _json_or_invalid(payload, f"event {name!r}")
+        return await self._store_or_raise().send_event(name, key or "", data)
+
+    # -- workers --------------------------------------------------------------------------------
+
+    async def run_worker(
+        self,
+        concurrency: int = 10,
+        *,
+        functions: list[str] | None = None,
+        worker_id: str | None = None,
+        shutdown_grace: timedelta = timedelta(seconds=10),
+    ) -> None:
+        """Execute runs of this app's functions until cancelled or ``stop_workers()``.
+
+        ``concurrency`` bounds the runs executing at once; suspended (sleeping, waiting) runs
+        hold no slot.
+        """
+        await self.connect()
+        store, listener = self._store_or_raise(), self._listener
+        assert listener is not None
+        served = {n: s for n, s in self._functions.items() if functions is None or n in functions}
+        options = WorkerOptions(
+            concurrency=concurrency,
+            lease=self._lease,
+            poll_interval=self._poll_interval,
+            short_wait=self._short_wait,
+            shutdown_grace=shutdown_grace,
+            **({"worker_id": worker_id} if worker_id else {}),
+        )
+        worker = Worker(store, served, listener, options)
+        self._workers.add(worker)
+        try:
+            await worker.run()
+        finally:
+            self._workers.discard(worker)
+
+    def stop_workers(self) -> None:
+        """Ask this app's workers to finish their runs (within the grace period) and return."""
+        for worker in list(self._workers):
+            worker.stop()
+
+    # -- internals used by RunHandle ------------------------------------------------------------
+
+    def _spec_for(self, fn: Callable[..., Awaitable[Any]] | str) -> FunctionSpec | None:
+        if isinstance(fn, str):
+            return self._functions.get(fn)
+        for spec in self._functions.values():
+            if spec.fn is fn:
+                return spec
+        raise ConfigurationError(
+            f"{getattr(fn, '__qualname__', fn)!r} is not registered with this app; decorate it "
+            f"with @app.function() (or pass the function's name as a string)"
+        )
+
+    def _return_type_of(self, function: str) -> Any:
+        spec = self._functions.get(function)
+        return spec.return_type if spec else _NO_TYPE
+
+    def _on_done(self, run_id: uuid.UUID, callback: Callable[[], None]) -> Callable[[], None]:
+        self._done_waiters.setdefault(run_id, set()).add(callback)
+
+        def unsubscribe() -> None:
+            waiters = self._done_waiters.get(run_id)
+            if waiters is not None:
+                waiters.discard(callback)
+                if not waiters:
+                    del self._done_waiters[run_id]
+
+        return unsubscribe
+
+    def _dispatch_done(self, payload: str) -> None:
+        if not payload:
+            targets = [cb for cbs in self._done_waiters.values() for cb in cbs]
+        else:
+            try:
+                targets = list(self._done_waiters.get(uuid.UUID(payload), ()))
+            except ValueError:
+                return
+        for callback in targets:
+            callback()
+
+
+def _json_or_invalid(value: Any, what: str) -> Any:
+    try:
+        return dump(Any, value, what)
+    except SerializationError as exc:
+        raise InvalidInput(str(exc)) from exc

@@ -1,0 +1,232 @@
+"""The ``durable`` command line.
+
+::
+
+    durable worker module:app [--concurrency N]   execute runs of the app's functions
+    durable migrate                                apply the schema migrations
+    durable runs list [--status S] [--limit N]     recent runs
+    durable runs show RUN_ID                       a run and its journal as a timeline
+    durable runs resume RUN_ID                     resume a run paused by non-determinism
+    durable events send NAME [--key K] [--payload JSON]
+    durable db start|stop|status|url               the embedded PostgreSQL
+
+Commands that need the database use --database-url, else $DURABLE_DATABASE_URL, else the
+embedded server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import json
+import logging
+import signal
+import sys
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from durable._app import App
+from durable._handle import RunInfo
+from engine.errors import DurableError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="durable", description="Durable execution on Postgres.")
+    parser.add_argument(
+        "--database-url",
+        help="PostgreSQL URL (default: $DURABLE_DATABASE_URL, else the embedded server)",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    worker = commands.add_parser("worker", help="execute runs of an app's functions")
+    worker.add_argument("app", help="the app to serve, as module:attribute")
+    worker.add_argument("--concurrency", type=int, default=10)
+    worker.add_argument("--log-level", default="INFO")
+
+    commands.add_parser("migrate", help="apply the schema migrations")
+
+    runs = commands.add_parser("runs", help="inspect and manage runs")
+    runs_commands = runs.add_subparsers(dest="runs_command", required=True)
+    listing = runs_commands.add_parser("list", help="recent runs, newest first")
+    listing.add_argument(
+        "--status", choices=["pending", "running", "suspended", "paused", "completed", "failed"]
+    )
+    listing.add_argument("--limit", type=int, default=50)
+    show = runs_commands.add_parser("show", help="a run and its journal as a timeline")
+    show.add_argument("run_id")
+    resume = runs_commands.add_parser("resume", help="resume a paused run")
+    resume.add_argument("run_id")
+
+    events = commands.add_parser("events", help="send events")
+    events_commands = events.add_subparsers(dest="events_command", required=True)
+    send = events_commands.add_parser("send", help="send an event")
+    send.add_argument("name")
+    send.add_argument("--key")
+    send.add_argument("--payload", help="JSON payload", default="null")
+
+    db = commands.add_parser("db", help="the embedded PostgreSQL server")
+    db.add_argument("action", choices=["start", "stop", "status", "url"])
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "worker":
+            return _worker(args)
+        if args.command == "db":
+            return _db(args.action)
+        return asyncio.run(_with_app(args))
+    except DurableError as exc:
+        print(f"durable: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def load_app(target: str) -> App:
+    """Import ``module:attribute`` and return the App it names."""
+    module_name, _, attribute = target.partition(":")
+    if not module_name or not attribute:
+        raise DurableError(f"expected module:attribute, got {target!r}")
+    sys.path.insert(0, "")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise DurableError(f"cannot import {module_name!r}: {exc}") from exc
+    app = getattr(module, attribute, None)
+    if not isinstance(app, App):
+        raise DurableError(f"{target} is not a durable.App (got {type(app).__name__})")
+    return app
+
+
+def _worker(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    app = load_app(args.app)
+    if args.database_url:
+        app._database_url = args.database_url
+
+    async def serve() -> None:
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, app.stop_workers)
+        async with app:
+            await app.run_worker(concurrency=args.concurrency)
+
+    asyncio.run(serve())
+    return 0
+
+
+async def _with_app(args: argparse.Namespace) -> int:
+    async with App(args.database_url) as app:
+        handlers: dict[str, Callable[[App, argparse.Namespace], Awaitable[int]]] = {
+            "migrate": _migrate,
+            "runs": _runs,
+            "events": _events,
+        }
+        return await handlers[args.command](app, args)
+
+
+async def _migrate(app: App, args: argparse.Namespace) -> int:
+    print(f"schema up to date in {app.database_url}")
+    return 0
+
+
+async def _runs(app: App, args: argparse.Namespace) -> int:
+    if args.runs_command == "list":
+        for info in await app.list_runs(status=args.status, limit=args.limit):
+            print(_run_line(info))
+        return 0
+    run_id = _run_id(args.run_id)
+    if args.runs_command == "resume":
+        if await app.resume_run(run_id):
+            print(f"run {run_id} resumed")
+            return 0
+        print(f"run {run_id} is not paused", file=sys.stderr)
+        return 1
+    handle = app.get_run(run_id)
+    info = await handle.info()
+    print(_run_line(info))
+    print(f"  input:   {json.dumps(info.input)}")
+    if info.status == "completed":
+        print(f"  result:  {json.dumps(info.result)}")
+    if info.error is not None:
+        print(f"  error:   {info.error.type}: {info.error.message}")
+    if info.status == "paused":
+        print(f"  paused for an operator: fix the code, then `durable runs resume {run_id}`")
+    print("  journal:")
+    for entry in await handle.journal():
+        outcome = (
+            f"failed {entry.error.get('type')}: {entry.error.get('message')}"
+            if entry.error
+            else json.dumps(entry.value)
+        )
+        print(
+            f"    {entry.created_at:%Y-%m-%d %H:%M:%S.%f}  #{entry.position:<6} "
+            f"{entry.kind:<6} {entry.name:<20} {outcome}  (attempt {entry.attempt})"
+        )
+    store = app._store_or_raise()
+    for wait in await store.list_waits(run_id):
+        deadline = wait.timeout_at.isoformat() if wait.timeout_at else "no timeout"
+        print(
+            f"    waiting at #{wait.position}: event {wait.name!r} key {wait.key!r} "
+            f"until {deadline}"
+        )
+    return 0
+
+
+def _run_line(info: RunInfo) -> str:
+    return (
+        f"{info.run_id}  {info.status:<9}  {info.function}  attempt {info.attempt}  "
+        f"created {info.created_at:%Y-%m-%d %H:%M:%S}"
+    )
+
+
+def _run_id(text: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(text)
+    except ValueError:
+        raise DurableError(f"not a run id: {text!r}") from None
+
+
+async def _events(app: App, args: argparse.Namespace) -> int:
+    try:
+        payload: Any = json.loads(args.payload)
+    except json.JSONDecodeError as exc:
+        raise DurableError(f"--payload is not valid JSON: {exc}") from exc
+    event_id = await app.send_event(args.name, payload, key=args.key)
+    print(f"event {event_id} sent: {args.name} key={args.key!r}")
+    return 0
+
+
+def _db(action: str) -> int:
+    from durable import _embedded
+
+    if action == "start":
+        server = _embedded.pin()
+        print(f"embedded PostgreSQL running (pid {server.pid}) in {server.data_dir}")
+        print(server.dsn)
+    elif action == "stop":
+        stopped = _embedded.unpin()
+        print("embedded PostgreSQL stopped" if stopped else "embedded PostgreSQL was not running")
+    elif action == "url":
+        found, data_dir, _users, _pinned = _embedded.status()
+        if found is None:
+            print(
+                f"not running (data dir {data_dir}); `durable db start` starts it", file=sys.stderr
+            )
+            return 1
+        print(found.dsn)
+    else:
+        found, data_dir, users, pinned = _embedded.status()
+        state = f"running (pid {found.pid})" if found else "stopped"
+        print(f"embedded PostgreSQL: {state}")
+        print(f"  data dir: {data_dir}")
+        print(f"  pinned by `durable db start`: {'yes' if pinned else 'no'}")
+        print(f"  processes using it: {', '.join(map(str, users)) or 'none'}")
+    return 0

@@ -1,0 +1,131 @@
+"""``RunHandle``: a started run, to ask about and to wait for."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from engine import JournalEntry, RunRow, RunStatus, load
+from engine.errors import ErrorInfo, ResultTimeout, RunFailed, RunNotFound
+
+if TYPE_CHECKING:
+    from durable._app import App
+
+T = TypeVar("T")
+
+_NO_TYPE: Any = object()
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """A run as stored: its function, status, timestamps, and result or error."""
+
+    run_id: uuid.UUID
+    function: str
+    status: RunStatus
+    attempt: int
+    idempotency_key: str | None
+    input: Any
+    result: Any
+    error: ErrorInfo | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    available_at: datetime | None
+
+    @classmethod
+    def from_row(cls, row: RunRow) -> RunInfo:
+        return cls(
+            run_id=row.id,
+            function=row.function,
+            status=row.status,
+            attempt=row.attempt,
+            idempotency_key=row.idempotency_key,
+            input=row.input,
+            result=row.result,
+            error=None if row.error is None else ErrorInfo.from_json(row.error),
+            created_at=row.created_at,
+            started_at=row.started_at,
+            finished_at=row.finished_at,
+            available_at=row.available_at,
+        )
+
+
+class RunHandle(Generic[T]):
+    """A run: ``await handle.result()`` waits for it and returns its result::
+
+    run = await app.start(onboarding, Signup(user_id="u1", email="a@b.c"))
+    print(await run.status())        # "pending", "running", "suspended", ...
+    outcome = await run.result(timeout=60)
+    """
+
+    def __init__(self, app: App, run_id: uuid.UUID, return_type: Any = _NO_TYPE) -> None:
+        self._app = app
+        self.run_id = run_id
+        self._return_type = return_type
+
+    def __repr__(self) -> str:
+        return f"RunHandle({self.run_id})"
+
+    async def info(self) -> RunInfo:
+        """The run as stored now. Raises RunNotFound for an unknown id."""
+        row = await self._app._store_or_raise().get_run(self.run_id)
+        if row is None:
+            raise RunNotFound(str(self.run_id))
+        return RunInfo.from_row(row)
+
+    async def status(self) -> RunStatus:
+        """One of pending, running, suspended, paused, completed, failed."""
+        return (await self.info()).status
+
+    async def journal(self) -> list[JournalEntry]:
+        """The run's journal, in the order it was written."""
+        return await self._app._store_or_raise().load_journal(self.run_id)
+
+    async def result(self, timeout: float | None = None) -> T:
+        """Wait for the run to finish and return its result, rehydrated by the function's return
+        annotation. Raises RunFailed if it failed, ResultTimeout after ``timeout`` seconds.
+        A paused run is waited for like a running one (it continues once resumed)."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        while True:
+            finished = asyncio.Event()
+            unsubscribe = self._app._on_done(self.run_id, finished.set)
+            try:
+                info = await self.info()
+                if info.status == "completed":
+                    return self._rehydrate(info)
+                if info.status == "failed":
+                    assert info.error is not None
+                    raise RunFailed(str(self.run_id), info.error)
+                wait = 1.0 if deadline is None else min(1.0, deadline - loop.time())
+                if wait <= 0:
+                    raise ResultTimeout(
+                        f"run {self.run_id} did not finish within {timeout}s (status {info.status})"
+                    )
+                await _wait(finished.wait(), wait)
+            finally:
+                unsubscribe()
+
+    def _rehydrate(self, info: RunInfo) -> T:
+        annotation = self._return_type
+        if annotation is _NO_TYPE:
+            annotation = self._app._return_type_of(info.function)
+        if annotation is _NO_TYPE:
+            result: T = info.result
+            return result
+        rehydrated: T = load(annotation, info.result)
+        return rehydrated
+
+
+async def _wait(waitable: Awaitable[Any], seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(waitable, seconds)
+
+
+Unsubscribe = Callable[[], None]

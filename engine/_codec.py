@@ -1,0 +1,62 @@
+"""JSON in and out of the journal, validated by pydantic from type annotations. No pickle."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import typing
+from collections.abc import Callable
+from functools import lru_cache
+from typing import Any
+
+from pydantic import TypeAdapter, ValidationError
+from pydantic_core import PydanticSerializationError
+
+from engine.errors import InvalidInput, SerializationError
+
+
+@lru_cache(maxsize=1024)
+def adapter(annotation: Any) -> TypeAdapter[Any]:
+    return TypeAdapter(annotation)
+
+
+def return_type(fn: Callable[..., Any]) -> Any:
+    """The return annotation of ``fn`` (Any when there is none or it can't be resolved)."""
+    target = inspect.unwrap(fn)
+    try:
+        hints = typing.get_type_hints(target)
+    except Exception:  # unresolvable forward references: fall back to plain JSON
+        return Any
+    return hints.get("return", Any)
+
+
+def dump(annotation: Any, value: Any, what: str) -> Any:
+    """``value`` as JSON-compatible data, or SerializationError naming ``what``."""
+    try:
+        data = adapter(annotation).dump_python(value, mode="json")
+        json.dumps(data)
+    except (PydanticSerializationError, TypeError, ValueError) as exc:
+        raise SerializationError(
+            f"{what}: a value of type {type(value).__qualname__} cannot be stored as JSON "
+            f"({exc}). Return JSON-compatible data or a pydantic model, and annotate the "
+            f"return type."
+        ) from exc
+    return data
+
+
+def load(annotation: Any, data: Any) -> Any:
+    """Rehydrate journaled JSON into ``annotation`` (a model comes back as that model)."""
+    return adapter(annotation).validate_python(data)
+
+
+def validate_input(annotation: Any, value: Any, what: str) -> Any:
+    """Validate a run's input and return it as JSON-compatible data, or raise InvalidInput."""
+    try:
+        validated = adapter(annotation).validate_python(value)
+    except ValidationError as exc:
+        raise InvalidInput(f"{what}: input does not validate: {exc}") from exc
+    return dump(annotation, validated, what)
+
+
+def encode_json(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)

@@ -1,0 +1,93 @@
+"""One LISTEN connection per process, kept alive across database restarts.
+
+Notifications are only a fast path: after every reconnect each subscriber is called as if a
+notification had arrived, so whatever was sent while the connection was down is looked up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import asyncpg
+
+from engine._store import TRANSIENT_ERRORS
+
+log = logging.getLogger(__name__)
+
+CHANNELS = ("durable_work", "durable_done")
+
+Callback = Callable[[str], None]
+
+
+class Listener:
+    def __init__(self, connect: Callable[[], Awaitable[asyncpg.Connection[Any]]]) -> None:
+        self._connect = connect
+        self._subscribers: dict[str, set[Callback]] = {c: set() for c in CHANNELS}
+        self._task: asyncio.Task[None] | None = None
+        self._connected = asyncio.Event()
+        self._rng = random.Random()
+
+    def subscribe(self, channel: str, callback: Callback) -> Callable[[], None]:
+        """Call ``callback(payload)`` on every notification of ``channel``; returns an
+        unsubscribe function."""
+        self._subscribers[channel].add(callback)
+        return lambda: self._subscribers[channel].discard(callback)
+
+    async def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run())
+        await self._connected.wait()
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    def _dispatch(self, conn: Any, pid: int, channel: str, payload: str) -> None:
+        for callback in list(self._subscribers.get(channel, ())):
+            callback(payload)
+
+    def _notify_all(self) -> None:
+        for callbacks in self._subscribers.values():
+            for callback in list(callbacks):
+                callback("")
+
+    async def _run(self) -> None:
+        delay = 0.1
+        first = True
+        while True:
+            try:
+                conn = await self._connect()
+            except TRANSIENT_ERRORS as exc:
+                log.warning("LISTEN connection failed (%s); retrying in %.1fs", exc, delay)
+                await asyncio.sleep(delay * (0.5 + self._rng.random()))
+                delay = min(delay * 2, 5.0)
+                continue
+            lost = asyncio.Event()
+            conn.add_termination_listener(_setter(lost))
+            try:
+                for channel in CHANNELS:
+                    await conn.add_listener(channel, self._dispatch)
+                delay = 0.1
+                self._connected.set()
+                if not first:
+                    self._notify_all()
+                first = False
+                await lost.wait()
+                log.warning("LISTEN connection lost; reconnecting")
+            except TRANSIENT_ERRORS as exc:
+                log.warning("LISTEN connection lost (%s); reconnecting", exc)
+            finally:
+                conn.terminate()
+            self._notify_all()
+
+
+def _setter(event: asyncio.Event) -> Callable[[Any], None]:
+    return lambda _conn: event.set()

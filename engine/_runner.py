@@ -1,0 +1,172 @@
+"""Executes one claimed attempt of a run: load the journal, replay, run live, then end the
+attempt as suspended, completed, failed or paused."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import traceback
+from typing import Any
+
+from engine import _codec, _lineage, _tracing
+from engine._clock import DatabaseTime
+from engine._context import Context, RunState
+from engine._registry import FunctionSpec
+from engine._signals import Abandon, Suspend
+from engine._store import Claim, Store
+from engine.errors import ErrorInfo, NonDeterminismError
+
+log = logging.getLogger(__name__)
+
+
+class Runner:
+    """One attempt of one run, on this worker."""
+
+    def __init__(
+        self,
+        store: Store,
+        spec: FunctionSpec,
+        claim: Claim,
+        *,
+        db_time: DatabaseTime,
+        short_wait: float,
+        rng: random.Random,
+    ) -> None:
+        self.store = store
+        self.spec = spec
+        self.claim = claim
+        self.db_time = db_time
+        self.short_wait = short_wait
+        self.rng = rng
+        self.state: RunState | None = None
+        self._root: asyncio.Task[Any] | None = None
+        self.extra = {"run_id": str(claim.run_id)}
+
+    def lose(self) -> None:
+        """The lease is gone: stop the run's tasks; nothing more will be written."""
+        if self.state is not None:
+            self.state.lost = True
+            self.state.cancel_tasks()
+        if self._root is not None:
+            self._root.cancel()
+
+    async def execute(self) -> None:
+        claim = self.claim
+        self.db_time.observe(claim.db_now)
+        journal = await self.store.load_journal(claim.run_id)
+        state = RunState(
+            store=self.store,
+            run_id=claim.run_id,
+            function=claim.function,
+            attempt=claim.attempt,
+            journal=journal,
+            db_time=self.db_time,
+            short_wait=self.short_wait,
+            rng=self.rng,
+        )
+        self.state = state
+        log.debug(
+            "run %s attempt %d: replaying %d journal entries",
+            claim.run_id,
+            claim.attempt,
+            len(journal),
+            extra=self.extra,
+        )
+        with _tracing.run_span(claim.run_id, claim.function, claim.attempt, claim.trace_context):
+            await self._drive(state)
+
+    async def _drive(self, state: RunState) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            args: tuple[Any, ...] = (Context(state),)
+            if self.spec.takes_input:
+                args += (_codec.load(self.spec.input_type, self.claim.input),)
+            self._root = loop.create_task(
+                _call(self.spec, args), context=_lineage.root_context(state)
+            )
+            result = await self._root
+        except Suspend:
+            await self._end_suspended(state)
+        except Abandon as signal:
+            log.warning("%s", signal, extra=self.extra)
+        except asyncio.CancelledError:
+            if not state.lost:
+                raise
+            log.warning(
+                "run %s: lease lost; attempt %d abandoned",
+                self.claim.run_id,
+                self.claim.attempt,
+                extra=self.extra,
+            )
+        except Exception as exc:
+            await self._end_failed(state, exc)
+        else:
+            await self._end_returned(state, result)
+        finally:
+            state.cancel_tasks()
+
+    async def _end_suspended(self, state: RunState) -> None:
+        if state.nondeterminism is not None:
+            await self._pause(state.nondeterminism)
+            return
+        ok = await self.store.suspend(self.claim.run_id, self.claim.attempt, state.suspend_until)
+        if not ok:
+            log.warning(
+                "run %s: suspend fenced (claim %d lost)",
+                self.claim.run_id,
+                self.claim.attempt,
+                extra=self.extra,
+            )
+
+    async def _end_failed(self, state: RunState, exc: Exception) -> None:
+        if state.lost:
+            return
+        if state.nondeterminism is not None:
+            await self._pause(state.nondeterminism)
+            return
+        error = ErrorInfo.from_exception(exc, traceback.format_exc())
+        log.info(
+            "run %s failed: %s: %s", self.claim.run_id, error.type, error.message, extra=self.extra
+        )
+        await self.store.finish(
+            self.claim.run_id, self.claim.attempt, "failed", error=error.to_json()
+        )
+
+    async def _end_returned(self, state: RunState, result: Any) -> None:
+        if state.lost:
+            return
+        if state.nondeterminism is None:
+            leftover = state.unconsumed()
+            if leftover:
+                first = min(leftover, key=lambda e: e.created_at)
+                state.nondeterminism = NonDeterminismError(
+                    str(self.claim.run_id),
+                    first.position,
+                    recorded=f"{first.kind} {first.name!r}",
+                    requested="nothing (the function returned without reaching it)",
+                )
+        if state.nondeterminism is not None:
+            await self._pause(state.nondeterminism)
+            return
+        try:
+            value = _codec.dump(
+                self.spec.return_type, result, f"run {self.claim.run_id}: function result"
+            )
+        except Exception as exc:
+            await self._end_failed(state, exc)
+            return
+        await self.store.finish(self.claim.run_id, self.claim.attempt, "completed", result=value)
+
+    async def _pause(self, error: NonDeterminismError) -> None:
+        log.error("%s", error, extra=self.extra)
+        await self.store.finish(
+            self.claim.run_id,
+            self.claim.attempt,
+            "paused",
+            error=ErrorInfo.from_exception(error).to_json(),
+        )
+
+
+async def _call(spec: FunctionSpec, args: tuple[Any, ...]) -> Any:
+    return await spec.fn(*args)

@@ -1,0 +1,350 @@
+"""The only module that executes SQL: typed methods over the named queries.
+
+Every method that changes a run takes the claim (``attempt``) its caller holds and writes
+nothing when that claim is gone: a worker that lost its lease cannot append, suspend or finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, Literal
+
+import asyncpg
+
+from engine._queries import migrations, queries
+from engine.errors import ConfigurationError, DatabaseUnavailable
+
+log = logging.getLogger(__name__)
+
+RunStatus = Literal["pending", "running", "suspended", "paused", "completed", "failed"]
+
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    asyncio.TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+)
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A run this worker now holds: ``attempt`` is the fencing token of the claim."""
+
+    run_id: uuid.UUID
+    function: str
+    input: Any
+    attempt: int
+    trace_context: dict[str, str] | None
+    db_now: datetime
+
+
+@dataclass(frozen=True)
+class JournalEntry:
+    position: str
+    kind: str
+    name: str
+    value: Any
+    error: Any
+    attempt: int
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class AwaitOutcome:
+    outcome: Literal["event", "timeout", "waiting", "fenced"]
+    payload: Any
+    timeout_at: datetime | None
+
+
+@dataclass(frozen=True)
+class RunRow:
+    id: uuid.UUID
+    function: str
+    input: Any
+    status: RunStatus
+    idempotency_key: str | None
+    attempt: int
+    available_at: datetime | None
+    lease_owner: str | None
+    result: Any
+    error: Any
+    created_at: datetime
+    started_at: datetime | None
+    updated_at: datetime
+    finished_at: datetime | None
+
+
+@dataclass(frozen=True)
+class WaitRow:
+    position: str
+    name: str
+    key: str
+    timeout_at: datetime | None
+
+
+async def _init_connection(conn: asyncpg.Connection[Any]) -> None:
+    for name in ("json", "jsonb"):
+        await conn.set_type_codec(
+            name, encoder=json.dumps, decoder=json.loads, schema="pg_catalog", format="text"
+        )
+
+
+def _run_row(record: asyncpg.Record) -> RunRow:
+    return RunRow(**dict(record.items()))
+
+
+class Store:
+    """A connection pool and the engine's transitions, one round trip each."""
+
+    def __init__(self, pool: asyncpg.Pool[Any], dsn: str) -> None:
+        self._pool = pool
+        self.dsn = dsn
+        self._q = queries()
+
+    @classmethod
+    async def connect(
+        cls,
+        dsn: str,
+        *,
+        max_size: int = 10,
+        connect_timeout: float | None = None,
+        rng: random.Random | None = None,
+    ) -> Store:
+        """Open a pool, retrying an unreachable database with capped exponential backoff.
+
+        ``connect_timeout=None`` retries forever (a worker outlives a database restart); a
+        malformed URL fails at once with ConfigurationError.
+        """
+        rng = rng or random.Random()
+        loop = asyncio.get_running_loop()
+        deadline = None if connect_timeout is None else loop.time() + connect_timeout
+        delay = 0.1
+        while True:
+            try:
+                pool = await asyncpg.create_pool(
+                    dsn, min_size=1, max_size=max_size, init=_init_connection
+                )
+            except (ValueError, asyncpg.InvalidCatalogNameError) as exc:
+                raise ConfigurationError(f"cannot use database URL {_redact(dsn)}: {exc}") from exc
+            except TRANSIENT_ERRORS as exc:
+                if deadline is not None and loop.time() + delay > deadline:
+                    raise DatabaseUnavailable(
+                        f"database {_redact(dsn)} unreachable after {connect_timeout}s: {exc}"
+                    ) from exc
+                log.warning(
+                    "database %s unreachable (%s); retrying in %.1fs", _redact(dsn), exc, delay
+                )
+                await asyncio.sleep(delay * (0.5 + rng.random()))
+                delay = min(delay * 2, 10.0)
+                continue
+            assert pool is not None
+            return cls(pool, dsn)
+
+    async def close(self) -> None:
+        await self._pool.close()
+
+    async def connect_raw(self) -> asyncpg.Connection[Any]:
+        """A dedicated connection outside the pool (for LISTEN)."""
+        return await asyncpg.connect(self.dsn)
+
+    # -- schema -------------------------------------------------------------------------------
+
+    async def migrate(self) -> list[int]:
+        """Apply every numbered migration not yet applied; returns the versions applied.
+
+        A session advisory lock makes a second process wait instead of migrating twice.
+        """
+        applied_now: list[int] = []
+        async with self._pool.acquire() as conn:
+            await conn.execute(self._q["lock_migrations"])
+            try:
+                await conn.execute(self._q["bootstrap_migrations"])
+                done = {r["version"] for r in await conn.fetch(self._q["applied_migrations"])}
+                for migration in migrations():
+                    if migration.version in done:
+                        continue
+                    async with conn.transaction():
+                        await conn.execute(migration.sql)
+                        await conn.execute(
+                            self._q["record_migration"], migration.version, migration.name
+                        )
+                    applied_now.append(migration.version)
+                    log.info("applied migration %04d_%s", migration.version, migration.name)
+            finally:
+                await conn.execute(self._q["unlock_migrations"])
+        return applied_now
+
+    # -- starting and claiming ----------------------------------------------------------------
+
+    async def start_run(
+        self,
+        run_id: uuid.UUID,
+        function: str,
+        input: Any,
+        idempotency_key: str | None,
+        trace_context: dict[str, str] | None,
+    ) -> tuple[uuid.UUID, bool]:
+        """Insert a pending run; returns (id, created). An existing id or idempotency key wins."""
+        row = await self._pool.fetchrow(
+            self._q["start_run"], run_id, function, input, idempotency_key, trace_context
+        )
+        assert row is not None
+        return row["run_id"], row["created"]
+
+    async def claim(
+        self, functions: Sequence[str], limit: int, worker: str, lease: timedelta
+    ) -> list[Claim]:
+        """Claim up to ``limit`` due runs of ``functions`` (pending, timers due, leases expired)."""
+        rows = await self._pool.fetch(self._q["claim_runs"], list(functions), limit, worker, lease)
+        return [
+            Claim(
+                run_id=r["id"],
+                function=r["function"],
+                input=r["input"],
+                attempt=r["attempt"],
+                trace_context=r["trace_context"],
+                db_now=r["db_now"],
+            )
+            for r in rows
+        ]
+
+    async def next_due(self, functions: Sequence[str]) -> tuple[datetime | None, datetime]:
+        """The earliest time a run of ``functions`` becomes claimable, and the database's now."""
+        row = await self._pool.fetchrow(self._q["next_due"], list(functions))
+        assert row is not None
+        return row[0], row[1]
+
+    async def renew_leases(
+        self, held: Sequence[tuple[uuid.UUID, int]], worker: str, lease: timedelta
+    ) -> set[uuid.UUID]:
+        """Extend the leases of ``held`` (run, attempt) pairs; returns the runs still held."""
+        if not held:
+            return set()
+        rows = await self._pool.fetch(
+            self._q["renew_leases"], [h[0] for h in held], [h[1] for h in held], worker, lease
+        )
+        return {r[0] for r in rows}
+
+    # -- the journal --------------------------------------------------------------------------
+
+    async def load_journal(self, run_id: uuid.UUID) -> list[JournalEntry]:
+        """The whole journal of a run, in one query."""
+        rows = await self._pool.fetch(self._q["load_journal"], run_id)
+        return [JournalEntry(**dict(r.items())) for r in rows]
+
+    async def append(
+        self,
+        run_id: uuid.UUID,
+        attempt: int,
+        position: str,
+        kind: str,
+        name: str,
+        value: Any,
+        error: Any = None,
+    ) -> bool:
+        """Append one journal entry; False when the claim ``attempt`` is no longer held."""
+        ok = await self._pool.fetchval(
+            self._q["append_entry"], run_id, attempt, position, kind, name, value, error
+        )
+        return bool(ok)
+
+    async def append_sleep(
+        self,
+        run_id: uuid.UUID,
+        attempt: int,
+        position: str,
+        name: str,
+        *,
+        wake_at: datetime | None = None,
+        duration: timedelta | None = None,
+    ) -> datetime | None:
+        """Journal a sleep; returns its wake time (fixed by the database), None when fenced."""
+        result: datetime | None = await self._pool.fetchval(
+            self._q["append_sleep"], run_id, attempt, position, name, wake_at, duration
+        )
+        return result
+
+    async def await_event(
+        self,
+        run_id: uuid.UUID,
+        attempt: int,
+        position: str,
+        name: str,
+        key: str,
+        timeout: timedelta | None,
+    ) -> AwaitOutcome:
+        """Receive the next event on (name, key) or register the wait (see schema.sql)."""
+        row = await self._pool.fetchrow(
+            self._q["await_event"], run_id, attempt, position, name, key, timeout
+        )
+        assert row is not None
+        return AwaitOutcome(row["outcome"], row["payload"], row["timeout_at"])
+
+    async def send_event(self, name: str, key: str, payload: Any) -> int:
+        """Store an event and wake the runs waiting on (name, key); returns the event id."""
+        event_id: int = await self._pool.fetchval(self._q["send_event"], name, key, payload)
+        return event_id
+
+    # -- ending an attempt --------------------------------------------------------------------
+
+    async def suspend(self, run_id: uuid.UUID, attempt: int, until: datetime | None) -> bool:
+        """Drop the claim until ``until`` (None: until an event). False when fenced."""
+        return bool(await self._pool.fetchval(self._q["suspend_run"], run_id, attempt, until))
+
+    async def finish(
+        self,
+        run_id: uuid.UUID,
+        attempt: int,
+        status: Literal["completed", "failed", "paused"],
+        result: Any = None,
+        error: Any = None,
+    ) -> bool:
+        """End the attempt as completed, failed or paused. False when fenced."""
+        ok = await self._pool.fetchval(
+            self._q["finish_run"], run_id, attempt, status, result, error
+        )
+        return bool(ok)
+
+    async def release(self, run_id: uuid.UUID, attempt: int) -> bool:
+        """Give a running run back to the queue at once."""
+        return bool(await self._pool.fetchval(self._q["release_run"], run_id, attempt))
+
+    async def resume(self, run_id: uuid.UUID) -> bool:
+        """Make a paused run runnable again. False when it is not paused."""
+        return bool(await self._pool.fetchval(self._q["resume_run"], run_id))
+
+    # -- reading ------------------------------------------------------------------------------
+
+    async def get_run(self, run_id: uuid.UUID) -> RunRow | None:
+        row = await self._pool.fetchrow(self._q["get_run"], run_id)
+        return None if row is None else _run_row(row)
+
+    async def list_runs(self, status: str | None, limit: int) -> list[RunRow]:
+        return [_run_row(r) for r in await self._pool.fetch(self._q["list_runs"], status, limit)]
+
+    async def list_waits(self, run_id: uuid.UUID) -> list[WaitRow]:
+        return [
+            WaitRow(**dict(r.items()))
+            for r in await self._pool.fetch(self._q["list_waits"], run_id)
+        ]
+
+
+def _redact(dsn: str) -> str:
+    """The URL without its password, for messages."""
+    if "@" not in dsn or "://" not in dsn:
+        return dsn
+    scheme, rest = dsn.split("://", 1)
+    creds, host = rest.rsplit("@", 1)
+    user = creds.split(":", 1)[0]
+    return f"{scheme}://{user}@{host}"

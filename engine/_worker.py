@@ -1,0 +1,203 @@
+"""The worker loop: claim due runs, execute them, keep their leases, recover from outages.
+
+A worker claims at most ``concurrency`` runs at a time. A suspended run holds no slot. Work is
+found by LISTEN/NOTIFY first; the worker also wakes for the earliest known timer and polls every
+``poll_interval`` as a safety net.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+from engine import _lineage
+from engine._clock import Clock, DatabaseTime, SystemClock
+from engine._listener import Listener
+from engine._registry import FunctionSpec
+from engine._runner import Runner
+from engine._store import TRANSIENT_ERRORS, Claim, Store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerOptions:
+    """How a worker runs. Durations are timedeltas."""
+
+    concurrency: int = 10
+    lease: timedelta = timedelta(seconds=30)
+    poll_interval: timedelta = timedelta(seconds=2)
+    short_wait: timedelta = timedelta(milliseconds=250)
+    shutdown_grace: timedelta = timedelta(seconds=10)
+    worker_id: str = field(default_factory=lambda: f"worker-{uuid.uuid4()}")
+
+
+class Worker:
+    def __init__(
+        self,
+        store: Store,
+        functions: Mapping[str, FunctionSpec],
+        listener: Listener,
+        options: WorkerOptions,
+        *,
+        clock: Clock | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.store = store
+        self.functions = dict(functions)
+        self.listener = listener
+        self.options = options
+        self.clock = clock or SystemClock()
+        self.rng = rng or random.Random()
+        self.db_time = DatabaseTime(self.clock)
+        self.active: dict[uuid.UUID, tuple[Runner, asyncio.Task[None]]] = {}
+        self._wake = asyncio.Event()
+        self._stopping = asyncio.Event()
+
+    def stop(self) -> None:
+        """Ask the worker to stop claiming and shut down gracefully."""
+        self._stopping.set()
+        self._wake.set()
+
+    async def run(self) -> None:
+        if not self.functions:
+            log.warning("worker %s has no functions registered", self.options.worker_id)
+        loop = asyncio.get_running_loop()
+        _lineage.install(loop)
+        unsubscribe = self.listener.subscribe("durable_work", lambda _p: self._wake.set())
+        renewer = loop.create_task(self._renew_leases(), context=_lineage.detached_context())
+        log.info(
+            "worker %s serving %d functions with concurrency %d",
+            self.options.worker_id,
+            len(self.functions),
+            self.options.concurrency,
+        )
+        try:
+            while not self._stopping.is_set():
+                timeout = await self._claim_due()
+                await self._wait(timeout)
+        finally:
+            unsubscribe()
+            renewer.cancel()
+            await self._shut_down()
+
+    async def _claim_due(self) -> float:
+        """Claim what is due; returns how long to wait before looking again."""
+        names = list(self.functions)
+        poll = self.options.poll_interval.total_seconds()
+        try:
+            while (free := self.options.concurrency - len(self.active)) > 0:
+                self._wake.clear()
+                claims = await self.store.claim(
+                    names, free, self.options.worker_id, self.options.lease
+                )
+                for claim in claims:
+                    self._start(claim)
+                if len(claims) < free:
+                    break
+            if len(self.active) >= self.options.concurrency:
+                return poll
+            due, db_now = await self.store.next_due(names)
+        except TRANSIENT_ERRORS as exc:
+            log.warning("claiming failed (%s); retrying", exc)
+            return min(poll, 1.0)
+        if due is None:
+            return poll
+        return max(0.0, min(poll, (due - db_now).total_seconds()))
+
+    async def _wait(self, timeout: float) -> None:
+        if timeout <= 0:
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), timeout)
+
+    def _start(self, claim: Claim) -> None:
+        spec = self.functions[claim.function]
+        runner = Runner(
+            self.store,
+            spec,
+            claim,
+            db_time=self.db_time,
+            short_wait=self.options.short_wait.total_seconds(),
+            rng=self.rng,
+        )
+        task = asyncio.get_running_loop().create_task(
+            self._execute(runner), context=_lineage.detached_context()
+        )
+        self.active[claim.run_id] = (runner, task)
+
+    async def _execute(self, runner: Runner) -> None:
+        run_id = runner.claim.run_id
+        try:
+            await runner.execute()
+        except asyncio.CancelledError:
+            raise
+        except TRANSIENT_ERRORS as exc:
+            log.warning(
+                "run %s: database unreachable during attempt %d (%s); the lease will expire "
+                "and the run will be resumed",
+                run_id,
+                runner.claim.attempt,
+                exc,
+                extra={"run_id": str(run_id)},
+            )
+        except Exception:
+            log.exception("run %s: engine error", run_id, extra={"run_id": str(run_id)})
+        finally:
+            self.active.pop(run_id, None)
+            self._wake.set()
+
+    async def _renew_leases(self) -> None:
+        interval = self.options.lease.total_seconds() / 3
+        last_ok = self.clock.monotonic()
+        while True:
+            await asyncio.sleep(interval)
+            held = [(run_id, r.claim.attempt) for run_id, (r, _t) in self.active.items()]
+            try:
+                kept = await self.store.renew_leases(
+                    held, self.options.worker_id, self.options.lease
+                )
+            except TRANSIENT_ERRORS as exc:
+                log.warning("lease renewal failed (%s)", exc)
+                if self.clock.monotonic() - last_ok > self.options.lease.total_seconds():
+                    self._lose([h[0] for h in held])
+                continue
+            last_ok = self.clock.monotonic()
+            self._lose([run_id for run_id, _a in held if run_id not in kept])
+
+    def _lose(self, run_ids: list[uuid.UUID]) -> None:
+        for run_id in run_ids:
+            entry = self.active.get(run_id)
+            if entry is not None:
+                log.warning(
+                    "run %s: lease lost; abandoning this attempt",
+                    run_id,
+                    extra={"run_id": str(run_id)},
+                )
+                entry[0].lose()
+
+    async def _shut_down(self) -> None:
+        if not self.active:
+            return
+        tasks = [t for _r, t in self.active.values()]
+        _done, pending = await asyncio.wait(
+            tasks, timeout=self.options.shutdown_grace.total_seconds()
+        )
+        if not pending:
+            return
+        held = [
+            (r.claim.run_id, r.claim.attempt, r) for r, t in self.active.values() if t in pending
+        ]
+        for _run_id, _attempt, runner in held:
+            runner.lose()
+        await asyncio.gather(*pending, return_exceptions=True)
+        for run_id, attempt, _runner in held:
+            with contextlib.suppress(*TRANSIENT_ERRORS):
+                await self.store.release(run_id, attempt)
+        log.info("worker %s released %d runs at shutdown", self.options.worker_id, len(held))

@@ -1,0 +1,149 @@
+"""Every error durable raises, in one hierarchy.
+
+::
+
+    DurableError
+    ├── ConfigurationError            bad URL, unknown function, unusable embedded Postgres
+    │   └── EmbeddedPostgresError     the embedded server could not be found or started
+    ├── DatabaseUnavailable           the database could not be reached in the time allowed
+    ├── InvalidInput                  a run's input or an event payload failed validation
+    ├── SerializationError            a value could not be stored as JSON
+    ├── NonDeterminismError           code asked for something else than the journal holds
+    ├── StepFailed                    a step ran out of retries (raised inside the function)
+    ├── RunFailed                     a run ended in failure (raised by ``RunHandle.result``)
+    ├── RunNotFound                   no run has that id
+    └── ResultTimeout                 ``RunHandle.result(timeout=...)`` elapsed; a TimeoutError
+
+Driver errors are wrapped with the asyncpg error kept as ``__cause__``. The signals the engine
+uses to unwind a run when it suspends or loses its lease are not errors: they derive from
+``BaseException`` (see ``engine._signals``) so that ``except Exception`` cannot swallow them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class ErrorInfo:
+    """A recorded failure: the exception's type name, its message, and where it was raised."""
+
+    type: str
+    message: str
+    module: str = ""
+    traceback: str = ""
+
+    def to_json(self) -> dict[str, str]:
+        return {
+            "type": self.type,
+            "message": self.message,
+            "module": self.module,
+            "traceback": self.traceback,
+        }
+
+    @classmethod
+    def from_json(cls, data: Any) -> ErrorInfo:
+        if not isinstance(data, dict):
+            return cls(type="Error", message=str(data))
+        return cls(
+            type=str(data.get("type", "Error")),
+            message=str(data.get("message", "")),
+            module=str(data.get("module", "")),
+            traceback=str(data.get("traceback", "")),
+        )
+
+    @classmethod
+    def from_exception(cls, exc: BaseException, traceback: str = "") -> ErrorInfo:
+        kind = type(exc)
+        return cls(
+            type=kind.__qualname__,
+            message=str(exc),
+            module=kind.__module__,
+            traceback=traceback,
+        )
+
+
+class DurableError(Exception):
+    """Root of every error raised by durable."""
+
+
+class ConfigurationError(DurableError):
+    """The App, a function registration or the environment is set up wrongly."""
+
+
+class EmbeddedPostgresError(ConfigurationError):
+    """The embedded PostgreSQL server could not be located, started or reached."""
+
+
+class DatabaseUnavailable(DurableError):
+    """The database could not be reached within the time allowed."""
+
+
+class InvalidInput(DurableError):
+    """A run's input, or an event's payload, failed validation. Nothing was stored."""
+
+
+class SerializationError(DurableError):
+    """A value (step result, run result, input) could not be converted to JSON."""
+
+
+class NonDeterminismError(DurableError):
+    """The function asked for a different journal entry than the one recorded.
+
+    Raised at the first journaled position where the code and the journal disagree. The run is
+    paused for an operator: fix the code (or deploy the old one) and resume it with
+    ``durable runs resume RUN_ID``.
+    """
+
+    def __init__(
+        self,
+        run_id: str,
+        position: str,
+        recorded: str,
+        requested: str,
+    ) -> None:
+        self.run_id = run_id
+        self.position = position
+        self.recorded = recorded
+        self.requested = requested
+        super().__init__(
+            f"run {run_id}: non-deterministic code at journal position {position}: "
+            f"recorded {recorded}, code requested {requested}. The run is paused; deploy code "
+            f"that matches its journal, then `durable runs resume {run_id}`."
+        )
+
+
+class StepFailed(DurableError):
+    """A step's retries ran out. Carries the original error's type and message.
+
+    Raised inside the durable function, identically when the failure is replayed from the
+    journal, so ``try/except StepFailed`` around a step (a compensation) behaves the same before
+    and after a crash.
+    """
+
+    def __init__(self, step: str, error: ErrorInfo) -> None:
+        self.step = step
+        self.error = error
+        super().__init__(f"step {step!r} failed: {error.type}: {error.message}")
+
+
+class RunFailed(DurableError):
+    """A run ended in failure; ``error`` holds the type and message of what escaped it."""
+
+    def __init__(self, run_id: str, error: ErrorInfo) -> None:
+        self.run_id = run_id
+        self.error = error
+        super().__init__(f"run {run_id} failed: {error.type}: {error.message}")
+
+
+class RunNotFound(DurableError):
+    """No run has the given id."""
+
+    def __init__(self, run_id: str) -> None:
+        self.run_id = run_id
+        super().__init__(f"no run with id {run_id}")
+
+
+class ResultTimeout(DurableError, TimeoutError):
+    """The run did not finish within the timeout given to ``RunHandle.result``."""
