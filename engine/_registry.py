@@ -89,8 +89,11 @@ class FunctionSpec:
         if len(positional) == 2:
             try:
                 hints = typing.get_type_hints(fn)
-            except Exception:
-                hints = {}
+            except NameError as exc:
+                raise ConfigurationError(
+                    f"cannot resolve the annotations of durable function {fn.__qualname__} "
+                    f"({exc}); define the types it uses at module level"
+                ) from exc
             input_type = hints.get(positional[1].name, Any)
         return cls(
             name=name or f"{fn.__module__}.{fn.__qualname__}",

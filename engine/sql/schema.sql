@@ -317,8 +317,7 @@ DECLARE
 BEGIN
     UPDATE durable.runs r
        SET status = 'suspended', lease_owner = NULL, updated_at = now(),
-           available_at = CASE WHEN r.wakeup THEN now()
-                               ELSE coalesce(p_available_at, 'infinity') END
+           available_at = CASE WHEN r.wakeup THEN now() ELSE p_available_at END
      WHERE r.id = p_run AND r.attempt = p_attempt AND r.status = 'running'
     RETURNING r.wakeup INTO v_woken;
     IF NOT FOUND THEN

@@ -1,0 +1,110 @@
+"""Shared fixtures: a real PostgreSQL, a template database built once, a fresh database per test.
+
+The server is $DURABLE_TEST_DATABASE_URL when set, else the embedded PostgreSQL started in a
+private temporary directory for this session. DURABLE_* and PG* variables are removed from the
+environment so that nothing on the machine leaks into the tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+
+from durable import _embedded
+from engine import Store
+
+_TEST_URL = os.environ.get("DURABLE_TEST_DATABASE_URL")
+for _name in list(os.environ):
+    if _name.startswith(("DURABLE_", "PG")):
+        del os.environ[_name]
+
+
+def with_database(url: str, database: str) -> str:
+    """``url`` pointing at another database on the same server."""
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path=f"/{database}"))
+
+
+def private_dir(prefix: str) -> Path:
+    """A temporary directory the unprivileged server user can traverse (0711)."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    path.chmod(0o711)
+    return path
+
+
+@pytest.fixture(scope="session")
+def server_url() -> Iterator[str]:
+    if _TEST_URL:
+        yield _TEST_URL
+        return
+    base = private_dir("durable-test-pg-")
+    control = _embedded._control(base)
+    server = _embedded.ensure_running(control, user_pid=os.getpid())
+    yield server.dsn
+    _embedded.release(control, os.getpid())
+
+
+async def _admin(url: str) -> asyncpg.Connection:
+    return await asyncpg.connect(url)
+
+
+@pytest.fixture(scope="session")
+def template_database(server_url: str) -> Iterator[str]:
+    name = f"durable_tpl_{os.getpid()}"
+
+    async def build() -> None:
+        admin = await _admin(server_url)
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}"')
+            await admin.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            await admin.close()
+        store = await Store.connect(with_database(server_url, name), max_size=2)
+        try:
+            await store.migrate()
+        finally:
+            await store.close()
+
+    async def drop() -> None:
+        admin = await _admin(server_url)
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()
+
+    asyncio.run(build())
+    yield name
+    asyncio.run(drop())
+
+
+@pytest.fixture
+async def database_url(server_url: str, template_database: str) -> AsyncIterator[str]:
+    """A fresh, migrated database for one test."""
+    name = f"durable_t_{uuid.uuid4().hex[:12]}"
+    admin = await _admin(server_url)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template_database}"')
+    finally:
+        await admin.close()
+    yield with_database(server_url, name)
+    admin = await _admin(server_url)
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+@pytest.fixture
+async def db(database_url: str) -> AsyncIterator[asyncpg.Connection]:
+    """A plain connection to the test's database, for assertions."""
+    conn = await asyncpg.connect(database_url)
+    yield conn
+    await conn.close()

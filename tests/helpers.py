@@ -1,0 +1,46 @@
+"""Helpers shared by the tests."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable
+from datetime import timedelta
+from typing import Any
+
+import durable
+
+FAST = {
+    "lease": timedelta(seconds=2),
+    "poll_interval": timedelta(milliseconds=200),
+}
+
+
+def make_app(database_url: str, **options: Any) -> durable.App:
+    return durable.App(database_url, **{**FAST, **options})
+
+
+@contextlib.asynccontextmanager
+async def running_worker(app: durable.App, concurrency: int = 8) -> AsyncIterator[None]:
+    """Run a worker of ``app`` in the background for the duration of the block."""
+    task = asyncio.create_task(app.run_worker(concurrency=concurrency))
+    try:
+        yield
+    finally:
+        app.stop_workers()
+        await asyncio.wait_for(task, 30)
+
+
+async def until(predicate: Callable[[], Any], timeout: float = 20.0, what: str = "") -> Any:
+    """Wait until ``predicate()`` is truthy (it may be async); returns its value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what or predicate}")
+        await asyncio.sleep(0.02)
