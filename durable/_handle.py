@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from engine import JournalEntry, RunRow, RunStatus, load
+from engine import TRANSIENT_ERRORS, JournalEntry, RunRow, RunStatus, load
 from engine.errors import ErrorInfo, ResultTimeout, RunFailed, RunNotFound
 
 if TYPE_CHECKING:
@@ -97,7 +97,12 @@ class RunHandle(Generic[T]):
             finished = asyncio.Event()
             unsubscribe = self._app._on_done(self.run_id, finished.set)
             try:
-                info = await self.info()
+                try:
+                    info = await self.info()
+                except TRANSIENT_ERRORS:
+                    # The database is away (restarting); keep waiting until the deadline.
+                    await _wait(finished.wait(), 0.5)
+                    continue
                 if info.status == "completed":
                     return self._rehydrate(info)
                 if info.status == "failed":

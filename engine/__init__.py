@@ -10,12 +10,13 @@ from engine._codec import dump, load, return_type, validate_input
 from engine._context import Context
 from engine._listener import Listener
 from engine._registry import POLICY_ATTRIBUTE, Backoff, FunctionSpec, StepPolicy
-from engine._store import JournalEntry, RunRow, RunStatus, Store, WaitRow
+from engine._store import TRANSIENT_ERRORS, JournalEntry, RunRow, RunStatus, Store, WaitRow
 from engine._tracing import current_carrier
 from engine._worker import Worker, WorkerOptions
 
 __all__ = [
     "POLICY_ATTRIBUTE",
+    "TRANSIENT_ERRORS",
     "Backoff",
     "Clock",
     "Context",

@@ -20,11 +20,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, ParamSpec, TypeVar, overload
 
+import asyncpg
+
 from engine import _codec, _lineage, _tracing
 from engine._clock import DatabaseTime
 from engine._registry import policy_of
 from engine._signals import abandon, suspend
-from engine._store import JournalEntry, Store
+from engine._store import TRANSIENT_ERRORS, JournalEntry, Store
 from engine.errors import ErrorInfo, NonDeterminismError, StepFailed
 
 log = logging.getLogger(__name__)
@@ -77,6 +79,7 @@ class RunState:
         self.suspend_until: datetime | None = None
         self.lost = False
         self.nondeterminism: NonDeterminismError | None = None
+        self.interrupted: BaseException | None = None
         self._settler: asyncio.Task[None] | None = None
 
     # -- task bookkeeping ----------------------------------------------------------------------
@@ -132,13 +135,22 @@ class RunState:
     def unconsumed(self) -> list[JournalEntry]:
         return [e for p, e in self.journal.items() if p not in self.consumed]
 
+    async def db(self, call: Awaitable[T]) -> T:
+        """Await a store call as live work. A database failure cannot be caught by the user's
+        ``except Exception``: it abandons this attempt, which is resumed by replay."""
+        with self.live():
+            try:
+                return await call
+            except (*TRANSIENT_ERRORS, asyncpg.PostgresError) as exc:
+                self.interrupted = exc
+                raise abandon(f"run {self.run_id}: database call failed ({exc!r})") from exc
+
     async def append(
         self, position: str, kind: str, name: str, value: Any, error: Any = None
     ) -> None:
-        with self.live():
-            ok = await self.store.append(
-                self.run_id, self.attempt, position, kind, name, value, error
-            )
+        ok = await self.db(
+            self.store.append(self.run_id, self.attempt, position, kind, name, value, error)
+        )
         self.fence(ok)
         self.remember(position, kind, name, value, error)
 
@@ -313,8 +325,8 @@ class Context:
         if entry is not None:
             wake = datetime.fromisoformat(entry.value["wake_at"])
         else:
-            with state.live():
-                fixed = await state.store.append_sleep(
+            fixed = await state.db(
+                state.store.append_sleep(
                     state.run_id,
                     state.attempt,
                     position,
@@ -322,6 +334,7 @@ class Context:
                     wake_at=wake_at,
                     duration=duration,
                 )
+            )
             state.fence(fixed is not None)
             assert fixed is not None
             wake = fixed
@@ -356,10 +369,11 @@ class Context:
             timeout = timedelta(seconds=float(timeout))
         while True:
             state.check_alive()
-            with state.live():
-                result = await state.store.await_event(
+            result = await state.db(
+                state.store.await_event(
                     state.run_id, state.attempt, position, name, event_key, timeout
                 )
+            )
             state.fence(result.outcome != "fenced")
             if result.outcome == "event":
                 value = {"key": event_key, "payload": result.payload}

@@ -4,6 +4,7 @@ attempt as suspended, completed, failed or paused."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import traceback
@@ -14,7 +15,7 @@ from engine._clock import DatabaseTime
 from engine._context import Context, RunState
 from engine._registry import FunctionSpec
 from engine._signals import Abandon, Suspend
-from engine._store import Claim, Store
+from engine._store import TRANSIENT_ERRORS, Claim, Store
 from engine.errors import ErrorInfo, NonDeterminismError
 
 log = logging.getLogger(__name__)
@@ -90,6 +91,8 @@ class Runner:
             await self._end_suspended(state)
         except Abandon as signal:
             log.warning("%s", signal, extra=self.extra)
+            if state.interrupted is not None and not state.lost:
+                await self._release()
         except asyncio.CancelledError:
             if not state.lost:
                 raise
@@ -157,6 +160,13 @@ class Runner:
             await self._end_failed(state, exc)
             return
         await self.store.finish(self.claim.run_id, self.claim.attempt, "completed", result=value)
+
+    async def _release(self) -> None:
+        """Hand the run back at once after a database failure, so that it does not wait for
+        its lease to expire; if the database is still away, the lease expiry does it."""
+        await self.store.recycle()
+        with contextlib.suppress(*TRANSIENT_ERRORS):
+            await self.store.release(self.claim.run_id, self.claim.attempt)
 
     async def _pause(self, error: NonDeterminismError) -> None:
         log.error("%s", error, extra=self.extra)

@@ -11,10 +11,10 @@ import json
 import logging
 import random
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import asyncpg
 
@@ -22,6 +22,8 @@ from engine._queries import migrations, queries
 from engine.errors import ConfigurationError, DatabaseUnavailable
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 RunStatus = Literal["pending", "running", "suspended", "paused", "completed", "failed"]
 
@@ -34,6 +36,9 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.TooManyConnectionsError,
     asyncpg.AdminShutdownError,
     asyncpg.CrashShutdownError,
+    # A connection whose server went away mid-protocol can be left in a state asyncpg refuses
+    # to use ("another operation is in progress"); it is as broken as a closed one.
+    asyncpg.InternalClientError,
 )
 
 
@@ -100,6 +105,9 @@ async def _init_connection(conn: asyncpg.Connection[Any]) -> None:
         )
 
 
+_RETRY_DELAYS = (0.05, 0.2, 0.5)
+
+
 def _run_row(record: asyncpg.Record) -> RunRow:
     return RunRow(**dict(record.items()))
 
@@ -154,6 +162,22 @@ class Store:
     async def close(self) -> None:
         await self._pool.close()
 
+    async def recycle(self) -> None:
+        """Replace the pool's connections (after a connection failure: they may all be dead)."""
+        await self._pool.expire_connections()
+
+    async def _retrying(self, call: Callable[[], Awaitable[T]]) -> T:
+        """Run an idempotent call again when its connection died under it (a restart, a
+        terminated backend); the pool's connections are replaced before each new try."""
+        for delay in _RETRY_DELAYS:
+            try:
+                return await call()
+            except TRANSIENT_ERRORS as exc:
+                log.debug("retrying after a connection failure: %s", exc)
+                await self._pool.expire_connections()
+                await asyncio.sleep(delay)
+        return await call()
+
     async def connect_raw(self) -> asyncpg.Connection[Any]:
         """A dedicated connection outside the pool (for LISTEN)."""
         return await asyncpg.connect(self.dsn)
@@ -196,8 +220,10 @@ class Store:
         trace_context: dict[str, str] | None,
     ) -> tuple[uuid.UUID, bool]:
         """Insert a pending run; returns (id, created). An existing id or idempotency key wins."""
-        row = await self._pool.fetchrow(
-            self._q["start_run"], run_id, function, input, idempotency_key, trace_context
+        row = await self._retrying(
+            lambda: self._pool.fetchrow(
+                self._q["start_run"], run_id, function, input, idempotency_key, trace_context
+            )
         )
         assert row is not None
         return row["run_id"], row["created"]
@@ -221,7 +247,9 @@ class Store:
 
     async def next_due(self, functions: Sequence[str]) -> tuple[datetime | None, datetime]:
         """The earliest time a run of ``functions`` becomes claimable, and the database's now."""
-        row = await self._pool.fetchrow(self._q["next_due"], list(functions))
+        row = await self._retrying(
+            lambda: self._pool.fetchrow(self._q["next_due"], list(functions))
+        )
         assert row is not None
         return row[0], row[1]
 
@@ -240,7 +268,7 @@ class Store:
 
     async def load_journal(self, run_id: uuid.UUID) -> list[JournalEntry]:
         """The whole journal of a run, in one query."""
-        rows = await self._pool.fetch(self._q["load_journal"], run_id)
+        rows = await self._retrying(lambda: self._pool.fetch(self._q["load_journal"], run_id))
         return [JournalEntry(**dict(r.items())) for r in rows]
 
     async def append(
@@ -327,17 +355,16 @@ class Store:
     # -- reading ------------------------------------------------------------------------------
 
     async def get_run(self, run_id: uuid.UUID) -> RunRow | None:
-        row = await self._pool.fetchrow(self._q["get_run"], run_id)
+        row = await self._retrying(lambda: self._pool.fetchrow(self._q["get_run"], run_id))
         return None if row is None else _run_row(row)
 
     async def list_runs(self, status: str | None, limit: int) -> list[RunRow]:
-        return [_run_row(r) for r in await self._pool.fetch(self._q["list_runs"], status, limit)]
+        rows = await self._retrying(lambda: self._pool.fetch(self._q["list_runs"], status, limit))
+        return [_run_row(r) for r in rows]
 
     async def list_waits(self, run_id: uuid.UUID) -> list[WaitRow]:
-        return [
-            WaitRow(**dict(r.items()))
-            for r in await self._pool.fetch(self._q["list_waits"], run_id)
-        ]
+        rows = await self._retrying(lambda: self._pool.fetch(self._q["list_waits"], run_id))
+        return [WaitRow(**dict(r.items())) for r in rows]
 
 
 def _redact(dsn: str) -> str:

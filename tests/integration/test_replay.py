@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections import Counter
 from datetime import datetime, timedelta
@@ -118,8 +119,10 @@ async def test_parallel_steps_replay_in_call_order_whatever_order_they_completed
     assert result == [["A", "A!"], ["B", "B!"], ["C", "C!"], ["done"]]
     assert ran == {"a": 1, "b": 1, "c": 1}
     positions = {e.name: e.position for e in entries}
-    assert positions["a-1"] == "0:0" and positions["a-2"] == "0:1"
-    assert positions["c-1"] == "2:0" and positions["tail"] == "1"
+    assert positions["a-1"] == "0:0"
+    assert positions["a-2"] == "0:1"
+    assert positions["c-1"] == "2:0"
+    assert positions["tail"] == "1"
 
 
 async def test_step_failures_are_retried_then_raised_identically_on_replay(
@@ -219,7 +222,8 @@ async def test_a_renamed_step_pauses_the_run_with_both_names_and_the_position(
     assert info.error is not None
     assert info.error.type == "NonDeterminismError"
     assert "position 0" in info.error.message
-    assert "'charge'" in info.error.message and "'charge-card'" in info.error.message
+    assert "'charge'" in info.error.message
+    assert "'charge-card'" in info.error.message
 
 
 async def test_except_exception_cannot_swallow_non_determinism(database_url: str) -> None:
@@ -239,10 +243,8 @@ async def test_except_exception_cannot_swallow_non_determinism(database_url: str
 
     @second.function(name="swallow")
     async def v2(ctx: durable.Context) -> str:
-        try:
+        with contextlib.suppress(Exception):
             await ctx.step("b", lambda: 1)
-        except Exception:
-            pass
         return "carried on"
 
     async with second, running_worker(second):
@@ -268,7 +270,9 @@ async def test_a_step_result_that_cannot_be_stored_fails_with_run_step_and_type(
             await run.result(timeout=20)
     message = failure.value.error.message
     assert failure.value.error.type == "SerializationError"
-    assert str(run.run_id) in message and "'make-opaque'" in message and "Opaque" in message
+    assert str(run.run_id) in message
+    assert "'make-opaque'" in message
+    assert "Opaque" in message
 
 
 async def test_the_same_idempotency_key_returns_the_existing_run(database_url: str) -> None:

@@ -193,14 +193,16 @@ async def test_a_wait_deadline_is_fixed_when_first_reached_and_survives_a_replay
     async with app, running_worker(app):
         run = await app.start(waiter)
         await until(lambda: _status_is(run, "suspended"), what="suspended")
-        first = await db.fetchval("SELECT timeout_at FROM durable.waits WHERE run_id = $1",
-                                  run.run_id)
+        first = await db.fetchval(
+            "SELECT timeout_at FROM durable.waits WHERE run_id = $1", run.run_id
+        )
         # Wake it without the event: the replay registers the same wait again.
         await db.execute("UPDATE durable.runs SET available_at = now() WHERE id = $1", run.run_id)
         await until(lambda: _attempt_at_least(run, 2), what="replayed")
         await until(lambda: _status_is(run, "suspended"), what="suspended again")
-        again = await db.fetchval("SELECT timeout_at FROM durable.waits WHERE run_id = $1",
-                                  run.run_id)
+        again = await db.fetchval(
+            "SELECT timeout_at FROM durable.waits WHERE run_id = $1", run.run_id
+        )
     assert again == first
 
 

@@ -1,0 +1,99 @@
+"""Outages: dropped connections, an unreachable database, tracing across resumes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+from datetime import timedelta
+
+import asyncpg
+import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+import durable
+from tests.helpers import make_app, running_worker
+
+pytestmark = pytest.mark.postgres
+
+
+async def test_runs_finish_after_every_connection_is_terminated_mid_run(
+    database_url: str, db: asyncpg.Connection
+) -> None:
+    app = make_app(database_url, short_wait=timedelta(0))
+    ran: Counter[str] = Counter()
+    reached = asyncio.Event()
+    release = asyncio.Event()
+
+    async def first() -> int:
+        ran["first"] += 1
+        reached.set()
+        await release.wait()
+        return 1
+
+    @app.function()
+    async def flow(ctx: durable.Context) -> int:
+        one = await ctx.step("first", first)
+        await ctx.sleep(0.2)
+        return one + await ctx.step("second", lambda: 1)
+
+    async with app, running_worker(app):
+        run = await app.start(flow)
+        await reached.wait()
+        await db.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+        release.set()
+        assert await run.result(timeout=30) == 2
+    # The first attempt's append may have died with its connection: then the step ran again,
+    # at-least-once; it is never journaled twice.
+    assert 1 <= ran["first"] <= 2
+
+
+async def test_an_unreachable_database_is_retried_with_backoff_then_reported(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    app = durable.App("postgresql://nobody@127.0.0.1:1/none", connect_timeout=0.5)
+    with caplog.at_level(logging.WARNING), pytest.raises(durable.DatabaseUnavailable):
+        await app.connect()
+    assert any("unreachable" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_malformed_database_url_is_a_clear_error_at_once() -> None:
+    with pytest.raises(durable.ConfigurationError, match="postgresql://"):
+        await durable.App("mysql://localhost/db").connect()
+
+
+async def test_one_trace_follows_a_run_across_a_resume(database_url: str) -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer("test")
+    app = make_app(database_url, short_wait=timedelta(0))
+
+    @app.function()
+    async def traced(ctx: durable.Context) -> None:
+        await ctx.step("before", lambda: 1)
+        await ctx.sleep(0.2)
+        await ctx.step("after", lambda: 2)
+
+    trace.set_tracer_provider(provider)
+    async with app, running_worker(app):
+        with tracer.start_as_current_span("caller") as caller:
+            run = await app.start(traced)
+        await run.result(timeout=20)
+    spans = exporter.get_finished_spans()
+    runs = [s for s in spans if s.name.startswith("durable.run")]
+    steps = {s.name: s for s in spans if s.name.startswith("durable.step")}
+    trace_id = caller.get_span_context().trace_id
+    assert len(runs) == 2
+    assert all(s.context.trace_id == trace_id for s in [*runs, *steps.values()])
+    assert set(steps) == {"durable.step before", "durable.step after"}
+    step = steps["durable.step after"]
+    assert step.attributes is not None
+    assert step.attributes["durable.run_id"] == str(run.run_id)
+    assert step.attributes["durable.position"] == "2"
