@@ -1,0 +1,77 @@
+"""The app the acceptance tests run in separate worker processes.
+
+Step bodies leave side-effect records in $COUNTER_DIR (one line per execution) and wait for gate
+files in $GATE_DIR, so a test can kill a worker at a known point.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import durable
+
+app = durable.App(
+    lease=timedelta(seconds=float(os.environ.get("TEST_LEASE_SECONDS", "2"))),
+    poll_interval=timedelta(milliseconds=200),
+    short_wait=timedelta(0),
+)
+
+VARIANT = os.environ.get("VARIANT", "v1")
+
+
+def record(name: str, value: object = "") -> None:
+    with open(Path(os.environ["COUNTER_DIR"]) / name, "a") as handle:
+        handle.write(f"{value}\n")
+
+
+async def gate(name: str) -> None:
+    path = Path(os.environ["GATE_DIR"]) / name
+    while not path.exists():  # noqa: ASYNC110 (another process creates the file)
+        await asyncio.sleep(0.02)
+
+
+async def numbered(tag: str, i: int) -> int:
+    record(f"{tag}-step-{i}", os.getpid())
+    if i == 4:
+        await gate(f"{tag}-go")
+    return i * 10
+
+
+@app.function(name="five_steps")
+async def five_steps(ctx: durable.Context, tag: str) -> list[int]:
+    return [await ctx.step(f"step-{i}", numbered, tag, i) for i in range(1, 6)]
+
+
+async def stamp(tag: str) -> float:
+    now = time.time()
+    record(f"{tag}-after", now)
+    return now
+
+
+@app.function(name="napper")
+async def napper(ctx: durable.Context, tag: str) -> float:
+    await ctx.sleep(timedelta(seconds=2))
+    return await ctx.step("after", stamp, tag)
+
+
+async def work(tag: str) -> int:
+    record(f"{tag}-work", os.getpid())
+    await gate(f"{tag}-go")
+    record(f"{tag}-work-done", os.getpid())
+    return os.getpid()
+
+
+@app.function(name="zombie")
+async def zombie(ctx: durable.Context, tag: str) -> int:
+    return await ctx.step("work", work, tag)
+
+
+@app.function(name="drifting")
+async def drifting(ctx: durable.Context, key: str) -> str:
+    await ctx.step("charge" if VARIANT == "v1" else "charge-card", lambda: "charged")
+    await ctx.wait_for_event("shipped", key=key)
+    return VARIANT
