@@ -1,0 +1,190 @@
+"""The embedded PostgreSQL lifecycle, with real servers in private directories."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+import durable
+from durable import _embedded
+from tests.conftest import private_dir
+
+pytestmark = [pytest.mark.postgres, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[2]
+HOLD = (
+    "import sys, time\n"
+    "from durable import _embedded\n"
+    "server = _embedded.acquire()\n"
+    "print(server.pid, flush=True)\n"
+    "sys.stdin.read()\n"
+)
+
+
+@pytest.fixture
+def base() -> Iterator[Path]:
+    path = private_dir("durable-embedded-")
+    yield path
+    control = _embedded._control(path)
+    control.stop()
+
+
+def _env(base: Path, **extra: str) -> dict[str, str]:
+    return {**os.environ, "DURABLE_DATA_DIR": str(base), "PYTHONPATH": str(ROOT), **extra}
+
+
+def _holder(base: Path, **extra: str) -> tuple[subprocess.Popen[str], int]:
+    """A process that uses the embedded server until its stdin closes; returns it and the
+    server's pid."""
+    process = subprocess.Popen(
+        [sys.executable, "-c", HOLD],
+        env=_env(base, **extra),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None
+    line = process.stdout.readline()
+    assert line.strip().isdigit(), f"holder did not start the server: {line!r}"
+    return process, int(line)
+
+
+def _finish(process: subprocess.Popen[str]) -> None:
+    """Close a holder's pipes (a normal exit when it is still running) and reap it."""
+    for pipe in (process.stdin, process.stdout):
+        if pipe is not None:
+            pipe.close()
+    process.wait(timeout=30)
+
+
+def _gone(pid: int, timeout: float = 20) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not _embedded._alive(pid) or not _embedded._cmdline(pid):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _data_directory(dsn: str) -> str:
+    async def ask() -> str:
+        conn = await asyncpg.connect(dsn)
+        try:
+            return str(await conn.fetchval("SHOW data_directory"))
+        finally:
+            await conn.close()
+
+    return asyncio.run(ask())
+
+
+def test_the_dsn_reaches_our_cluster_despite_hostile_pg_variables(
+    base: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name, value in {
+        "PGHOST": "/nonexistent",
+        "PGPORT": "6000",
+        "PGUSER": "evil",
+        "PGDATA": "/nonexistent",
+        "PGDATABASE": "nope",
+    }.items():
+        monkeypatch.setenv(name, value)
+    server = _embedded.ensure_running(_embedded._control(base))
+    assert f"port={_embedded.PORT}" in server.dsn
+    assert Path(_data_directory(server.dsn)) == server.data_dir.resolve()
+    assert server.data_dir.name == f"pgdata-{_embedded.find_binaries().major}"
+
+
+def test_starting_creates_no_user_and_changes_no_directory_modes(base: Path) -> None:
+    passwd = Path("/etc/passwd").read_text()
+    ancestors = [base, *base.parents]
+    modes = [p.stat().st_mode for p in ancestors]
+    _embedded.ensure_running(_embedded._control(base))
+    assert Path("/etc/passwd").read_text() == passwd
+    assert [p.stat().st_mode for p in ancestors] == modes
+
+
+def test_processes_share_one_server_and_the_last_one_out_stops_it(base: Path) -> None:
+    first, pid = _holder(base)
+    second, same = _holder(base)
+    assert same == pid
+    first.kill()  # SIGKILL: its watchdog deregisters it
+    _finish(first)
+    second_alive = not _gone(pid, timeout=2)
+    assert second_alive, "the server stopped while another process still used it"
+    _finish(second)  # a normal exit
+    assert _gone(pid), "the server outlived its last user"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_no_server_is_left_when_its_only_user_is_killed(base: Path, sig: signal.Signals) -> None:
+    holder, pid = _holder(base)
+    holder.send_signal(sig)
+    holder.wait(timeout=30)
+    _finish(holder)
+    assert _gone(pid), f"server {pid} orphaned after {sig.name}"
+
+
+def test_a_stale_pidfile_naming_a_live_unrelated_process_is_not_trusted(base: Path) -> None:
+    control = _embedded._control(base)
+    _embedded.ensure_running(control)
+    control.stop()
+    bystander = subprocess.Popen(["sleep", "60"])
+    try:
+        lines = ["0"] * 8
+        lines[0] = str(bystander.pid)
+        (control.layout.data_dir / "postmaster.pid").write_text("\n".join(lines) + "\n")
+        server = _embedded.ensure_running(control)
+        assert server.pid != bystander.pid
+        assert bystander.poll() is None, "the unrelated process was signalled"
+        control.stop()
+        assert bystander.poll() is None
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
+def test_a_data_directory_of_another_major_version_is_refused(base: Path) -> None:
+    control = _embedded._control(base)
+    control.layout.data_dir.mkdir(mode=0o700)
+    (control.layout.data_dir / "PG_VERSION").write_text("9\n")
+    with pytest.raises(durable.EmbeddedPostgresError, match="PostgreSQL 9 cluster"):
+        _embedded.ensure_running(control)
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="only root drops to an unprivileged user")
+def test_as_root_a_directory_that_blocks_the_server_user_is_named(tmp_path: Path) -> None:
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o700)
+    with pytest.raises(durable.EmbeddedPostgresError, match=str(locked)):
+        _embedded.ensure_running(_embedded._control(locked / "data"))
+
+
+def test_the_db_commands_start_report_and_stop_a_pinned_server(base: Path) -> None:
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "durable", "db", *args],
+            env=_env(base),
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+
+    started = cli("start")
+    assert started.returncode == 0, started.stderr
+    url = cli("url").stdout.strip()
+    assert Path(_data_directory(url)).name.startswith("pgdata-")
+    assert "running" in cli("status").stdout
+    stopped = cli("stop")
+    assert "stopped" in stopped.stdout
+    assert cli("url").returncode == 1
+    assert "stopped" in cli("status").stdout
