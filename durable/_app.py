@@ -150,6 +150,7 @@ class App:
         from durable import _embedded
 
         server = await asyncio.to_thread(_embedded.acquire)
+        _embedded.exit_on_sigterm()
         log.info("using embedded PostgreSQL in %s", server.data_dir)
         return server.dsn
 

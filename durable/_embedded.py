@@ -36,6 +36,7 @@ import signal
 import stat
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -518,9 +519,17 @@ def acquire() -> Server:
     )
     _use.server = server
     atexit.register(_release_at_exit)
+    exit_on_sigterm()
+    return server
+
+
+def exit_on_sigterm() -> None:
+    """Make SIGTERM exit through ``atexit`` (Python's default skips it), unless the program
+    handles SIGTERM itself. Only possible from the main thread; a no-op elsewhere."""
+    if threading.current_thread() is not threading.main_thread():
+        return
     if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    return server
 
 
 def _exit_on_sigterm(signum: int, frame: object) -> None:

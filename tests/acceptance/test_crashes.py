@@ -6,6 +6,7 @@ import json
 import os
 import signal
 from datetime import datetime
+from typing import Any
 
 import asyncpg
 import pytest
@@ -95,5 +96,5 @@ async def test_changing_a_step_name_under_a_suspended_run_pauses_it_visibly(
     assert str(run.run_id) in listed.stdout
 
 
-async def _status(handle: durable.RunHandle[object], status: str) -> bool:
+async def _status(handle: durable.RunHandle[Any], status: str) -> bool:
     return await handle.status() == status

@@ -7,6 +7,7 @@ import contextlib
 import uuid
 from collections import Counter
 from datetime import datetime, timedelta
+from typing import Any
 
 import asyncpg
 import pytest
@@ -298,7 +299,7 @@ async def test_invalid_input_raises_at_start_and_stores_nothing(database_url: st
 
     async with app:
         with pytest.raises(durable.InvalidInput, match="email"):
-            await app.start(onboarding, {"user_id": "u1"})
+            await app.start(onboarding, {"user_id": "u1"})  # type: ignore[arg-type]
         with pytest.raises(durable.InvalidInput):
             await app.send_event("x", payload=object())
         assert await app.list_runs() == []
@@ -344,5 +345,5 @@ async def test_the_journal_rejects_update_and_delete(
     assert await db.fetchval("SELECT count(*) FROM durable.journal") == 1
 
 
-async def _status_is(handle: durable.RunHandle[object], status: str) -> bool:
+async def _status_is(handle: durable.RunHandle[Any], status: str) -> bool:
     return await handle.status() == status

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -157,7 +158,7 @@ async def test_each_event_satisfies_a_wait_once_and_every_waiting_run_receives_i
     async with app, running_worker(app):
         runs = [await app.start(collector) for _ in range(3)]
         for run in runs:
-            await until(lambda run=run: _status_is(run, "suspended"), what="suspended")
+            await until(functools.partial(_status_is, run, "suspended"), what="suspended")
         await app.send_event("tick", 1, key="k")
         results = [await run.result(timeout=20) for run in runs]
     assert results == [[1, None]] * 3
