@@ -46,7 +46,7 @@ def server_url() -> Iterator[str]:
         yield _TEST_URL
         return
     base = private_dir("durable-test-pg-")
-    control = _embedded._control(base)
+    control = _embedded.control_for(base)
     server = _embedded.ensure_running(control, user_pid=os.getpid())
     yield server.dsn
     _embedded.release(control, os.getpid())

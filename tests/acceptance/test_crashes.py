@@ -83,17 +83,26 @@ async def test_changing_a_step_name_under_a_suspended_run_pauses_it_visibly(
         await until(lambda: _status(run, "suspended"), timeout=30, what="waiting")
         old.terminate()
         old.wait()
-        workers.start(VARIANT="v2")
+        new = workers.start(VARIANT="v2")
         sent = workers.cli("events", "send", "shipped", "--key", "k1", "--payload", '{"n": 1}')
         assert sent.returncode == 0, sent.stderr
         await until(lambda: _status(run, "paused"), timeout=30, what="paused")
-    shown = workers.cli("runs", "show", str(run.run_id))
-    assert "paused" in shown.stdout
-    assert "position 0" in shown.stdout
-    assert "'charge'" in shown.stdout
-    assert "'charge-card'" in shown.stdout
-    listed = workers.cli("runs", "list", "--status", "paused")
-    assert str(run.run_id) in listed.stdout
+        attempts = (await run.info()).attempt
+        shown = workers.cli("runs", "show", str(run.run_id))
+        assert "paused" in shown.stdout
+        assert "position 0" in shown.stdout
+        assert "'charge'" in shown.stdout
+        assert "'charge-card'" in shown.stdout
+        listed = workers.cli("runs", "list", "--status", "paused")
+        assert str(run.run_id) in listed.stdout
+        assert (await run.info()).attempt == attempts, "a paused run was retried"
+        # Roll back to code that matches the journal and resume: the run finishes.
+        new.terminate()
+        new.wait()
+        workers.start(VARIANT="v1")
+        resumed = workers.cli("runs", "resume", str(run.run_id))
+        assert resumed.returncode == 0, resumed.stderr
+        assert await run.result(timeout=60) == "v1"
 
 
 async def _status(handle: durable.RunHandle[Any], status: str) -> bool:

