@@ -190,15 +190,17 @@ class Layout:
 
     @property
     def lock_file(self) -> Path:
-        return self.base / f"pgdata-{self.major}.lock"
+        return self.data_dir.with_name(f"{self.data_dir.name}.lock")
 
     @property
     def users_file(self) -> Path:
-        return self.base / f"pgdata-{self.major}.users"
+        """The pids of the processes using the server (JSON)."""
+        return self.data_dir.with_name(f"{self.data_dir.name}.users")
 
     @property
     def pin_file(self) -> Path:
-        return self.base / f"pgdata-{self.major}.pinned"
+        """Present while ``durable db start`` keeps the server running."""
+        return self.data_dir.with_name(f"{self.data_dir.name}.pinned")
 
     @property
     def socket_dir(self) -> Path:

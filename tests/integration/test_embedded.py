@@ -195,15 +195,15 @@ def _fake_binaries(folder: Path, version: str) -> None:
     for tool in ("initdb", "pg_ctl", "psql"):
         (folder / tool).write_text("#!/bin/sh\nexit 0\n")
     (folder / "postgres").write_text(f"#!/bin/sh\necho 'postgres (PostgreSQL) {version}'\n")
-    for tool in folder.iterdir():
-        tool.chmod(0o755)
+    for path in folder.iterdir():
+        path.chmod(0o755)
 
 
 def test_without_the_wheel_the_binaries_on_path_are_used(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     _fake_binaries(tmp_path / "bin", "16.4")
-    monkeypatch.setattr(_pg.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
     monkeypatch.setenv("PATH", str(tmp_path / "bin"))
     monkeypatch.setattr(_pg, "DEBIAN_ROOTS", ())
     found = _pg.find_binaries()
@@ -215,7 +215,7 @@ def test_without_the_wheel_the_binaries_on_path_are_used(
 def test_with_no_binaries_anywhere_the_error_explains_both_options(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(_pg.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
     monkeypatch.setenv("PATH", str(tmp_path))
     monkeypatch.setattr(_pg, "DEBIAN_ROOTS", (tmp_path,))
     with pytest.raises(durable.EmbeddedPostgresError) as error:

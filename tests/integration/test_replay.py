@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import uuid
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -194,32 +195,39 @@ async def test_journaled_helpers_return_the_recorded_values_on_replay(database_u
     assert isinstance(observed[0][1], uuid.UUID)
 
 
-async def test_a_renamed_step_pauses_the_run_with_both_names_and_the_position(
+async def _redeploy_under_a_waiting_run(
     database_url: str,
-) -> None:
+    v1: Callable[[durable.Context], Awaitable[Any]],
+    v2: Callable[[durable.Context], Awaitable[Any]],
+) -> durable.RunInfo:
+    """Run ``v1`` until it waits for the event "go", then serve ``v2`` under the same name, send
+    "go", and return the run once it is paused."""
     first = make_app(database_url)
-
-    @first.function(name="renamed")
-    async def v1(ctx: durable.Context) -> None:
-        await ctx.step("charge", lambda: 1)
-        await ctx.wait_for_event("go")
-
+    first.function(name="drifting")(v1)
     async with first, running_worker(first):
         run = await first.start(v1)
         await until(lambda: _status_is(run, "suspended"), what="suspended")
-
     second = make_app(database_url)
-
-    @second.function(name="renamed")
-    async def v2(ctx: durable.Context) -> None:
-        await ctx.step("charge-card", lambda: 1)
-        await ctx.wait_for_event("go")
-
+    second.function(name="drifting")(v2)
     async with second, running_worker(second):
         await second.send_event("go")
         handle = second.get_run(run.run_id)
         await until(lambda: _status_is(handle, "paused"), what="paused")
-        info = await handle.info()
+        return await handle.info()
+
+
+async def test_a_renamed_step_pauses_the_run_with_both_names_and_the_position(
+    database_url: str,
+) -> None:
+    async def v1(ctx: durable.Context) -> None:
+        await ctx.step("charge", lambda: 1)
+        await ctx.wait_for_event("go")
+
+    async def v2(ctx: durable.Context) -> None:
+        await ctx.step("charge-card", lambda: 1)
+        await ctx.wait_for_event("go")
+
+    info = await _redeploy_under_a_waiting_run(database_url, v1, v2)
     assert info.error is not None
     assert info.error.type == "NonDeterminismError"
     assert "position 0" in info.error.message
@@ -228,29 +236,34 @@ async def test_a_renamed_step_pauses_the_run_with_both_names_and_the_position(
 
 
 async def test_except_exception_cannot_swallow_non_determinism(database_url: str) -> None:
-    first = make_app(database_url)
-
-    @first.function(name="swallow")
     async def v1(ctx: durable.Context) -> str:
         await ctx.step("a", lambda: 1)
         await ctx.wait_for_event("go")
         return "v1"
 
-    async with first, running_worker(first):
-        run = await first.start(v1)
-        await until(lambda: _status_is(run, "suspended"), what="suspended")
-
-    second = make_app(database_url)
-
-    @second.function(name="swallow")
     async def v2(ctx: durable.Context) -> str:
         with contextlib.suppress(Exception):
             await ctx.step("b", lambda: 1)
         return "carried on"
 
-    async with second, running_worker(second):
-        await second.send_event("go")
-        await until(lambda: _status_is(second.get_run(run.run_id), "paused"), what="paused")
+    info = await _redeploy_under_a_waiting_run(database_url, v1, v2)
+    assert info.status == "paused"
+    assert info.result is None
+
+
+async def test_a_ctx_call_inside_a_step_body_is_refused(database_url: str) -> None:
+    app = make_app(database_url)
+
+    @app.function()
+    async def nested(ctx: durable.Context) -> None:
+        async def inner() -> int:
+            return await ctx.step("inner", lambda: 1)
+
+        await ctx.step("outer", inner)
+
+    async with app, running_worker(app):
+        with pytest.raises(durable.RunFailed, match="outside its run"):
+            await (await app.start(nested)).result(timeout=20)
 
 
 async def test_a_step_result_that_cannot_be_stored_fails_with_run_step_and_type(
