@@ -39,7 +39,7 @@ T = TypeVar("T")
 _SETTLE_TICKS = 20
 
 
-@dataclass
+@dataclass(eq=False)
 class _Blocked:
     future: asyncio.Future[None]
     wake_at: datetime | None
@@ -191,7 +191,11 @@ class RunState:
             self._settler = asyncio.get_running_loop().create_task(
                 self._settle(), context=_lineage.detached_context()
             )
-        await blocked.future
+        try:
+            await blocked.future
+        finally:  # a branch cancelled while blocked (asyncio.wait_for) no longer blocks the run
+            if blocked in self.blocked:
+                self.blocked.remove(blocked)
 
     async def _settle(self) -> None:
         try:

@@ -43,9 +43,12 @@ class Runner:
         self.state: RunState | None = None
         self._root: asyncio.Task[Any] | None = None
         self.extra = {"run_id": str(claim.run_id)}
+        self.lost_because = ""
 
-    def lose(self) -> None:
-        """The lease is gone: stop the run's tasks; nothing more will be written."""
+    def lose(self, reason: str) -> None:
+        """Stop the run's tasks; this attempt writes nothing more (its lease is gone, or the
+        worker is shutting down and will hand the run back)."""
+        self.lost_because = reason
         if self.state is not None:
             self.state.lost = True
             self.state.cancel_tasks()
@@ -93,13 +96,18 @@ class Runner:
             log.warning("%s", signal, extra=self.extra)
             if state.interrupted is not None and not state.lost:
                 await self._release()
-        except asyncio.CancelledError:
-            if not state.lost:
-                raise
+        except asyncio.CancelledError as exc:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise  # this runner itself is being cancelled
+            if not state.lost:  # the function cancelled itself: a failure like any other
+                await self._end_failed(state, exc)
+                return
             log.warning(
-                "run %s: lease lost; attempt %d abandoned",
+                "run %s: attempt %d abandoned (%s)",
                 self.claim.run_id,
                 self.claim.attempt,
+                self.lost_because,
                 extra=self.extra,
             )
         except Exception as exc:
@@ -122,7 +130,7 @@ class Runner:
                 extra=self.extra,
             )
 
-    async def _end_failed(self, state: RunState, exc: Exception) -> None:
+    async def _end_failed(self, state: RunState, exc: BaseException) -> None:
         if state.lost:
             return
         if state.nondeterminism is not None:

@@ -182,7 +182,7 @@ class Worker:
                     run_id,
                     extra={"run_id": str(run_id)},
                 )
-                entry[0].lose()
+                entry[0].lose("lease lost")
 
     async def _shut_down(self) -> None:
         if not self.active:
@@ -197,7 +197,7 @@ class Worker:
             (r.claim.run_id, r.claim.attempt, r) for r, t in self.active.values() if t in pending
         ]
         for _run_id, _attempt, runner in held:
-            runner.lose()
+            runner.lose("worker shutting down; the run is handed back")
         await asyncio.gather(*pending, return_exceptions=True)
         for run_id, attempt, _runner in held:
             with contextlib.suppress(*TRANSIENT_ERRORS):

@@ -97,3 +97,46 @@ async def test_one_trace_follows_a_run_across_a_resume(database_url: str) -> Non
     assert step.attributes is not None
     assert step.attributes["durable.run_id"] == str(run.run_id)
     assert step.attributes["durable.position"] == "2"
+
+
+async def test_a_stopping_worker_hands_unfinished_runs_back_at_once(database_url: str) -> None:
+    app = make_app(database_url, lease=timedelta(minutes=5))
+    started = asyncio.Event()
+    attempts: Counter[int] = Counter()
+
+    async def long_step(ctx_attempt: int) -> str:
+        attempts[ctx_attempt] += 1
+        if ctx_attempt == 1:
+            started.set()
+            await asyncio.Event().wait()  # never finishes on the first worker
+        return "finished"
+
+    @app.function()
+    async def slow(ctx: durable.Context) -> str:
+        return await ctx.step("long", long_step, ctx.attempt)
+
+    async with app:
+        worker = asyncio.create_task(
+            app.run_worker(concurrency=2, shutdown_grace=timedelta(milliseconds=100))
+        )
+        run = await app.start(slow)
+        await started.wait()
+        app.stop_workers()
+        await asyncio.wait_for(worker, 30)
+        assert await run.status() == "pending"  # not stuck behind the 5-minute lease
+        async with running_worker(app):
+            assert await run.result(timeout=20) == "finished"
+    assert attempts == {1: 1, 2: 1}
+
+
+async def test_a_function_that_cancels_itself_fails_the_run(database_url: str) -> None:
+    app = make_app(database_url)
+
+    @app.function()
+    async def quitter(ctx: durable.Context) -> None:
+        await ctx.step("a", lambda: 1)
+        raise asyncio.CancelledError
+
+    async with app, running_worker(app):
+        with pytest.raises(durable.RunFailed, match="CancelledError"):
+            await (await app.start(quitter)).result(timeout=20)
