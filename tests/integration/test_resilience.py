@@ -140,3 +140,90 @@ async def test_a_function_that_cancels_itself_fails_the_run(database_url: str) -
     async with app, running_worker(app):
         with pytest.raises(durable.RunFailed, match="CancelledError"):
             await (await app.start(quitter)).result(timeout=20)
+
+
+async def test_a_step_longer_than_the_lease_keeps_its_claim(database_url: str) -> None:
+    app = make_app(database_url, lease=timedelta(seconds=1))
+    ran: Counter[str] = Counter()
+
+    async def slow() -> str:
+        ran["slow"] += 1
+        await asyncio.sleep(2.5)  # the subject: work that outlasts the lease twice over
+        return "done"
+
+    @app.function()
+    async def long(ctx: durable.Context) -> str:
+        return await ctx.step("slow", slow)
+
+    async with app, running_worker(app):
+        run = await app.start(long)
+        assert await run.result(timeout=20) == "done"
+        assert (await run.info()).attempt == 1
+    assert ran == {"slow": 1}
+
+
+async def test_a_step_attempt_past_its_timeout_fails_and_is_retried(database_url: str) -> None:
+    app = make_app(database_url)
+    attempts: list[int] = []
+
+    @durable.step(
+        retries=1,
+        timeout=timedelta(milliseconds=100),
+        backoff=durable.Backoff(initial=timedelta(milliseconds=1)),
+    )
+    async def sometimes_slow() -> str:
+        attempts.append(len(attempts) + 1)
+        if len(attempts) == 1:
+            await asyncio.Event().wait()  # hangs until the timeout cancels it
+        return "second try"
+
+    @durable.step(timeout=timedelta(milliseconds=50))
+    async def always_slow() -> str:
+        await asyncio.Event().wait()
+        return "never"
+
+    @app.function()
+    async def timed(ctx: durable.Context) -> list[str]:
+        first = await ctx.step("sometimes", sometimes_slow)
+        try:
+            await ctx.step("always", always_slow)
+        except durable.StepFailed as failure:
+            return [first, failure.error.type, failure.error.message]
+        return [first]
+
+    async with app, running_worker(app):
+        result = await (await app.start(timed)).result(timeout=20)
+    assert attempts == [1, 2]
+    assert result == ["second try", "TimeoutError", "step 'always' timed out after 0.05s"]
+
+
+async def test_a_worker_runs_at_most_its_concurrency_at_once(database_url: str) -> None:
+    app = make_app(database_url)
+    running = 0
+    peak = 0
+    two_in = asyncio.Event()
+    release = asyncio.Event()
+
+    async def hold() -> None:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        if running == 2:
+            two_in.set()
+        await release.wait()
+        running -= 1
+
+    @app.function()
+    async def busy(ctx: durable.Context) -> None:
+        await ctx.step("hold", hold)
+
+    async with app, running_worker(app, concurrency=2):
+        runs = [await app.start(busy) for _ in range(5)]
+        await two_in.wait()
+        statuses = [await r.status() for r in runs]
+        release.set()
+        for run in runs:
+            await run.result(timeout=20)
+    assert peak == 2
+    assert statuses.count("running") == 2
+    assert statuses.count("pending") == 3
