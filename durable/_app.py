@@ -8,7 +8,7 @@ import os
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
-from typing import Any, ParamSpec, TypeVar, overload
+from typing import Any, TypeVar, overload
 
 from durable._handle import _NO_TYPE, RunHandle, RunInfo
 from engine import (
@@ -28,7 +28,6 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 I = TypeVar("I")  # noqa: E741
-P = ParamSpec("P")
 Fn = TypeVar("Fn", bound=Callable[..., Awaitable[Any]])
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
@@ -131,6 +131,3 @@ class RunHandle(Generic[T]):
 async def _wait(waitable: Awaitable[Any], seconds: float) -> None:
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(waitable, seconds)
-
-
-Unsubscribe = Callable[[], None]

@@ -44,3 +44,11 @@ async def until(predicate: Callable[[], Any], timeout: float = 20.0, what: str =
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what or predicate}")
         await asyncio.sleep(0.02)
+
+
+async def status_is(handle: durable.RunHandle[Any], status: str) -> bool:
+    return await handle.status() == status
+
+
+async def attempt_at_least(handle: durable.RunHandle[Any], attempt: int) -> bool:
+    return (await handle.info()).attempt >= attempt

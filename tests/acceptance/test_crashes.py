@@ -6,14 +6,13 @@ import json
 import os
 import signal
 from datetime import datetime
-from typing import Any
 
 import asyncpg
 import pytest
 
 import durable
 from tests.acceptance.conftest import Workers, counted
-from tests.helpers import until
+from tests.helpers import status_is, until
 
 pytestmark = [pytest.mark.postgres, pytest.mark.crash, pytest.mark.slow]
 
@@ -41,7 +40,7 @@ async def test_a_two_second_sleep_survives_a_worker_restart_never_early_and_prom
     first = workers.start()
     async with durable.App(database_url) as app:
         run = await app.start("napper", "n")
-        await until(lambda: _status(run, "suspended"), timeout=30, what="asleep")
+        await until(lambda: status_is(run, "suspended"), timeout=30, what="asleep")
         first.kill()
         first.wait()
         workers.start()
@@ -80,13 +79,13 @@ async def test_changing_a_step_name_under_a_suspended_run_pauses_it_visibly(
     old = workers.start(VARIANT="v1")
     async with durable.App(database_url) as app:
         run = await app.start("drifting", "k1")
-        await until(lambda: _status(run, "suspended"), timeout=30, what="waiting")
+        await until(lambda: status_is(run, "suspended"), timeout=30, what="waiting")
         old.terminate()
         old.wait()
         new = workers.start(VARIANT="v2")
         sent = workers.cli("events", "send", "shipped", "--key", "k1", "--payload", '{"n": 1}')
         assert sent.returncode == 0, sent.stderr
-        await until(lambda: _status(run, "paused"), timeout=30, what="paused")
+        await until(lambda: status_is(run, "paused"), timeout=30, what="paused")
         attempts = (await run.info()).attempt
         shown = workers.cli("runs", "show", str(run.run_id))
         assert "paused" in shown.stdout
@@ -103,7 +102,3 @@ async def test_changing_a_step_name_under_a_suspended_run_pauses_it_visibly(
         resumed = workers.cli("runs", "resume", str(run.run_id))
         assert resumed.returncode == 0, resumed.stderr
         assert await run.result(timeout=60) == "v1"
-
-
-async def _status(handle: durable.RunHandle[Any], status: str) -> bool:
-    return await handle.status() == status

@@ -15,7 +15,7 @@ import pytest
 from pydantic import BaseModel
 
 import durable
-from tests.helpers import make_app, running_worker, until
+from tests.helpers import make_app, running_worker, status_is, until
 
 pytestmark = pytest.mark.postgres
 
@@ -206,13 +206,13 @@ async def _redeploy_under_a_waiting_run(
     first.function(name="drifting")(v1)
     async with first, running_worker(first):
         run = await first.start(v1)
-        await until(lambda: _status_is(run, "suspended"), what="suspended")
+        await until(lambda: status_is(run, "suspended"), what="suspended")
     second = make_app(database_url)
     second.function(name="drifting")(v2)
     async with second, running_worker(second):
         await second.send_event("go")
         handle = second.get_run(run.run_id)
-        await until(lambda: _status_is(handle, "paused"), what="paused")
+        await until(lambda: status_is(handle, "paused"), what="paused")
         return await handle.info()
 
 
@@ -356,7 +356,3 @@ async def test_the_journal_rejects_update_and_delete(
     with pytest.raises(asyncpg.PostgresError, match="append-only"):
         await db.execute("DELETE FROM durable.journal WHERE run_id = $1", run.run_id)
     assert await db.fetchval("SELECT count(*) FROM durable.journal") == 1
-
-
-async def _status_is(handle: durable.RunHandle[Any], status: str) -> bool:
-    return await handle.status() == status

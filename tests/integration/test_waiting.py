@@ -11,13 +11,9 @@ import asyncpg
 import pytest
 
 import durable
-from tests.helpers import make_app, running_worker, until
+from tests.helpers import attempt_at_least, make_app, running_worker, status_is, until
 
 pytestmark = pytest.mark.postgres
-
-
-async def _status_is(handle: durable.RunHandle[Any], status: str) -> bool:
-    return await handle.status() == status
 
 
 async def test_a_sleeping_run_is_suspended_and_holds_no_worker_slot(database_url: str) -> None:
@@ -34,7 +30,7 @@ async def test_a_sleeping_run_is_suspended_and_holds_no_worker_slot(database_url
 
     async with app, running_worker(app, concurrency=1):
         sleeper = await app.start(nap, 3600.0)
-        await until(lambda: _status_is(sleeper, "suspended"), what="suspended")
+        await until(lambda: status_is(sleeper, "suspended"), what="suspended")
         # With one slot, this completes only because the sleeper holds none.
         assert await (await app.start(quick)).result(timeout=20) == "done"
         info = await sleeper.info()
@@ -106,7 +102,7 @@ async def test_an_event_sent_during_a_suspended_wait_wakes_the_run(database_url:
 
     async with app, running_worker(app):
         run = await app.start(waiter, "u2")
-        await until(lambda: _status_is(run, "suspended"), what="suspended")
+        await until(lambda: status_is(run, "suspended"), what="suspended")
         sent = asyncio.get_running_loop().time()
         await app.send_event("upgraded", {"plan": "team"}, key="u2")
         assert await run.result(timeout=20) == {"plan": "team"}
@@ -158,7 +154,7 @@ async def test_each_event_satisfies_a_wait_once_and_every_waiting_run_receives_i
     async with app, running_worker(app):
         runs = [await app.start(collector) for _ in range(3)]
         for run in runs:
-            await until(functools.partial(_status_is, run, "suspended"), what="suspended")
+            await until(functools.partial(status_is, run, "suspended"), what="suspended")
         await app.send_event("tick", 1, key="k")
         results = [await run.result(timeout=20) for run in runs]
     assert results == [[1, None]] * 3
@@ -193,19 +189,15 @@ async def test_a_wait_deadline_is_fixed_when_first_reached_and_survives_a_replay
 
     async with app, running_worker(app):
         run = await app.start(waiter)
-        await until(lambda: _status_is(run, "suspended"), what="suspended")
+        await until(lambda: status_is(run, "suspended"), what="suspended")
         first = await db.fetchval(
             "SELECT timeout_at FROM durable.waits WHERE run_id = $1", run.run_id
         )
         # Wake it without the event: the replay registers the same wait again.
         await db.execute("UPDATE durable.runs SET available_at = now() WHERE id = $1", run.run_id)
-        await until(lambda: _attempt_at_least(run, 2), what="replayed")
-        await until(lambda: _status_is(run, "suspended"), what="suspended again")
+        await until(lambda: attempt_at_least(run, 2), what="replayed")
+        await until(lambda: status_is(run, "suspended"), what="suspended again")
         again = await db.fetchval(
             "SELECT timeout_at FROM durable.waits WHERE run_id = $1", run.run_id
         )
     assert again == first
-
-
-async def _attempt_at_least(handle: durable.RunHandle[Any], attempt: int) -> bool:
-    return (await handle.info()).attempt >= attempt
