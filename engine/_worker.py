@@ -25,6 +25,8 @@ from engine._store import TRANSIENT_ERRORS, Claim, Store
 
 log = logging.getLogger(__name__)
 
+_MIN_WAIT = 0.005
+
 
 @dataclass(frozen=True)
 class WorkerOptions:
@@ -110,7 +112,9 @@ class Worker:
             return min(poll, 1.0)
         if due is None:
             return poll
-        return max(0.0, min(poll, (due - db_now).total_seconds()))
+        # A due run that the claim skipped is locked by another worker for a moment; a short
+        # floor keeps this loop from spinning on it (a notification still wakes it at once).
+        return max(_MIN_WAIT, min(poll, (due - db_now).total_seconds()))
 
     async def _wait(self, timeout: float) -> None:
         if timeout <= 0:
