@@ -63,16 +63,29 @@ class Server:
 # -- sharing between processes ---------------------------------------------------------------
 
 
-def _read_users(layout: Layout) -> list[int]:
+def _started_at(pid: int) -> int | None:
+    """When ``pid`` started (clock ticks since boot), to tell it from a later process that
+    reuses the number; None when no such process exists."""
     try:
-        pids = json.loads(layout.users_file.read_text())
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None if not alive(pid) else 0
+    return int(stat.rsplit(")", 1)[1].split()[19])
+
+
+def _read_users(layout: Layout) -> list[int]:
+    """The registered pids that still name the process that registered."""
+    try:
+        recorded = json.loads(layout.users_file.read_text())
     except (OSError, ValueError):
         return []
-    return [p for p in pids if isinstance(p, int) and alive(p)]
+    if not isinstance(recorded, dict):
+        return []
+    return [int(pid) for pid, start in recorded.items() if _started_at(int(pid)) == start]
 
 
 def _write_users(layout: Layout, pids: list[int]) -> None:
-    layout.users_file.write_text(json.dumps(sorted(set(pids))))
+    layout.users_file.write_text(json.dumps({str(p): _started_at(p) for p in sorted(set(pids))}))
 
 
 def control_for(base: Path | None = None) -> Control:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import signal
@@ -252,3 +253,18 @@ def test_as_root_binaries_the_server_user_cannot_reach_are_run_from_a_cache_copy
     finally:
         shutil.rmtree(hidden)
         shutil.rmtree(cache)
+
+
+def test_a_registered_pid_reused_by_another_process_does_not_keep_the_server(base: Path) -> None:
+    control = _embedded.control_for(base)
+    _embedded.ensure_running(control, user_pid=os.getpid())
+    bystander = subprocess.Popen(["sleep", "60"])
+    try:
+        registered = json.loads(control.layout.users_file.read_text())
+        registered[str(bystander.pid)] = 1  # recorded as started long before the bystander
+        control.layout.users_file.write_text(json.dumps(registered))
+        assert _embedded.release(control, os.getpid()), "a reused pid kept the server alive"
+        assert bystander.poll() is None
+    finally:
+        bystander.kill()
+        bystander.wait()
