@@ -172,7 +172,6 @@ class Runner:
     async def _release(self) -> None:
         """Hand the run back at once after a database failure, so that it does not wait for
         its lease to expire; if the database is still away, the lease expiry does it."""
-        await self.store.recycle()
         with contextlib.suppress(*TRANSIENT_ERRORS):
             await self.store.release(self.claim.run_id, self.claim.attempt)
 

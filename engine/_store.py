@@ -162,9 +162,15 @@ class Store:
     async def close(self) -> None:
         await self._pool.close()
 
-    async def recycle(self) -> None:
-        """Replace the pool's connections (after a connection failure: they may all be dead)."""
-        await self._pool.expire_connections()
+    async def _once(self, call: Callable[[], Awaitable[T]]) -> T:
+        """Run a call that must not be repeated blindly (a write). When its connection died
+        under it, the pool's connections are replaced (they may all be dead) and the error
+        goes to the caller, which knows whether the write may have happened."""
+        try:
+            return await call()
+        except TRANSIENT_ERRORS:
+            await self._pool.expire_connections()
+            raise
 
     async def _retrying(self, call: Callable[[], Awaitable[T]]) -> T:
         """Run an idempotent call again when its connection died under it (a restart, a
@@ -176,7 +182,7 @@ class Store:
                 log.debug("retrying after a connection failure: %s", exc)
                 await self._pool.expire_connections()
                 await asyncio.sleep(delay)
-        return await call()
+        return await self._once(call)
 
     async def connect_raw(self) -> asyncpg.Connection[Any]:
         """A dedicated connection outside the pool (for LISTEN)."""
@@ -232,7 +238,9 @@ class Store:
         self, functions: Sequence[str], limit: int, worker: str, lease: timedelta
     ) -> list[Claim]:
         """Claim up to ``limit`` due runs of ``functions`` (pending, timers due, leases expired)."""
-        rows = await self._pool.fetch(self._q["claim_runs"], list(functions), limit, worker, lease)
+        rows = await self._once(
+            lambda: self._pool.fetch(self._q["claim_runs"], list(functions), limit, worker, lease)
+        )
         return [
             Claim(
                 run_id=r["id"],
@@ -259,8 +267,10 @@ class Store:
         """Extend the leases of ``held`` (run, attempt) pairs; returns the runs still held."""
         if not held:
             return set()
-        rows = await self._pool.fetch(
-            self._q["renew_leases"], [h[0] for h in held], [h[1] for h in held], worker, lease
+        rows = await self._once(
+            lambda: self._pool.fetch(
+                self._q["renew_leases"], [h[0] for h in held], [h[1] for h in held], worker, lease
+            )
         )
         return {r[0] for r in rows}
 
@@ -282,8 +292,10 @@ class Store:
         error: Any = None,
     ) -> bool:
         """Append one journal entry; False when the claim ``attempt`` is no longer held."""
-        ok = await self._pool.fetchval(
-            self._q["append_entry"], run_id, attempt, position, kind, name, value, error
+        ok = await self._once(
+            lambda: self._pool.fetchval(
+                self._q["append_entry"], run_id, attempt, position, kind, name, value, error
+            )
         )
         return bool(ok)
 
@@ -298,8 +310,10 @@ class Store:
         duration: timedelta | None = None,
     ) -> datetime | None:
         """Journal a sleep; returns its wake time (fixed by the database), None when fenced."""
-        result: datetime | None = await self._pool.fetchval(
-            self._q["append_sleep"], run_id, attempt, position, name, wake_at, duration
+        result: datetime | None = await self._once(
+            lambda: self._pool.fetchval(
+                self._q["append_sleep"], run_id, attempt, position, name, wake_at, duration
+            )
         )
         return result
 
@@ -313,22 +327,30 @@ class Store:
         timeout: timedelta | None,
     ) -> AwaitOutcome:
         """Receive the next event on (name, key) or register the wait (see schema.sql)."""
-        row = await self._pool.fetchrow(
-            self._q["await_event"], run_id, attempt, position, name, key, timeout
+        row = await self._once(
+            lambda: self._pool.fetchrow(
+                self._q["await_event"], run_id, attempt, position, name, key, timeout
+            )
         )
         assert row is not None
         return AwaitOutcome(row["outcome"], row["payload"], row["timeout_at"])
 
     async def send_event(self, name: str, key: str, payload: Any) -> int:
         """Store an event and wake the runs waiting on (name, key); returns the event id."""
-        event_id: int = await self._pool.fetchval(self._q["send_event"], name, key, payload)
+        event_id: int = await self._once(
+            lambda: self._pool.fetchval(self._q["send_event"], name, key, payload)
+        )
         return event_id
 
     # -- ending an attempt --------------------------------------------------------------------
 
     async def suspend(self, run_id: uuid.UUID, attempt: int, until: datetime | None) -> bool:
         """Drop the claim until ``until`` (None: until an event). False when fenced."""
-        return bool(await self._pool.fetchval(self._q["suspend_run"], run_id, attempt, until))
+        return bool(
+            await self._once(
+                lambda: self._pool.fetchval(self._q["suspend_run"], run_id, attempt, until)
+            )
+        )
 
     async def finish(
         self,
@@ -339,18 +361,22 @@ class Store:
         error: Any = None,
     ) -> bool:
         """End the attempt as completed, failed or paused. False when fenced."""
-        ok = await self._pool.fetchval(
-            self._q["finish_run"], run_id, attempt, status, result, error
+        ok = await self._once(
+            lambda: self._pool.fetchval(
+                self._q["finish_run"], run_id, attempt, status, result, error
+            )
         )
         return bool(ok)
 
     async def release(self, run_id: uuid.UUID, attempt: int) -> bool:
         """Give a running run back to the queue at once."""
-        return bool(await self._pool.fetchval(self._q["release_run"], run_id, attempt))
+        return bool(
+            await self._once(lambda: self._pool.fetchval(self._q["release_run"], run_id, attempt))
+        )
 
     async def resume(self, run_id: uuid.UUID) -> bool:
         """Make a paused run runnable again. False when it is not paused."""
-        return bool(await self._pool.fetchval(self._q["resume_run"], run_id))
+        return bool(await self._once(lambda: self._pool.fetchval(self._q["resume_run"], run_id)))
 
     # -- reading ------------------------------------------------------------------------------
 

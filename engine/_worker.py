@@ -108,7 +108,6 @@ class Worker:
             due, db_now = await self.store.next_due(names)
         except TRANSIENT_ERRORS as exc:
             log.warning("claiming failed (%s); retrying", exc)
-            await self.store.recycle()
             return min(poll, 1.0)
         if due is None:
             return poll
@@ -170,7 +169,6 @@ class Worker:
                 )
             except TRANSIENT_ERRORS as exc:
                 log.warning("lease renewal failed (%s)", exc)
-                await self.store.recycle()
                 if self.clock.monotonic() - last_ok > self.options.lease.total_seconds():
                     self._lose([h[0] for h in held])
                 continue
