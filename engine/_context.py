@@ -389,8 +389,9 @@ class Context:
             await state.block(result.timeout_at)
 
     async def now(self) -> datetime:
-        """The current time (UTC), journaled: a replay returns the recorded time."""
-        value = await self._helper("now", lambda: datetime.now(UTC).isoformat())
+        """The current time (UTC, on the database's clock like every timer), journaled: a
+        replay returns the recorded time."""
+        value = await self._helper("now", lambda: self._state.db_time.now().isoformat())
         return datetime.fromisoformat(value)
 
     async def uuid(self) -> uuid.UUID:
