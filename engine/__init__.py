@@ -5,12 +5,15 @@ Users import ``durable``; this package never imports it.
 
 from __future__ import annotations
 
-from engine._clock import Clock, DatabaseTime, SystemClock
+from engine._clock import Clock, DatabaseTime, SystemClock, VirtualClock
 from engine._codec import dump, load, return_type, validate_input
-from engine._context import Context
+from engine._context import Checkpoint, Context, Decision, Moment, Probe, RunState
 from engine._listener import Listener
+from engine._memory import MemoryStore
+from engine._records import Claim, JournalEntry, RunRow, RunStatus, Store, WaitRow
 from engine._registry import POLICY_ATTRIBUTE, Backoff, FunctionSpec, StepPolicy
-from engine._store import TRANSIENT_ERRORS, JournalEntry, RunRow, RunStatus, Store, WaitRow
+from engine._runner import Runner
+from engine._store import TRANSIENT_ERRORS, PostgresStore
 from engine._tracing import current_carrier
 from engine._worker import Worker, WorkerOptions
 
@@ -18,17 +21,27 @@ __all__ = [
     "POLICY_ATTRIBUTE",
     "TRANSIENT_ERRORS",
     "Backoff",
+    "Checkpoint",
+    "Claim",
     "Clock",
     "Context",
     "DatabaseTime",
+    "Decision",
     "FunctionSpec",
     "JournalEntry",
     "Listener",
+    "MemoryStore",
+    "Moment",
+    "PostgresStore",
+    "Probe",
     "RunRow",
+    "RunState",
     "RunStatus",
+    "Runner",
     "StepPolicy",
     "Store",
     "SystemClock",
+    "VirtualClock",
     "WaitRow",
     "Worker",
     "WorkerOptions",

@@ -7,6 +7,7 @@ off never wakes a timer early or spins on one that the database thinks is due.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
@@ -23,6 +24,10 @@ class Clock(Protocol):
         """Seconds on a clock that never goes back."""
         ...
 
+    async def sleep(self, seconds: float) -> None:
+        """Wait ``seconds`` on this clock (a step's retry backoff, a short timer wait)."""
+        ...
+
 
 class SystemClock:
     """The real clock."""
@@ -32,6 +37,9 @@ class SystemClock:
 
     def monotonic(self) -> float:
         return time.monotonic()
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(max(0.0, seconds))
 
 
 class DatabaseTime:
@@ -50,3 +58,40 @@ class DatabaseTime:
 
     def seconds_until(self, moment: datetime) -> float:
         return (moment - self.now()).total_seconds()
+
+    async def sleep(self, seconds: float) -> None:
+        await self._clock.sleep(seconds)
+
+
+class VirtualClock:
+    """A clock that moves only when told to (``durable.testing``).
+
+    ``sleep`` yields to the event loop without moving time: in a simulation time passes
+    between attempts, when the simulation advances to the next timer or event, never while
+    a run executes. ``monotonic`` follows ``now``.
+    """
+
+    def __init__(self, start: datetime | None = None) -> None:
+        self._now = start or datetime(2030, 1, 1, tzinfo=UTC)
+        if self._now.tzinfo is None:
+            raise ValueError("a virtual clock starts at a timezone-aware datetime")
+        self._origin = self._now
+
+    def now(self) -> datetime:
+        return self._now
+
+    def monotonic(self) -> float:
+        return (self._now - self._origin).total_seconds()
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(0)
+
+    def advance(self, delta: timedelta) -> None:
+        """Move time forward by ``delta``."""
+        if delta < timedelta(0):
+            raise ValueError(f"a virtual clock does not go back (asked to move {delta})")
+        self._now += delta
+
+    def advance_to(self, moment: datetime) -> None:
+        """Move time forward to ``moment`` (a moment already past leaves it unchanged)."""
+        self._now = max(self._now, moment)

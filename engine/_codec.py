@@ -12,7 +12,7 @@ from typing import Any
 from pydantic import TypeAdapter, ValidationError
 from pydantic_core import PydanticSerializationError
 
-from engine.errors import InvalidInput, SerializationError
+from engine.errors import InvalidInput, PayloadTooLarge, SerializationError
 
 
 @lru_cache(maxsize=1024)
@@ -30,17 +30,23 @@ def return_type(fn: Callable[..., Any]) -> Any:
     return hints.get("return", Any)
 
 
-def dump(annotation: Any, value: Any, what: str) -> Any:
-    """``value`` as JSON-compatible data, or SerializationError naming ``what``."""
+def dump(annotation: Any, value: Any, what: str, max_bytes: int | None = None) -> Any:
+    """``value`` as JSON-compatible data, or SerializationError naming ``what``; PayloadTooLarge
+    when its JSON is longer than ``max_bytes``."""
     try:
         data = adapter(annotation).dump_python(value, mode="json")
-        json.dumps(data)
+        size = len(json.dumps(data, separators=(",", ":")).encode())
     except (PydanticSerializationError, TypeError, ValueError) as exc:
         raise SerializationError(
             f"{what}: a value of type {type(value).__qualname__} cannot be stored as JSON "
             f"({exc}). Return JSON-compatible data or a pydantic model, and annotate the "
             f"return type."
         ) from exc
+    if max_bytes is not None and size > max_bytes:
+        raise PayloadTooLarge(
+            f"{what}: {size} bytes of JSON exceed the limit of {max_bytes} bytes "
+            f"(App(max_payload_bytes=...)); store large data elsewhere and pass a reference"
+        )
     return data
 
 
@@ -49,13 +55,13 @@ def load(annotation: Any, data: Any) -> Any:
     return adapter(annotation).validate_python(data)
 
 
-def validate_input(annotation: Any, value: Any, what: str) -> Any:
+def validate_input(annotation: Any, value: Any, what: str, max_bytes: int | None = None) -> Any:
     """Validate a run's input and return it as JSON-compatible data, or raise InvalidInput."""
     try:
         validated = adapter(annotation).validate_python(value)
     except ValidationError as exc:
         raise InvalidInput(f"{what}: input does not validate: {exc}") from exc
-    return dump(annotation, validated, what)
+    return dump(annotation, validated, what, max_bytes)
 
 
 def encode_json(value: Any) -> str:

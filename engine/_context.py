@@ -14,20 +14,22 @@ import logging
 import random
 import traceback
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, ParamSpec, TypeVar, overload
+from random import Random
+from typing import Any, Literal, ParamSpec, Protocol, TypeVar, overload
 
 import asyncpg
 
 from engine import _codec, _lineage, _tracing
 from engine._clock import DatabaseTime
-from engine._registry import policy_of
+from engine._records import JournalEntry, Store
+from engine._registry import StepPolicy, policy_of
 from engine._signals import abandon, suspend
-from engine._store import TRANSIENT_ERRORS, JournalEntry, Store
-from engine.errors import ErrorInfo, NonDeterminismError, StepFailed
+from engine._store import TRANSIENT_ERRORS
+from engine.errors import ErrorInfo, JournalConflict, NonDeterminismError, StepFailed
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +39,30 @@ T = TypeVar("T")
 # Loop iterations a run must stay idle before it is considered blocked as a whole: enough for
 # a result to travel up through nested gathers and for the next call to be made.
 _SETTLE_TICKS = 20
+
+
+Moment = Literal["before", "ran", "journaled"]
+Decision = Literal["continue", "crash", "halt"]
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A journal boundary a run passes: ``before`` live work at ``position`` starts, after a
+    step's body ``ran`` (its result not yet journaled), and once the entry is ``journaled``."""
+
+    run_id: uuid.UUID
+    attempt: int
+    moment: Moment
+    position: str
+    kind: str
+    name: str
+
+
+class Probe(Protocol):
+    """Watches checkpoints (``durable.testing``): ``"crash"`` kills the attempt there as a
+    SIGKILL would, ``"halt"`` blocks that branch for good (replay stops at live work)."""
+
+    async def __call__(self, point: Checkpoint) -> Decision: ...
 
 
 @dataclass(eq=False)
@@ -59,8 +85,16 @@ class RunState:
         db_time: DatabaseTime,
         short_wait: float,
         rng: random.Random,
+        probe: Probe | None = None,
+        max_payload_bytes: int | None = None,
+        stubs: Mapping[str, Callable[..., Any]] | None = None,
+        seed: int | None = None,
     ) -> None:
         self.store = store
+        self.probe = probe
+        self.max_payload_bytes = max_payload_bytes
+        self.stubs = stubs or {}
+        self.seed = seed
         self.run_id = run_id
         self.function = function
         self.attempt = attempt
@@ -135,13 +169,16 @@ class RunState:
     def unconsumed(self) -> list[JournalEntry]:
         return [e for p, e in self.journal.items() if p not in self.consumed]
 
-    async def db(self, call: Awaitable[T]) -> T:
+    async def db(self, call: Coroutine[Any, Any, T]) -> T:
         """Await a store call as live work. A database failure cannot be caught by the user's
         ``except Exception``: it abandons this attempt, which is resumed by replay."""
+        if self.lost:  # a crashed or fenced attempt writes nothing more
+            call.close()
+            self.check_alive()
         with self.live():
             try:
                 return await call
-            except (*TRANSIENT_ERRORS, asyncpg.PostgresError) as exc:
+            except (*TRANSIENT_ERRORS, asyncpg.PostgresError, JournalConflict) as exc:
                 self.interrupted = exc
                 raise abandon(f"run {self.run_id}: database call failed ({exc!r})") from exc
 
@@ -153,6 +190,29 @@ class RunState:
         )
         self.fence(ok)
         self.remember(position, kind, name, value, error)
+
+    async def checkpoint(self, moment: Moment, position: str, kind: str, name: str) -> None:
+        """Let the probe (tests only) see this boundary, and crash or halt here."""
+        if self.probe is None:
+            return
+        with self.live():  # a probe that waits is live work: the run must not settle meanwhile
+            decision = await self.probe(
+                Checkpoint(self.run_id, self.attempt, moment, position, kind, name)
+            )
+        if decision == "crash":
+            self.lost = True
+            self.cancel_tasks()
+            raise abandon(f"run {self.run_id}: crash injected {moment} position {position}")
+        if decision == "halt":
+            while True:
+                await self.block(None)
+
+    def rng_for(self, position: str) -> random.Random:
+        """Where a journaled helper draws at ``position``: per position when seeded (a test's
+        simulation, so that a crash cannot shift later draws), else the run's generator."""
+        if self.seed is None:
+            return self.rng
+        return random.Random(f"{self.seed}/{self.run_id}/{position}")
 
     def fence(self, ok: bool) -> None:
         if not ok:
@@ -211,7 +271,7 @@ class RunState:
                 deadlines = [b.wake_at for b in self.blocked if b.wake_at is not None]
                 earliest = min(deadlines, default=None)
                 if earliest is not None and self.db_time.seconds_until(earliest) <= self.short_wait:
-                    await asyncio.sleep(max(0.0, self.db_time.seconds_until(earliest)))
+                    await self.db_time.sleep(self.db_time.seconds_until(earliest))
                     self._wake(earliest)
                     continue
                 self.suspending = True
@@ -293,15 +353,25 @@ class Context:
             if entry.error is not None:
                 raise StepFailed(name, ErrorInfo.from_json(entry.error))
             return _codec.load(annotation, entry.value)
+        await state.checkpoint("before", position, "step", name)
+        body = state.stubs.get(name, fn)
         with state.live():
-            outcome, error = await _execute_step(state, position, name, fn, args, kwargs)
+            outcome, error = await _execute_step(
+                state, position, name, body, policy_of(fn), args, kwargs
+            )
+        await state.checkpoint("ran", position, "step", name)
         if error is not None:
             await state.append(position, "step", name, None, error.to_json())
+            await state.checkpoint("journaled", position, "step", name)
             raise StepFailed(name, error)
         value = _codec.dump(
-            annotation, outcome, f"run {state.run_id}, step {name!r} at position {position}"
+            annotation,
+            outcome,
+            f"run {state.run_id}, step {name!r} at position {position}",
+            state.max_payload_bytes,
         )
         await state.append(position, "step", name, value)
+        await state.checkpoint("journaled", position, "step", name)
         return _codec.load(annotation, value)
 
     async def sleep(self, duration: timedelta | float) -> None:
@@ -329,6 +399,7 @@ class Context:
         if entry is not None:
             wake = datetime.fromisoformat(entry.value["wake_at"])
         else:
+            await state.checkpoint("before", position, "sleep", "sleep")
             fixed = await state.db(
                 state.store.append_sleep(
                     state.run_id,
@@ -343,6 +414,7 @@ class Context:
             assert fixed is not None
             wake = fixed
             state.remember(position, "sleep", "sleep", {"wake_at": wake.isoformat()}, None)
+            await state.checkpoint("journaled", position, "sleep", "sleep")
         log.debug(
             "run %s: %s wakes at %s", state.run_id, name, wake, extra={"run_id": str(state.run_id)}
         )
@@ -371,6 +443,7 @@ class Context:
             return None if entry.value.get("timeout") else entry.value.get("payload")
         if timeout is not None and not isinstance(timeout, timedelta):
             timeout = timedelta(seconds=float(timeout))
+        await state.checkpoint("before", position, "event", name)
         while True:
             state.check_alive()
             result = await state.db(
@@ -382,34 +455,41 @@ class Context:
             if result.outcome == "event":
                 value = {"key": event_key, "payload": result.payload}
                 state.remember(position, "event", name, value, None)
+                await state.checkpoint("journaled", position, "event", name)
                 return result.payload
             if result.outcome == "timeout":
                 state.remember(position, "event", name, {"key": event_key, "timeout": True}, None)
+                await state.checkpoint("journaled", position, "event", name)
                 return None
             await state.block(result.timeout_at)
 
     async def now(self) -> datetime:
         """The current time (UTC, on the database's clock like every timer), journaled: a
         replay returns the recorded time."""
-        value = await self._helper("now", lambda: self._state.db_time.now().isoformat())
+        value = await self._helper("now", lambda _rng: self._state.db_time.now().isoformat())
         return datetime.fromisoformat(value)
 
     async def uuid(self) -> uuid.UUID:
         """A random UUID (version 4), journaled."""
-        return uuid.UUID(await self._helper("uuid", lambda: str(uuid.uuid4())))
+        value = await self._helper(
+            "uuid", lambda rng: str(uuid.UUID(int=rng.getrandbits(128), version=4))
+        )
+        return uuid.UUID(value)
 
     async def random(self) -> float:
         """A random float in [0, 1), journaled."""
-        return float(await self._helper("random", random.random))
+        return float(await self._helper("random", lambda rng: rng.random()))
 
-    async def _helper(self, kind: str, make: Callable[[], Any]) -> Any:
+    async def _helper(self, kind: str, make: Callable[[Random], Any]) -> Any:
         state = self._state
         position = state.next_position()
         entry = state.recorded(position, kind, kind)
         if entry is not None:
             return entry.value
-        value = make()
+        await state.checkpoint("before", position, kind, kind)
+        value = make(state.rng_for(position))
         await state.append(position, kind, kind, value)
+        await state.checkpoint("journaled", position, kind, kind)
         return value
 
 
@@ -418,11 +498,11 @@ async def _execute_step(
     position: str,
     name: str,
     fn: Callable[..., Any],
+    policy: StepPolicy,
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
 ) -> tuple[Any, ErrorInfo | None]:
     """Run a step body with its retry policy; returns (result, None) or (None, failure)."""
-    policy = policy_of(fn)
     timeout = policy.timeout.total_seconds() if policy.timeout else None
     attempt = 0
     while True:
@@ -454,4 +534,4 @@ async def _execute_step(
             delay,
             extra={"run_id": str(state.run_id)},
         )
-        await asyncio.sleep(delay)
+        await state.db_time.sleep(delay)

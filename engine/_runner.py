@@ -8,14 +8,16 @@ import contextlib
 import logging
 import random
 import traceback
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from engine import _codec, _lineage, _tracing
 from engine._clock import DatabaseTime
-from engine._context import Context, RunState
+from engine._context import Context, Probe, RunState
+from engine._records import Claim, Store
 from engine._registry import FunctionSpec
 from engine._signals import Abandon, Suspend
-from engine._store import TRANSIENT_ERRORS, Claim, Store
+from engine._store import TRANSIENT_ERRORS
 from engine.errors import ErrorInfo, NonDeterminismError
 
 log = logging.getLogger(__name__)
@@ -33,8 +35,16 @@ class Runner:
         db_time: DatabaseTime,
         short_wait: float,
         rng: random.Random,
+        probe: Probe | None = None,
+        max_payload_bytes: int | None = None,
+        stubs: Mapping[str, Callable[..., Any]] | None = None,
+        seed: int | None = None,
     ) -> None:
         self.store = store
+        self.probe = probe
+        self.max_payload_bytes = max_payload_bytes
+        self.stubs = stubs
+        self.seed = seed
         self.spec = spec
         self.claim = claim
         self.db_time = db_time
@@ -68,6 +78,10 @@ class Runner:
             db_time=self.db_time,
             short_wait=self.short_wait,
             rng=self.rng,
+            probe=self.probe,
+            max_payload_bytes=self.max_payload_bytes,
+            stubs=self.stubs,
+            seed=self.seed,
         )
         self.state = state
         log.debug(
@@ -162,7 +176,10 @@ class Runner:
             return
         try:
             value = _codec.dump(
-                self.spec.return_type, result, f"run {self.claim.run_id}: function result"
+                self.spec.return_type,
+                result,
+                f"run {self.claim.run_id}: function result",
+                self.max_payload_bytes,
             )
         except Exception as exc:
             await self._end_failed(state, exc)

@@ -1,7 +1,8 @@
-"""The only module that executes SQL: typed methods over the named queries.
+"""``PostgresStore``: the only module that executes SQL, typed methods over the named queries.
 
-Every method that changes a run takes the claim (``attempt``) its caller holds and writes
-nothing when that claim is gone: a worker that lost its lease cannot append, suspend or finish.
+It keeps the contract of ``engine._records.Store``: every method that changes a run takes the
+claim (``attempt``) its caller holds and writes nothing when that claim is gone, so a worker that
+lost its lease cannot append, suspend or finish.
 """
 
 from __future__ import annotations
@@ -12,20 +13,19 @@ import logging
 import random
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 import asyncpg
 
+from engine._clock import Clock
 from engine._queries import migrations, queries
-from engine.errors import ConfigurationError, DatabaseUnavailable
+from engine._records import AwaitOutcome, Claim, EndStatus, JournalEntry, RunRow, WaitRow
+from engine.errors import ConfigurationError, DatabaseUnavailable, JournalConflict
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-RunStatus = Literal["pending", "running", "suspended", "paused", "completed", "failed"]
 
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
@@ -42,67 +42,18 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
-@dataclass(frozen=True)
-class Claim:
-    """A run this worker now holds: ``attempt`` is the fencing token of the claim."""
-
-    run_id: uuid.UUID
-    function: str
-    input: Any
-    attempt: int
-    trace_context: dict[str, str] | None
-    db_now: datetime
-
-
-@dataclass(frozen=True)
-class JournalEntry:
-    position: str
-    kind: str
-    name: str
-    value: Any
-    error: Any
-    attempt: int
-    created_at: datetime
-
-
-@dataclass(frozen=True)
-class AwaitOutcome:
-    outcome: Literal["event", "timeout", "waiting", "fenced"]
-    payload: Any
-    timeout_at: datetime | None
-
-
-@dataclass(frozen=True)
-class RunRow:
-    id: uuid.UUID
-    function: str
-    input: Any
-    status: RunStatus
-    idempotency_key: str | None
-    attempt: int
-    available_at: datetime | None
-    lease_owner: str | None
-    result: Any
-    error: Any
-    created_at: datetime
-    started_at: datetime | None
-    updated_at: datetime
-    finished_at: datetime | None
-
-
-@dataclass(frozen=True)
-class WaitRow:
-    position: str
-    name: str
-    key: str
-    timeout_at: datetime | None
-
-
 async def _init_connection(conn: asyncpg.Connection[Any]) -> None:
     for name in ("json", "jsonb"):
         await conn.set_type_codec(
             name, encoder=json.dumps, decoder=json.loads, schema="pg_catalog", format="text"
         )
+
+
+def _time_from(clock: Clock) -> Callable[[asyncpg.Connection[Any]], Awaitable[None]]:
+    async def setup(conn: asyncpg.Connection[Any]) -> None:
+        await conn.execute(queries()["set_fake_time"], clock.now().isoformat())
+
+    return setup
 
 
 _RETRY_DELAYS = (0.05, 0.2, 0.5)
@@ -112,8 +63,9 @@ def _run_row(record: asyncpg.Record) -> RunRow:
     return RunRow(**dict(record.items()))
 
 
-class Store:
-    """A connection pool and the engine's transitions, one round trip each."""
+class PostgresStore:
+    """A connection pool and the engine's transitions (``engine._records.Store``), one round
+    trip each."""
 
     def __init__(self, pool: asyncpg.Pool[Any], dsn: str) -> None:
         self._pool = pool
@@ -128,11 +80,14 @@ class Store:
         max_size: int = 10,
         connect_timeout: float | None = None,
         rng: random.Random | None = None,
-    ) -> Store:
+        clock: Clock | None = None,
+    ) -> PostgresStore:
         """Open a pool, retrying an unreachable database with capped exponential backoff.
 
         ``connect_timeout=None`` retries forever (a worker outlives a database restart); a
-        malformed URL fails at once with ConfigurationError.
+        malformed URL fails at once with ConfigurationError. With a ``clock`` (a test's virtual
+        clock), the database reads its time from that clock instead of its own: every call sets
+        ``durable.fake_now``, which ``durable.current_time()`` honours.
         """
         rng = rng or random.Random()
         loop = asyncio.get_running_loop()
@@ -141,7 +96,11 @@ class Store:
         while True:
             try:
                 pool = await asyncpg.create_pool(
-                    dsn, min_size=1, max_size=max_size, init=_init_connection
+                    dsn,
+                    min_size=1,
+                    max_size=max_size,
+                    init=_init_connection,
+                    setup=None if clock is None else _time_from(clock),
                 )
             except (ValueError, asyncpg.InvalidCatalogNameError) as exc:
                 raise ConfigurationError(f"cannot use database URL {_redact(dsn)}: {exc}") from exc
@@ -171,6 +130,17 @@ class Store:
         except TRANSIENT_ERRORS:
             await self._pool.expire_connections()
             raise
+
+    async def _journaling(
+        self, run_id: uuid.UUID, position: str, call: Callable[[], Awaitable[T]]
+    ) -> T:
+        """A journal write: once, and a second write to a position is a JournalConflict."""
+        try:
+            return await self._once(call)
+        except asyncpg.UniqueViolationError as exc:
+            raise JournalConflict(
+                f"run {run_id}: journal position {position} is already written"
+            ) from exc
 
     async def _retrying(self, call: Callable[[], Awaitable[T]]) -> T:
         """Run an idempotent call again when its connection died under it (a restart, a
@@ -292,10 +262,12 @@ class Store:
         error: Any = None,
     ) -> bool:
         """Append one journal entry; False when the claim ``attempt`` is no longer held."""
-        ok = await self._once(
+        ok = await self._journaling(
+            run_id,
+            position,
             lambda: self._pool.fetchval(
                 self._q["append_entry"], run_id, attempt, position, kind, name, value, error
-            )
+            ),
         )
         return bool(ok)
 
@@ -310,10 +282,12 @@ class Store:
         duration: timedelta | None = None,
     ) -> datetime | None:
         """Journal a sleep; returns its wake time (fixed by the database), None when fenced."""
-        result: datetime | None = await self._once(
+        result: datetime | None = await self._journaling(
+            run_id,
+            position,
             lambda: self._pool.fetchval(
                 self._q["append_sleep"], run_id, attempt, position, name, wake_at, duration
-            )
+            ),
         )
         return result
 
@@ -327,10 +301,12 @@ class Store:
         timeout: timedelta | None,
     ) -> AwaitOutcome:
         """Receive the next event on (name, key) or register the wait (see schema.sql)."""
-        row = await self._once(
+        row = await self._journaling(
+            run_id,
+            position,
             lambda: self._pool.fetchrow(
                 self._q["await_event"], run_id, attempt, position, name, key, timeout
-            )
+            ),
         )
         assert row is not None
         return AwaitOutcome(row["outcome"], row["payload"], row["timeout_at"])
@@ -356,7 +332,7 @@ class Store:
         self,
         run_id: uuid.UUID,
         attempt: int,
-        status: Literal["completed", "failed", "paused"],
+        status: EndStatus,
         result: Any = None,
         error: Any = None,
     ) -> bool:

@@ -19,9 +19,10 @@ from datetime import timedelta
 from engine import _lineage
 from engine._clock import Clock, DatabaseTime, SystemClock
 from engine._listener import Listener
+from engine._records import Claim, Store
 from engine._registry import FunctionSpec
 from engine._runner import Runner
-from engine._store import TRANSIENT_ERRORS, Claim, Store
+from engine._store import TRANSIENT_ERRORS
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,7 @@ class WorkerOptions:
     poll_interval: timedelta = timedelta(seconds=2)
     short_wait: timedelta = timedelta(milliseconds=250)
     shutdown_grace: timedelta = timedelta(seconds=10)
+    max_payload_bytes: int | None = None
     worker_id: str = field(default_factory=lambda: f"worker-{uuid.uuid4()}")
 
 
@@ -56,7 +58,7 @@ class Worker:
         self.listener = listener
         self.options = options
         self.clock = clock or SystemClock()
-        self.rng = rng or random.Random()
+        self.rng = rng or random.SystemRandom()
         self.db_time = DatabaseTime(self.clock)
         self.active: dict[uuid.UUID, tuple[Runner, asyncio.Task[None]]] = {}
         self._wake = asyncio.Event()
@@ -130,6 +132,7 @@ class Worker:
             db_time=self.db_time,
             short_wait=self.options.short_wait.total_seconds(),
             rng=self.rng,
+            max_payload_bytes=self.options.max_payload_bytes,
         )
         task = asyncio.get_running_loop().create_task(
             self._execute(runner), context=_lineage.detached_context()

@@ -7,8 +7,10 @@
     │   └── EmbeddedPostgresError     the embedded server could not be found or started
     ├── DatabaseUnavailable           the database could not be reached in the time allowed
     ├── InvalidInput                  a run's input or an event payload failed validation
+    │   └── PayloadTooLarge           a value's JSON exceeds the app's ``max_payload_bytes``
     ├── SerializationError            a value could not be stored as JSON
     ├── NonDeterminismError           code asked for something else than the journal holds
+    ├── JournalConflict               a journal position was written twice (an engine fault)
     ├── StepFailed                    a step ran out of retries (raised inside the function)
     ├── RunFailed                     a run ended in failure (raised by ``RunHandle.result``)
     ├── RunNotFound                   no run has that id
@@ -86,6 +88,16 @@ class InvalidInput(DurableError):
 
 class SerializationError(DurableError):
     """A value (step result, run result, input) could not be converted to JSON."""
+
+
+class PayloadTooLarge(InvalidInput):
+    """A value (input, event payload, step or run result) is larger, as JSON, than the app's
+    ``max_payload_bytes``. Store large data elsewhere and pass a reference."""
+
+
+class JournalConflict(DurableError):
+    """A write to a journal position that already holds an entry. Never expected: the engine
+    writes each position once per claim, and a fenced claim cannot write at all."""
 
 
 class NonDeterminismError(DurableError):

@@ -19,7 +19,7 @@ import asyncpg
 import pytest
 
 from durable import _embedded
-from engine import Store
+from engine import PostgresStore
 
 _TEST_URL = os.environ.get("DURABLE_TEST_DATABASE_URL")
 for _name in list(os.environ):
@@ -67,7 +67,7 @@ def template_database(server_url: str) -> Iterator[str]:
             await admin.execute(f'CREATE DATABASE "{name}"')
         finally:
             await admin.close()
-        store = await Store.connect(with_database(server_url, name), max_size=2)
+        store = await PostgresStore.connect(with_database(server_url, name), max_size=2)
         try:
             await store.migrate()
         finally:

@@ -29,7 +29,7 @@ SELECT id, function, input, attempt, trace_context, db_now
   FROM durable.claim_runs($1, $2, $3, $4);
 
 -- name: next_due
-SELECT durable.next_due($1), clock_timestamp();
+SELECT durable.next_due($1), durable.clock();
 
 -- name: renew_leases
 SELECT durable.renew_leases($1, $2, $3, $4);
@@ -78,3 +78,6 @@ SELECT id, function, input, status, idempotency_key, attempt, available_at, leas
 
 -- name: list_waits
 SELECT position, name, key, timeout_at FROM durable.waits WHERE run_id = $1 ORDER BY position;
+
+-- name: set_fake_time
+SELECT set_config('durable.fake_now', $1, false);

@@ -18,7 +18,8 @@
 --
 -- Every transition the engine makes is one function call below (claim, append, await_event,
 -- suspend, complete, send_event), so each is one round trip. Lock order everywhere: the event
--- advisory lock for (name, key), then the runs row, then journal/waits rows.
+-- advisory lock for (name, key), then the runs row, then journal/waits rows. Every function reads
+-- time from durable.clock(), so a test can move the database's time.
 
 CREATE SCHEMA IF NOT EXISTS durable;
 
@@ -96,6 +97,15 @@ CREATE TABLE durable.waits (
 
 CREATE INDEX waits_name_key ON durable.waits (name, key);
 
+-- The database's clock, as every function below reads it. Tests move it with
+-- `SET durable.fake_now = '<timestamptz>'` (a session setting; unset or empty: the real clock).
+-- Declared STABLE so that a claim compares against one reading per statement.
+CREATE FUNCTION durable.clock() RETURNS timestamptz
+LANGUAGE sql STABLE AS $$
+    SELECT coalesce(nullif(current_setting('durable.fake_now', true), '')::timestamptz,
+                    clock_timestamp());
+$$;
+
 -- Serialises send_event and await_event for one (name, key), so that an event is either seen by
 -- the waiter's lookup or sees the waiter's registration: never neither.
 CREATE FUNCTION durable.lock_event_key(p_name text, p_key text) RETURNS void
@@ -122,7 +132,7 @@ LANGUAGE plpgsql AS $$
 BEGIN
     INSERT INTO durable.runs (id, function, input, idempotency_key, trace_context,
                               available_at, event_cursor)
-    VALUES (p_id, p_function, p_input, p_idempotency_key, p_trace, now(),
+    VALUES (p_id, p_function, p_input, p_idempotency_key, p_trace, durable.clock(),
             (SELECT coalesce(max(e.id), 0) FROM durable.events e))
     ON CONFLICT DO NOTHING;
     IF FOUND THEN
@@ -146,7 +156,7 @@ LANGUAGE sql AS $$
     WITH candidates AS (
         SELECT r.id FROM durable.runs r
          WHERE r.status IN ('pending', 'suspended', 'running')
-           AND r.available_at <= now()
+           AND r.available_at <= durable.clock()
            AND r.function = ANY (p_functions)
          ORDER BY r.available_at
          LIMIT p_limit
@@ -154,11 +164,11 @@ LANGUAGE sql AS $$
     )
     UPDATE durable.runs r
        SET status = 'running', attempt = r.attempt + 1, lease_owner = p_worker,
-           available_at = now() + p_lease, wakeup = false,
-           started_at = coalesce(r.started_at, now()), updated_at = now()
+           available_at = durable.clock() + p_lease, wakeup = false,
+           started_at = coalesce(r.started_at, durable.clock()), updated_at = durable.clock()
       FROM candidates c
      WHERE r.id = c.id
-    RETURNING r.id, r.function, r.input, r.attempt, r.trace_context, clock_timestamp();
+    RETURNING r.id, r.function, r.input, r.attempt, r.trace_context, durable.clock();
 $$;
 
 CREATE FUNCTION durable.next_due(p_functions text[]) RETURNS timestamptz
@@ -181,7 +191,7 @@ LANGUAGE sql AS $$
            FOR UPDATE
     )
     UPDATE durable.runs r
-       SET available_at = now() + p_lease, updated_at = now()
+       SET available_at = durable.clock() + p_lease, updated_at = durable.clock()
       FROM held
      WHERE r.id = held.id
     RETURNING r.id;
@@ -210,7 +220,7 @@ CREATE FUNCTION durable.append_sleep(
 ) RETURNS timestamptz
 LANGUAGE plpgsql AS $$
 DECLARE
-    v_wake timestamptz := coalesce(p_wake_at, clock_timestamp() + p_duration);
+    v_wake timestamptz := coalesce(p_wake_at, durable.clock() + p_duration);
 BEGIN
     IF NOT durable.hold_claim(p_run, p_attempt) THEN
         RETURN NULL;
@@ -263,11 +273,11 @@ BEGIN
         RETURN;
     END IF;
     INSERT INTO durable.waits (run_id, position, name, key, timeout_at)
-    VALUES (p_run, p_position, p_name, p_key, clock_timestamp() + p_timeout)
+    VALUES (p_run, p_position, p_name, p_key, durable.clock() + p_timeout)
     ON CONFLICT DO NOTHING;
     SELECT w.timeout_at INTO v_deadline FROM durable.waits w
      WHERE w.run_id = p_run AND w.position = p_position;
-    IF v_deadline IS NOT NULL AND v_deadline <= clock_timestamp() THEN
+    IF v_deadline IS NOT NULL AND v_deadline <= durable.clock() THEN
         INSERT INTO durable.journal (run_id, position, kind, name, value, attempt)
         VALUES (p_run, p_position, 'event', p_name,
                 jsonb_build_object('timeout', true, 'key', p_key), p_attempt);
@@ -296,8 +306,8 @@ BEGIN
     )
     UPDATE durable.runs r
        SET wakeup = true,
-           available_at = CASE WHEN r.status = 'suspended' THEN now() ELSE r.available_at END,
-           updated_at = now()
+           available_at = CASE WHEN r.status = 'suspended' THEN durable.clock() ELSE r.available_at END,
+           updated_at = durable.clock()
       FROM waiting
      WHERE r.id = waiting.id;
     IF FOUND THEN
@@ -316,8 +326,8 @@ DECLARE
     v_woken boolean;
 BEGIN
     UPDATE durable.runs r
-       SET status = 'suspended', lease_owner = NULL, updated_at = now(),
-           available_at = CASE WHEN r.wakeup THEN now() ELSE p_available_at END
+       SET status = 'suspended', lease_owner = NULL, updated_at = durable.clock(),
+           available_at = CASE WHEN r.wakeup THEN durable.clock() ELSE p_available_at END
      WHERE r.id = p_run AND r.attempt = p_attempt AND r.status = 'running'
     RETURNING r.wakeup INTO v_woken;
     IF NOT FOUND THEN
@@ -338,8 +348,8 @@ LANGUAGE plpgsql AS $$
 BEGIN
     UPDATE durable.runs r
        SET status = p_status, result = p_result, error = p_error, lease_owner = NULL,
-           available_at = NULL, updated_at = now(),
-           finished_at = CASE WHEN p_status = 'paused' THEN NULL ELSE now() END
+           available_at = NULL, updated_at = durable.clock(),
+           finished_at = CASE WHEN p_status = 'paused' THEN NULL ELSE durable.clock() END
      WHERE r.id = p_run AND r.attempt = p_attempt AND r.status = 'running';
     IF NOT FOUND THEN
         RETURN false;
@@ -357,7 +367,7 @@ CREATE FUNCTION durable.release_run(p_run uuid, p_attempt integer) RETURNS boole
 LANGUAGE plpgsql AS $$
 BEGIN
     UPDATE durable.runs r
-       SET status = 'pending', lease_owner = NULL, available_at = now(), updated_at = now()
+       SET status = 'pending', lease_owner = NULL, available_at = durable.clock(), updated_at = durable.clock()
      WHERE r.id = p_run AND r.attempt = p_attempt AND r.status = 'running';
     IF FOUND THEN
         PERFORM pg_notify('durable_work', '');
@@ -371,7 +381,7 @@ CREATE FUNCTION durable.resume_run(p_run uuid) RETURNS boolean
 LANGUAGE plpgsql AS $$
 BEGIN
     UPDATE durable.runs r
-       SET status = 'pending', error = NULL, available_at = now(), updated_at = now()
+       SET status = 'pending', error = NULL, available_at = durable.clock(), updated_at = durable.clock()
      WHERE r.id = p_run AND r.status = 'paused';
     IF FOUND THEN
         PERFORM pg_notify('durable_work', '');

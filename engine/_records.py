@@ -1,0 +1,197 @@
+"""What the engine stores, and the contract every store keeps.
+
+Two stores keep it: ``PostgresStore`` (production) and ``MemoryStore`` (fast tests and
+``durable.testing``). One contract suite (tests/contract) runs against both. The contract, in
+short:
+
+- Every write that changes a run takes the claim (``attempt``) its caller holds and writes
+  nothing when that claim is gone (another worker claimed the run since): it returns False, None
+  or the outcome ``"fenced"``.
+- A journal position is written at most once: a second write raises ``JournalConflict``.
+- Time is the store's clock (``db_now`` of a claim, wake times of sleeps, deadlines of waits).
+- An event counts for a run when it was sent after the run started and after every event the
+  run already received on the same (name, key); each wait receives the oldest such event.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, Literal, Protocol
+
+RunStatus = Literal["pending", "running", "suspended", "paused", "completed", "failed"]
+EndStatus = Literal["completed", "failed", "paused"]
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A run this worker now holds: ``attempt`` is the fencing token of the claim."""
+
+    run_id: uuid.UUID
+    function: str
+    input: Any
+    attempt: int
+    trace_context: dict[str, str] | None
+    db_now: datetime
+
+
+@dataclass(frozen=True)
+class JournalEntry:
+    position: str
+    kind: str
+    name: str
+    value: Any
+    error: Any
+    attempt: int
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class AwaitOutcome:
+    outcome: Literal["event", "timeout", "waiting", "fenced"]
+    payload: Any
+    timeout_at: datetime | None
+
+
+@dataclass(frozen=True)
+class RunRow:
+    id: uuid.UUID
+    function: str
+    input: Any
+    status: RunStatus
+    idempotency_key: str | None
+    attempt: int
+    available_at: datetime | None
+    lease_owner: str | None
+    result: Any
+    error: Any
+    created_at: datetime
+    started_at: datetime | None
+    updated_at: datetime
+    finished_at: datetime | None
+
+
+@dataclass(frozen=True)
+class WaitRow:
+    position: str
+    name: str
+    key: str
+    timeout_at: datetime | None
+
+
+class Store(Protocol):
+    """The transitions the engine makes, one round trip each on Postgres."""
+
+    async def close(self) -> None: ...
+
+    async def start_run(
+        self,
+        run_id: uuid.UUID,
+        function: str,
+        input: Any,
+        idempotency_key: str | None,
+        trace_context: dict[str, str] | None,
+    ) -> tuple[uuid.UUID, bool]:
+        """Insert a pending run; returns (id, created). An existing id or idempotency key wins."""
+        ...
+
+    async def claim(
+        self, functions: Sequence[str], limit: int, worker: str, lease: timedelta
+    ) -> list[Claim]:
+        """Claim up to ``limit`` due runs of ``functions`` (pending, timers due, woken by an
+        event, leases expired), oldest due first; each claim bumps the run's attempt."""
+        ...
+
+    async def next_due(self, functions: Sequence[str]) -> tuple[datetime | None, datetime]:
+        """The earliest time a run of ``functions`` becomes claimable, and the store's now."""
+        ...
+
+    async def renew_leases(
+        self, held: Sequence[tuple[uuid.UUID, int]], worker: str, lease: timedelta
+    ) -> set[uuid.UUID]:
+        """Extend the leases of ``held`` (run, attempt) pairs; returns the runs still held."""
+        ...
+
+    async def load_journal(self, run_id: uuid.UUID) -> list[JournalEntry]:
+        """The whole journal of a run, in the order it was written."""
+        ...
+
+    async def append(
+        self,
+        run_id: uuid.UUID,
+        attempt: int,
+        position: str,
+        kind: str,
+        name: str,
+        value: Any,
+        error: Any = None,
+    ) -> bool:
+        """Append one journal entry; False when the claim ``attempt`` is no longer held."""
+        ...
+
+    async def append_sleep(
+        self,
+        run_id: uuid.UUID,
+        attempt: int,
+        position: str,
+        name: str,
+        *,
+        wake_at: datetime | None = None,
+        duration: timedelta | None = None,
+    ) -> datetime | None:
+        """Journal a sleep; returns its wake time (fixed by the store's clock), None when
+        fenced."""
+        ...
+
+    async def await_event(
+        self,
+        run_id: uuid.UUID,
+        attempt: int,
+        position: str,
+        name: str,
+        key: str,
+        timeout: timedelta | None,
+    ) -> AwaitOutcome:
+        """Receive the next event on (name, key) and journal it, journal the timeout when the
+        wait's deadline (fixed at its first registration) has passed, or register the wait."""
+        ...
+
+    async def send_event(self, name: str, key: str, payload: Any) -> int:
+        """Store an event and wake the runs waiting on (name, key); returns the event id."""
+        ...
+
+    async def suspend(self, run_id: uuid.UUID, attempt: int, until: datetime | None) -> bool:
+        """Drop the claim until ``until`` (None: until an event); an event that arrived while
+        the run was running makes it due at once. False when fenced."""
+        ...
+
+    async def finish(
+        self,
+        run_id: uuid.UUID,
+        attempt: int,
+        status: EndStatus,
+        result: Any = None,
+        error: Any = None,
+    ) -> bool:
+        """End the attempt as completed, failed or paused. False when fenced."""
+        ...
+
+    async def release(self, run_id: uuid.UUID, attempt: int) -> bool:
+        """Give a running run back to the queue at once. False when fenced."""
+        ...
+
+    async def resume(self, run_id: uuid.UUID) -> bool:
+        """Make a paused run runnable again. False when it is not paused."""
+        ...
+
+    async def get_run(self, run_id: uuid.UUID) -> RunRow | None: ...
+
+    async def list_runs(self, status: str | None, limit: int) -> list[RunRow]:
+        """The most recent runs, newest first, optionally of one status."""
+        ...
+
+    async def list_waits(self, run_id: uuid.UUID) -> list[WaitRow]:
+        """The event waits a run has registered and not yet received, by position."""
+        ...

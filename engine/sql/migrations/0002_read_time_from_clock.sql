@@ -1,0 +1,255 @@
+-- Migration 0002: every function reads time from durable.clock(), which a test can move with
+-- the session setting durable.fake_now (durable.testing's virtual clock on real Postgres).
+-- The function bodies are unchanged otherwise.
+
+-- The database's clock, as every function below reads it. Tests move it with
+-- `SET durable.fake_now = '<timestamptz>'` (a session setting; unset or empty: the real clock).
+-- Declared STABLE so that a claim compares against one reading per statement.
+CREATE OR REPLACE FUNCTION durable.clock() RETURNS timestamptz
+LANGUAGE sql STABLE AS $$
+    SELECT coalesce(nullif(current_setting('durable.fake_now', true), '')::timestamptz,
+                    clock_timestamp());
+$$;
+
+CREATE OR REPLACE FUNCTION durable.start_run(
+    p_id uuid, p_function text, p_input jsonb, p_idempotency_key text, p_trace jsonb
+) RETURNS TABLE (run_id uuid, created boolean)
+LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO durable.runs (id, function, input, idempotency_key, trace_context,
+                              available_at, event_cursor)
+    VALUES (p_id, p_function, p_input, p_idempotency_key, p_trace, durable.clock(),
+            (SELECT coalesce(max(e.id), 0) FROM durable.events e))
+    ON CONFLICT DO NOTHING;
+    IF FOUND THEN
+        PERFORM pg_notify('durable_work', p_function);
+        RETURN QUERY SELECT p_id, true;
+        RETURN;
+    END IF;
+    RETURN QUERY
+        SELECT r.id, false FROM durable.runs r
+         WHERE r.id = p_id
+            OR (p_idempotency_key IS NOT NULL AND r.idempotency_key = p_idempotency_key)
+         LIMIT 1;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION durable.claim_runs(
+    p_functions text[], p_limit integer, p_worker text, p_lease interval
+) RETURNS TABLE (id uuid, function text, input jsonb, attempt integer, trace_context jsonb,
+                 db_now timestamptz)
+LANGUAGE sql AS $$
+    WITH candidates AS (
+        SELECT r.id FROM durable.runs r
+         WHERE r.status IN ('pending', 'suspended', 'running')
+           AND r.available_at <= durable.clock()
+           AND r.function = ANY (p_functions)
+         ORDER BY r.available_at
+         LIMIT p_limit
+           FOR UPDATE SKIP LOCKED
+    )
+    UPDATE durable.runs r
+       SET status = 'running', attempt = r.attempt + 1, lease_owner = p_worker,
+           available_at = durable.clock() + p_lease, wakeup = false,
+           started_at = coalesce(r.started_at, durable.clock()), updated_at = durable.clock()
+      FROM candidates c
+     WHERE r.id = c.id
+    RETURNING r.id, r.function, r.input, r.attempt, r.trace_context, durable.clock();
+$$;
+
+CREATE OR REPLACE FUNCTION durable.renew_leases(
+    p_runs uuid[], p_attempts integer[], p_worker text, p_lease interval
+) RETURNS SETOF uuid
+LANGUAGE sql AS $$
+    WITH held AS (
+        SELECT r.id FROM durable.runs r
+          JOIN unnest(p_runs, p_attempts) AS h (id, attempt)
+            ON r.id = h.id AND r.attempt = h.attempt
+         WHERE r.status = 'running' AND r.lease_owner = p_worker
+         ORDER BY r.id
+           FOR UPDATE
+    )
+    UPDATE durable.runs r
+       SET available_at = durable.clock() + p_lease, updated_at = durable.clock()
+      FROM held
+     WHERE r.id = held.id
+    RETURNING r.id;
+$$;
+
+-- Journals a sleep whose wake time is fixed here, once, on the database's clock. Returns NULL
+-- when the caller no longer holds the claim.
+CREATE OR REPLACE FUNCTION durable.append_sleep(
+    p_run uuid, p_attempt integer, p_position text, p_name text,
+    p_wake_at timestamptz, p_duration interval
+) RETURNS timestamptz
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_wake timestamptz := coalesce(p_wake_at, durable.clock() + p_duration);
+BEGIN
+    IF NOT durable.hold_claim(p_run, p_attempt) THEN
+        RETURN NULL;
+    END IF;
+    INSERT INTO durable.journal (run_id, position, kind, name, value, attempt)
+    VALUES (p_run, p_position, 'sleep', p_name,
+            jsonb_build_object('wake_at', v_wake), p_attempt);
+    RETURN v_wake;
+END
+$$;
+
+-- Looks for the next event for this run on (name, key). Outcomes:
+--   'event'   an event was found and journaled at p_position; payload returned
+--   'timeout' the wait's deadline (fixed at its first registration) has passed; journaled
+--   'waiting' registered in durable.waits; timeout_at is the fixed deadline (NULL = none)
+--   'fenced'  the caller no longer holds the claim; nothing written
+-- The next event is the oldest one on (name, key) sent after the run started and after every
+-- event this run already received on (name, key).
+CREATE OR REPLACE FUNCTION durable.await_event(
+    p_run uuid, p_attempt integer, p_position text, p_name text, p_key text,
+    p_timeout interval
+) RETURNS TABLE (outcome text, payload jsonb, timeout_at timestamptz)
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_after bigint;
+    v_event durable.events%ROWTYPE;
+    v_deadline timestamptz;
+BEGIN
+    PERFORM durable.lock_event_key(p_name, p_key);
+    IF NOT durable.hold_claim(p_run, p_attempt) THEN
+        RETURN QUERY SELECT 'fenced'::text, NULL::jsonb, NULL::timestamptz;
+        RETURN;
+    END IF;
+    SELECT greatest(r.event_cursor,
+                    (SELECT max((j.value ->> 'event_id')::bigint) FROM durable.journal j
+                      WHERE j.run_id = p_run AND j.kind = 'event' AND j.name = p_name
+                        AND j.value ->> 'key' = p_key))
+      INTO v_after FROM durable.runs r WHERE r.id = p_run;
+    SELECT * INTO v_event FROM durable.events e
+     WHERE e.name = p_name AND e.key = p_key AND e.id > v_after
+     ORDER BY e.id LIMIT 1;
+    IF FOUND THEN
+        INSERT INTO durable.journal (run_id, position, kind, name, value, attempt)
+        VALUES (p_run, p_position, 'event', p_name,
+                jsonb_build_object('event_id', v_event.id, 'key', p_key,
+                                   'payload', v_event.payload),
+                p_attempt);
+        DELETE FROM durable.waits w WHERE w.run_id = p_run AND w.position = p_position;
+        RETURN QUERY SELECT 'event'::text, v_event.payload, NULL::timestamptz;
+        RETURN;
+    END IF;
+    INSERT INTO durable.waits (run_id, position, name, key, timeout_at)
+    VALUES (p_run, p_position, p_name, p_key, durable.clock() + p_timeout)
+    ON CONFLICT DO NOTHING;
+    SELECT w.timeout_at INTO v_deadline FROM durable.waits w
+     WHERE w.run_id = p_run AND w.position = p_position;
+    IF v_deadline IS NOT NULL AND v_deadline <= durable.clock() THEN
+        INSERT INTO durable.journal (run_id, position, kind, name, value, attempt)
+        VALUES (p_run, p_position, 'event', p_name,
+                jsonb_build_object('timeout', true, 'key', p_key), p_attempt);
+        DELETE FROM durable.waits w WHERE w.run_id = p_run AND w.position = p_position;
+        RETURN QUERY SELECT 'timeout'::text, NULL::jsonb, v_deadline;
+        RETURN;
+    END IF;
+    RETURN QUERY SELECT 'waiting'::text, NULL::jsonb, v_deadline;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION durable.send_event(p_name text, p_key text, p_payload jsonb) RETURNS bigint
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_id bigint;
+BEGIN
+    PERFORM durable.lock_event_key(p_name, p_key);
+    INSERT INTO durable.events (name, key, payload) VALUES (p_name, p_key, p_payload)
+    RETURNING id INTO v_id;
+    WITH waiting AS (
+        SELECT r.id FROM durable.runs r
+         WHERE r.id IN (SELECT w.run_id FROM durable.waits w
+                         WHERE w.name = p_name AND w.key = p_key)
+         ORDER BY r.id
+           FOR UPDATE
+    )
+    UPDATE durable.runs r
+       SET wakeup = true,
+           available_at = CASE WHEN r.status = 'suspended' THEN durable.clock() ELSE r.available_at END,
+           updated_at = durable.clock()
+      FROM waiting
+     WHERE r.id = waiting.id;
+    IF FOUND THEN
+        PERFORM pg_notify('durable_work', '');
+    END IF;
+    RETURN v_id;
+END
+$$;
+
+-- Suspends a running run until p_available_at (NULL: until an event wakes it). An event that
+-- arrived while the run was still running (wakeup) makes it available at once.
+CREATE OR REPLACE FUNCTION durable.suspend_run(p_run uuid, p_attempt integer, p_available_at timestamptz)
+RETURNS boolean
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_woken boolean;
+BEGIN
+    UPDATE durable.runs r
+       SET status = 'suspended', lease_owner = NULL, updated_at = durable.clock(),
+           available_at = CASE WHEN r.wakeup THEN durable.clock() ELSE p_available_at END
+     WHERE r.id = p_run AND r.attempt = p_attempt AND r.status = 'running'
+    RETURNING r.wakeup INTO v_woken;
+    IF NOT FOUND THEN
+        RETURN false;
+    END IF;
+    IF v_woken THEN
+        PERFORM pg_notify('durable_work', '');
+    END IF;
+    RETURN true;
+END
+$$;
+
+-- Ends a running run in a final or paused state. p_status is 'completed', 'failed' or 'paused'.
+CREATE OR REPLACE FUNCTION durable.finish_run(
+    p_run uuid, p_attempt integer, p_status text, p_result jsonb, p_error jsonb
+) RETURNS boolean
+LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE durable.runs r
+       SET status = p_status, result = p_result, error = p_error, lease_owner = NULL,
+           available_at = NULL, updated_at = durable.clock(),
+           finished_at = CASE WHEN p_status = 'paused' THEN NULL ELSE durable.clock() END
+     WHERE r.id = p_run AND r.attempt = p_attempt AND r.status = 'running';
+    IF NOT FOUND THEN
+        RETURN false;
+    END IF;
+    IF p_status <> 'paused' THEN
+        DELETE FROM durable.waits w WHERE w.run_id = p_run;
+    END IF;
+    PERFORM pg_notify('durable_done', p_run::text);
+    RETURN true;
+END
+$$;
+
+-- Gives a running run back to the queue at once (graceful shutdown of its worker).
+CREATE OR REPLACE FUNCTION durable.release_run(p_run uuid, p_attempt integer) RETURNS boolean
+LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE durable.runs r
+       SET status = 'pending', lease_owner = NULL, available_at = durable.clock(), updated_at = durable.clock()
+     WHERE r.id = p_run AND r.attempt = p_attempt AND r.status = 'running';
+    IF FOUND THEN
+        PERFORM pg_notify('durable_work', '');
+    END IF;
+    RETURN FOUND;
+END
+$$;
+
+-- An operator resumes a paused run (after deploying code that matches its journal).
+CREATE OR REPLACE FUNCTION durable.resume_run(p_run uuid) RETURNS boolean
+LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE durable.runs r
+       SET status = 'pending', error = NULL, available_at = durable.clock(), updated_at = durable.clock()
+     WHERE r.id = p_run AND r.status = 'paused';
+    IF FOUND THEN
+        PERFORM pg_notify('durable_work', '');
+    END IF;
+    RETURN FOUND;
+END
+$$;
