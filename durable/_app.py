@@ -15,7 +15,7 @@ from engine import (
     Context,
     FunctionSpec,
     Listener,
-    Store,
+    PostgresStore,
     Worker,
     WorkerOptions,
     current_carrier,
@@ -48,6 +48,8 @@ class App:
 
     ``lease`` bounds how long a killed worker's runs stay stuck before another worker resumes
     them; ``connect_timeout=None`` retries an unreachable database forever (with backoff).
+    ``max_payload_bytes`` (1 MiB; None for no limit) caps the JSON of an input, an event payload,
+    a step's result and a run's result: a larger one raises ``PayloadTooLarge``.
     """
 
     def __init__(
@@ -59,6 +61,7 @@ class App:
         short_wait: timedelta = timedelta(milliseconds=250),
         pool_size: int = 10,
         connect_timeout: float | None = None,
+        max_payload_bytes: int | None = 1 << 20,
     ) -> None:
         self._database_url = database_url
         self._lease = lease
@@ -66,8 +69,9 @@ class App:
         self._short_wait = short_wait
         self._pool_size = pool_size
         self._connect_timeout = connect_timeout
+        self._max_payload_bytes = max_payload_bytes
         self._functions: dict[str, FunctionSpec] = {}
-        self._store: Store | None = None
+        self._store: PostgresStore | None = None
         self._listener: Listener | None = None
         self._done_waiters: dict[uuid.UUID, set[Callable[[], None]]] = {}
         self._workers: set[Worker] = set()
@@ -109,7 +113,7 @@ class App:
         if self._store is not None:
             return
         dsn = await self._resolve_url()
-        store = await Store.connect(
+        store = await PostgresStore.connect(
             dsn, max_size=self._pool_size, connect_timeout=self._connect_timeout
         )
         try:
@@ -153,7 +157,7 @@ class App:
         log.info("using embedded PostgreSQL in %s", server.data_dir)
         return server.dsn
 
-    def _store_or_raise(self) -> Store:
+    def _store_or_raise(self) -> PostgresStore:
         if self._store is None:
             raise ConfigurationError(
                 "the app is not connected: use `async with app:` or `await app.connect()`"
@@ -213,12 +217,12 @@ class App:
             if not spec.takes_input and input is not None:
                 raise InvalidInput(f"function {name!r} takes no input, got {type(input).__name__}")
             data = (
-                validate_input(spec.input_type, input, f"start {name!r}")
+                validate_input(spec.input_type, input, f"start {name!r}", self._max_payload_bytes)
                 if spec.takes_input
                 else None
             )
         else:
-            data = _json_or_invalid(input, f"start {name!r}")
+            data = _json_or_invalid(input, f"start {name!r}", self._max_payload_bytes)
         chosen = uuid.UUID(str(run_id)) if run_id is not None else uuid.uuid4()
         found, created = await store.start_run(
             chosen, name, data, idempotency_key, current_carrier()
@@ -246,7 +250,7 @@ class App:
         The event is stored, so a run that reaches ``wait_for_event`` later still receives it
         (if it was sent after the run started). Returns the event's id.
         """
-        data = _json_or_invalid(payload, f"event {name!r}")
+        data = _json_or_invalid(payload, f"event {name!r}", self._max_payload_bytes)
         return await self._store_or_raise().send_event(name, key or "", data)
 
     # -- workers --------------------------------------------------------------------------------
@@ -274,6 +278,7 @@ class App:
             poll_interval=self._poll_interval,
             short_wait=self._short_wait,
             shutdown_grace=shutdown_grace,
+            max_payload_bytes=self._max_payload_bytes,
             **({"worker_id": worker_id} if worker_id else {}),
         )
         worker = Worker(store, served, listener, options)
@@ -329,8 +334,8 @@ class App:
             callback()
 
 
-def _json_or_invalid(value: Any, what: str) -> Any:
+def _json_or_invalid(value: Any, what: str, max_bytes: int | None) -> Any:
     try:
-        return dump(Any, value, what)
+        return dump(Any, value, what, max_bytes)
     except SerializationError as exc:
         raise InvalidInput(str(exc)) from exc

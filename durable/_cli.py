@@ -7,6 +7,7 @@
     durable runs list [--status S] [--limit N]     recent runs
     durable runs show RUN_ID                       a run and its journal as a timeline
     durable runs resume RUN_ID                     resume a run paused by non-determinism
+    durable runs export RUN_ID [-o FILE]           a run and its journal as JSON (for replay)
     durable events send NAME [--key K] [--payload JSON]
     durable db start|stop|status|url               the embedded PostgreSQL
 
@@ -25,10 +26,11 @@ import signal
 import sys
 import uuid
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 from durable._app import App
-from durable._handle import RunInfo
+from durable._handle import RunHandle, RunInfo
 from engine.errors import DurableError
 
 
@@ -58,6 +60,11 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("run_id")
     resume = runs_commands.add_parser("resume", help="resume a paused run")
     resume.add_argument("run_id")
+    export = runs_commands.add_parser(
+        "export", help="a run and its journal as JSON, for durable.testing.replay"
+    )
+    export.add_argument("run_id")
+    export.add_argument("-o", "--output", help="write to this file (default: standard output)")
 
     events = commands.add_parser("events", help="send events")
     events_commands = events.add_subparsers(dest="events_command", required=True)
@@ -150,6 +157,8 @@ async def _runs(app: App, args: argparse.Namespace) -> int:
         print(f"run {run_id} is not paused", file=sys.stderr)
         return 1
     handle = app.get_run(run_id)
+    if args.runs_command == "export":
+        return await _export(handle, args.output)
     info = await handle.info()
     print(_run_line(info))
     print(f"  input:   {json.dumps(info.input)}")
@@ -177,6 +186,18 @@ async def _runs(app: App, args: argparse.Namespace) -> int:
             f"    waiting at #{wait.position}: event {wait.name!r} key {wait.key!r} "
             f"until {deadline}"
         )
+    return 0
+
+
+async def _export(handle: RunHandle[Any], output: str | None) -> int:
+    from durable.testing import RecordedRun
+
+    text = (await RecordedRun.from_handle(handle)).to_json()
+    if output is None:
+        print(text)
+    else:
+        await asyncio.to_thread(Path(output).write_text, text + "\n", encoding="utf-8")
+        print(f"run {handle.run_id} written to {output}", file=sys.stderr)
     return 0
 
 

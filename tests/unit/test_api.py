@@ -4,27 +4,35 @@ from __future__ import annotations
 
 import ast
 import inspect
+import types
 from pathlib import Path
 
 import pytest
 
 import durable
+import durable.testing
 from engine import _signals, errors
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_all_is_sorted_and_lists_every_public_name() -> None:
-    assert durable.__all__ == sorted(durable.__all__)
-    public = {n for n in vars(durable) if not n.startswith("_") and n != "annotations"}
-    assert set(durable.__all__) == public
+@pytest.mark.parametrize("module", [durable, durable.testing], ids=lambda m: m.__name__)
+def test_all_is_sorted_and_lists_every_public_name(module: types.ModuleType) -> None:
+    assert module.__all__ == sorted(module.__all__)
+    public = {
+        n
+        for n, value in vars(module).items()
+        if not n.startswith("_") and n != "annotations" and not inspect.ismodule(value)
+    }
+    assert set(module.__all__) == public
 
 
-def test_every_public_name_has_a_docstring() -> None:
-    for name in durable.__all__:
-        obj = getattr(durable, name)
+@pytest.mark.parametrize("module", [durable, durable.testing], ids=lambda m: m.__name__)
+def test_every_public_name_has_a_docstring(module: types.ModuleType) -> None:
+    for name in module.__all__:
+        obj = getattr(module, name)
         if inspect.isclass(obj) or inspect.isfunction(obj):
-            assert inspect.getdoc(obj), f"durable.{name} has no docstring"
+            assert inspect.getdoc(obj), f"{module.__name__}.{name} has no docstring"
 
 
 def test_the_engine_never_imports_durable() -> None:

@@ -1,0 +1,46 @@
+"""Test durable functions: crash them anywhere, move time, vary event order, stub steps, and
+replay recorded journals against new code.
+
+Everything runs in one process on a virtual clock and an in-memory store that keeps the same
+contract as Postgres (or on a real Postgres database when given a URL)::
+
+    from durable.testing import Send, Simulation, crash_at_every_point
+
+    async def test_order_survives_a_crash_anywhere():
+        await crash_at_every_point(app, order, Order(id="o1", amount=30),
+                                   events=[Send("paid", key="o1", at=timedelta(hours=1))])
+
+    async def test_an_unpaid_order_is_cancelled_after_a_day():
+        outcome = await Simulation(app).run(order, Order(id="o1", amount=30))
+        assert outcome.result == "cancelled"
+        assert outcome.elapsed == timedelta(days=1)
+
+Hypothesis strategies for crash schedules, event orders, timer lateness and the completion
+order of parallel steps are in ``durable.testing.strategies``.
+"""
+
+from __future__ import annotations
+
+from durable.testing._crashes import CrashCheckFailed, CrashReport, crash_at_every_point
+from durable.testing._replay import RecordedRun, ReplayReport, replay
+from durable.testing._simulation import Outcome, Send, Simulation, SimulationError, describe
+from durable.testing._stubs import failing
+from engine import Checkpoint, MemoryStore, VirtualClock
+
+__all__ = [
+    "Checkpoint",
+    "CrashCheckFailed",
+    "CrashReport",
+    "MemoryStore",
+    "Outcome",
+    "RecordedRun",
+    "ReplayReport",
+    "Send",
+    "Simulation",
+    "SimulationError",
+    "VirtualClock",
+    "crash_at_every_point",
+    "describe",
+    "failing",
+    "replay",
+]

@@ -1,0 +1,27 @@
+"""Stand-ins for step bodies in a simulation."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+
+def failing(
+    error: BaseException, *, times: int | None = None, then: Callable[..., Any] | None = None
+) -> Callable[..., Any]:
+    """A step body that raises ``error`` on its first ``times`` calls (every call when None),
+    then calls ``then`` (returns None when there is none)::
+
+        Simulation(app, stubs={"charge": failing(CardDeclined("no funds"), times=2,
+                                                 then=lambda *a: "ch_1")})
+    """
+    calls = 0
+
+    def body(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if times is None or calls <= times:
+            raise error
+        return None if then is None else then(*args, **kwargs)
+
+    return body
