@@ -88,7 +88,7 @@ class RunState:
         probe: Probe | None = None,
         max_payload_bytes: int | None = None,
         stubs: Mapping[str, Callable[..., Any]] | None = None,
-        seed: int | None = None,
+        seed: str | None = None,
     ) -> None:
         self.store = store
         self.probe = probe
@@ -212,7 +212,7 @@ class RunState:
         simulation, so that a crash cannot shift later draws), else the run's generator."""
         if self.seed is None:
             return self.rng
-        return random.Random(f"{self.seed}/{self.run_id}/{position}")
+        return random.Random(f"{self.seed}/{position}")
 
     def fence(self, ok: bool) -> None:
         if not ok:

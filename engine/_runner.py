@@ -38,7 +38,7 @@ class Runner:
         probe: Probe | None = None,
         max_payload_bytes: int | None = None,
         stubs: Mapping[str, Callable[..., Any]] | None = None,
-        seed: int | None = None,
+        seed: str | None = None,
     ) -> None:
         self.store = store
         self.probe = probe

@@ -198,8 +198,9 @@ class Simulation:
                                 events=[Send("shipped", key="o1", at=timedelta(days=2))])
         assert outcome.status == "completed"
 
-    ``seed`` fixes everything random: run ids, ``ctx.uuid()``/``ctx.random()`` (drawn per
-    journal position, so a crash cannot shift them) and the step-order shuffle.
+    ``seed`` fixes everything random: ``ctx.uuid()``/``ctx.random()`` (drawn per run and
+    journal position, so a crash cannot shift them) and, in memory, run ids. On Postgres run
+    ids are fresh, so that simulations can share a database.
     """
 
     def __init__(
@@ -220,6 +221,7 @@ class Simulation:
         self._database_url = database_url
         self._store: Store | None = None
         self._ids = random.Random(seed)
+        self._started = 0
 
     async def __aenter__(self) -> Simulation:
         await self.store()
@@ -271,7 +273,9 @@ class Simulation:
             if spec.takes_input
             else None
         )
-        run_id = uuid.UUID(int=self._ids.getrandbits(128), version=4)
+        self._started += 1
+        drawn = uuid.UUID(int=self._ids.getrandbits(128), version=4)
+        run_id = drawn if self._database_url is None else uuid.uuid4()
         await store.start_run(run_id, spec.name, data, None, None)
         probe = _Probe(crashes, None if shuffle is None else random.Random(shuffle), halt=False)
         started = self.clock.now()
@@ -333,7 +337,7 @@ class Simulation:
             probe=probe,
             max_payload_bytes=self.app._max_payload_bytes,
             stubs=self.stubs,
-            seed=self.seed,
+            seed=f"{self.seed}/{self._started}",
         )
         await runner.execute()
         if probe.crashed_attempt:  # the next attempt starts at once, as if the lease had run out

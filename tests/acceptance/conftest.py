@@ -36,18 +36,22 @@ class Workers:
             **extra,
         }
 
-    def start(self, **extra: str) -> subprocess.Popen[bytes]:
+    def start(
+        self, *, module: str = "durable", concurrency: int = 4, **extra: str
+    ) -> subprocess.Popen[bytes]:
+        """A worker process; ``module`` is what runs the CLI (tests.acceptance.skewed for a
+        wrong clock), ``extra`` its environment."""
         log = self.logs / f"worker-{len(self.processes)}.log"
         with log.open("wb") as out:  # the child keeps its own copy of the descriptor
             process = subprocess.Popen(
                 [
                     sys.executable,
                     "-m",
-                    "durable",
+                    module,
                     "worker",
                     "tests.acceptance.workflows:app",
                     "--concurrency",
-                    "4",
+                    str(concurrency),
                 ],
                 cwd=ROOT,
                 env=self.env(**extra),

@@ -75,3 +75,16 @@ async def drifting(ctx: durable.Context, key: str) -> str:
     await ctx.step("charge" if VARIANT == "v1" else "charge-card", lambda: "charged")
     await ctx.wait_for_event("shipped", key=key)
     return VARIANT
+
+
+async def loaded(tag: str, i: int, n: int) -> int:
+    # One line per execution, appended in one write (atomic for a short line with O_APPEND).
+    record(f"{tag.split('/')[0]}-executions", f"{tag} {i} {os.getpid()}")
+    await asyncio.sleep(0.002)  # a window in which a kill lands between running and journaling
+    return i * n
+
+
+@app.function(name="ten_steps")
+async def ten_steps(ctx: durable.Context, job: dict[str, int | str]) -> list[int]:
+    tag, n = str(job["tag"]), int(job["n"])
+    return [await ctx.step(f"step-{i}", loaded, tag, i, n) for i in range(10)]

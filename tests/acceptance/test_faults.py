@@ -1,0 +1,260 @@
+"""The engine's fault suite: real worker processes and real Postgres, under SIGKILL, a database
+restart, dropped connections and skewed clocks. Nothing may be lost, duplicated or wrong.
+
+CI runs one bounded example of each; the long soak runs more and bigger ones:
+
+    SOAK_RUNS=1000 SOAK_EXAMPLES=10 scripts/test tests/acceptance/test_faults.py
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import uuid
+from collections import defaultdict
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import asyncpg
+import pytest
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+
+import durable
+from durable import _embedded
+from durable._pg import Control
+from tests.acceptance.conftest import Workers, counted
+from tests.conftest import private_dir
+from tests.helpers import until
+
+pytestmark = [pytest.mark.postgres, pytest.mark.crash, pytest.mark.slow]
+
+RUNS = int(os.environ.get("SOAK_RUNS", "200"))
+STEPS = 10
+EXAMPLES = int(os.environ.get("SOAK_EXAMPLES", "1"))
+LOG = Path(os.environ.get("SOAK_LOG", os.devnull))
+LONG = settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    phases=[Phase.generate],  # a failing example is reported as drawn: shrinking reruns it
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+
+
+@dataclass
+class Tally:
+    """What a load ended as. ``excess`` counts step executions beyond one plus the crashes
+    that hit the step; every field but runs, executions and reexecutions must be zero."""
+
+    runs: int
+    lost: int
+    wrong: int
+    duplicate_positions: int
+    executions: int
+    reexecutions: int
+    excess: int
+
+    def assert_clean(self) -> None:
+        assert (self.lost, self.wrong, self.duplicate_positions, self.excess) == (0, 0, 0, 0), self
+
+
+async def start_load(app: durable.App, prefix: str, runs: int) -> list[uuid.UUID]:
+    handles = [await app.start("ten_steps", {"tag": f"{prefix}/{k}", "n": k}) for k in range(runs)]
+    return [h.run_id for h in handles]
+
+
+async def finished(url: str, run_ids: list[uuid.UUID]) -> bool:
+    conn = await asyncpg.connect(url)
+    try:
+        done = await conn.fetchval(
+            "SELECT count(*) FROM durable.runs WHERE id = ANY($1) AND status = 'completed'",
+            run_ids,
+        )
+    finally:
+        await conn.close()
+    return bool(done == len(run_ids))
+
+
+async def wait_finished(url: str, run_ids: list[uuid.UUID], timeout: float = 90) -> None:
+    async def check() -> bool:
+        with contextlib.suppress(OSError, asyncpg.PostgresError):
+            return await finished(url, run_ids)
+        return False
+
+    with contextlib.suppress(AssertionError):
+        await until(check, timeout=timeout, what="every run completed")
+
+
+async def tally(url: str, workers: Workers, prefix: str, killed: set[int]) -> Tally:
+    conn = await asyncpg.connect(url)
+    try:
+        runs = await conn.fetch(
+            "SELECT id, status, input, result FROM durable.runs WHERE input->>'tag' LIKE $1",
+            f"{prefix}/%",
+        )
+        positions = await conn.fetch(
+            "SELECT run_id, count(*) AS entries, count(DISTINCT position) AS distinct_positions "
+            "FROM durable.journal WHERE run_id = ANY($1) GROUP BY run_id",
+            [r["id"] for r in runs],
+        )
+    finally:
+        await conn.close()
+    lost = sum(1 for r in runs if r["status"] != "completed")
+    wrong = 0
+    for r in runs:
+        if r["status"] == "completed":
+            n = json.loads(r["input"])["n"]
+            wrong += json.loads(r["result"]) != [i * n for i in range(STEPS)]
+    duplicates = sum(p["entries"] - p["distinct_positions"] for p in positions)
+    duplicates += sum(1 for p in positions if p["entries"] != STEPS)
+    executors: dict[tuple[str, str], list[int]] = defaultdict(list)
+    for line in workers.lines(f"{prefix}-executions"):
+        tag, step, pid = line.split()
+        executors[(tag, step)].append(int(pid))
+    executions = sum(len(p) for p in executors.values())
+    excess = sum(
+        max(0, len(pids) - 1 - len({p for p in pids if p in killed})) for pids in executors.values()
+    )
+    return Tally(
+        runs=len(runs),
+        lost=lost + (len(runs) != len({r["id"] for r in runs})),
+        wrong=wrong,
+        duplicate_positions=duplicates,
+        executions=executions,
+        reexecutions=executions - len(executors),
+        excess=excess,
+    )
+
+
+def report(test: str, figures: dict[str, object]) -> None:
+    """Append a test's figures to $SOAK_LOG (the soak's record), as one JSON line."""
+    if Path(os.devnull) != LOG:
+        with LOG.open("a") as out:
+            out.write(json.dumps({"test": test, "at": datetime.now().isoformat(), **figures}))
+            out.write("\n")
+
+
+kill_schedules = st.lists(
+    st.tuples(st.integers(min_value=50, max_value=RUNS * STEPS - 50), st.integers(0, 2)),
+    min_size=2,
+    max_size=4,
+    unique_by=lambda kill: kill[0],
+)
+
+
+@LONG
+@given(kills=kill_schedules)
+async def test_runs_under_random_sigkills_complete_exactly_once_with_the_right_result(
+    workers: Workers, database_url: str, kills: list[tuple[int, int]]
+) -> None:
+    prefix = f"kill-{uuid.uuid4().hex[:8]}"
+    pool = [workers.start(TEST_LEASE_SECONDS="4", concurrency=8) for _ in range(3)]
+    killed: set[int] = set()
+    async with durable.App(database_url) as app:
+        run_ids = await start_load(app, prefix, RUNS)
+        for threshold, victim in sorted(kills):
+            await until(
+                counted(workers, f"{prefix}-executions", threshold),
+                timeout=120,
+                what=f"{threshold} step executions",
+            )
+            process = pool[victim]
+            process.kill()  # SIGKILL at a moment hypothesis chose
+            process.wait()
+            killed.add(process.pid)
+            pool[victim] = workers.start(TEST_LEASE_SECONDS="4", concurrency=8)
+        await wait_finished(database_url, run_ids)
+    figures = await tally(database_url, workers, prefix, killed)
+    report("sigkill", {"kills": len(killed), "workers": 3, **vars(figures)})
+    figures.assert_clean()
+    assert figures.runs == RUNS
+
+
+@contextlib.asynccontextmanager
+async def own_server() -> AsyncIterator[tuple[str, Control]]:
+    """An embedded PostgreSQL of this test's own, so that restarting it disturbs no one."""
+    control = _embedded.control_for(private_dir("durable-restart-"))
+    server = await asyncio.to_thread(_embedded.ensure_running, control, user_pid=os.getpid())
+    try:
+        yield server.dsn, control
+    finally:
+        await asyncio.to_thread(_embedded.release, control, os.getpid())
+
+
+async def test_runs_survive_a_restart_of_the_database_server(tmp_path: Path) -> None:
+    async with own_server() as (dsn, control):
+        workers = Workers(dsn, tmp_path)
+        try:
+            for _ in range(2):
+                workers.start(concurrency=8)
+            async with durable.App(dsn) as app:
+                run_ids = await start_load(app, "restart", RUNS)
+                await until(
+                    counted(workers, "restart-executions", RUNS * STEPS // 3),
+                    timeout=120,
+                    what="a third of the steps executed",
+                )
+                await asyncio.to_thread(control.stop)
+                await asyncio.to_thread(control.start)
+                await wait_finished(dsn, run_ids)
+            figures = await tally(dsn, workers, "restart", killed=set())
+        finally:
+            workers.stop_all()
+    report("database restart", {"restarts": 1, **vars(figures)})
+    assert (figures.lost, figures.wrong, figures.duplicate_positions) == (0, 0, 0), figures
+    # A step whose journal write died with the server runs again, once per restart at most.
+    assert figures.reexecutions <= 2 * 8, figures
+
+
+async def test_runs_survive_connections_terminated_again_and_again(
+    workers: Workers, database_url: str
+) -> None:
+    for _ in range(2):
+        workers.start(concurrency=8)
+    rounds = 0
+    async with durable.App(database_url) as app:
+        run_ids = await start_load(app, "dropped", RUNS)
+        admin = await asyncpg.connect(database_url)
+        try:
+            for _ in range(5):
+                floor = workers.count("dropped-executions") + RUNS
+                await until(counted(workers, "dropped-executions", floor), timeout=60)
+                terminated = await admin.fetchval(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                    "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                )
+                assert terminated > 0
+                rounds += 1
+        finally:
+            await admin.close()
+        await wait_finished(database_url, run_ids)
+    figures = await tally(database_url, workers, "dropped", killed=set())
+    report("terminated connections", {"rounds": rounds, **vars(figures)})
+    assert (figures.lost, figures.wrong, figures.duplicate_positions) == (0, 0, 0), figures
+    assert figures.reexecutions <= rounds * 2 * 8, figures
+
+
+async def test_workers_with_skewed_clocks_neither_wake_timers_early_nor_steal_leases(
+    workers: Workers, database_url: str
+) -> None:
+    for skew in ("3600", "-3600"):  # one worker an hour ahead, one an hour behind
+        workers.start(module="tests.acceptance.skewed", CLOCK_SKEW_SECONDS=skew)
+    async with durable.App(database_url) as app:
+        nappers = [await app.start("napper", f"nap-{k}") for k in range(6)]
+        run_ids = await start_load(app, "skew", 40)
+        woke = [await n.result(timeout=120) for n in nappers]
+        sleeps = [next(e for e in await n.journal() if e.kind == "sleep") for n in nappers]
+        await wait_finished(database_url, run_ids)
+    figures = await tally(database_url, workers, "skew", killed=set())
+    report("skewed clocks", {"skews": [3600, -3600], **vars(figures)})
+    assert (figures.lost, figures.wrong, figures.duplicate_positions) == (0, 0, 0), figures
+    assert figures.reexecutions == 0, "a lease was taken from a live worker"
+    for at, sleep in zip(woke, sleeps, strict=True):
+        wake_at = datetime.fromisoformat(sleep.value["wake_at"]).timestamp()
+        assert at >= wake_at, "a timer fired early on a skewed worker"
+        assert at - wake_at < 2.0, f"a timer fired {at - wake_at:.2f}s late"
