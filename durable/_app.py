@@ -143,6 +143,11 @@ class App:
         return self._store.dsn if self._store else self._database_url
 
     async def _resolve_url(self) -> str:
+        if self._database_url == "":
+            raise ConfigurationError(
+                "database_url is empty: pass a postgresql:// URL, or None for "
+                "$DURABLE_DATABASE_URL or the embedded PostgreSQL"
+            )
         url = self._database_url or os.environ.get("DURABLE_DATABASE_URL")
         if url:
             if not url.startswith(("postgresql://", "postgres://")):
@@ -213,6 +218,9 @@ class App:
         store = self._store_or_raise()
         spec = self._spec_for(fn)
         name = spec.name if spec else str(fn)
+        _storable_text(name, "function name")
+        if idempotency_key is not None:
+            _storable_text(idempotency_key, "idempotency key")
         if spec is not None:
             if not spec.takes_input and input is not None:
                 raise InvalidInput(f"function {name!r} takes no input, got {type(input).__name__}")
@@ -223,7 +231,7 @@ class App:
             )
         else:
             data = _json_or_invalid(input, f"start {name!r}", self._max_payload_bytes)
-        chosen = uuid.UUID(str(run_id)) if run_id is not None else uuid.uuid4()
+        chosen = _run_id(run_id) if run_id is not None else uuid.uuid4()
         found, created = await store.start_run(
             chosen, name, data, idempotency_key, current_carrier()
         )
@@ -232,8 +240,9 @@ class App:
         return RunHandle(self, found, spec.return_type if spec else _NO_TYPE)
 
     def get_run(self, run_id: uuid.UUID | str) -> RunHandle[Any]:
-        """A handle on an existing run (its existence is checked when you ask it something)."""
-        return RunHandle(self, uuid.UUID(str(run_id)))
+        """A handle on an existing run (its existence is checked when you ask it something).
+        A string that is not a UUID raises InvalidInput."""
+        return RunHandle(self, _run_id(run_id))
 
     async def list_runs(self, *, status: str | None = None, limit: int = 50) -> list[RunInfo]:
         """The most recent runs, newest first, optionally of one status."""
@@ -242,7 +251,7 @@ class App:
 
     async def resume_run(self, run_id: uuid.UUID | str) -> bool:
         """Make a paused run (non-determinism) runnable again; False if it was not paused."""
-        return await self._store_or_raise().resume(uuid.UUID(str(run_id)))
+        return await self._store_or_raise().resume(_run_id(run_id))
 
     async def send_event(self, name: str, payload: Any = None, *, key: str | None = None) -> int:
         """Send an event; every run waiting on ``name`` and ``key`` receives it once.
@@ -250,6 +259,8 @@ class App:
         The event is stored, so a run that reaches ``wait_for_event`` later still receives it
         (if it was sent after the run started). Returns the event's id.
         """
+        _storable_text(name, "event name")
+        _storable_text(key or "", "event key")
         data = _json_or_invalid(payload, f"event {name!r}", self._max_payload_bytes)
         return await self._store_or_raise().send_event(name, key or "", data)
 
@@ -339,3 +350,15 @@ def _json_or_invalid(value: Any, what: str, max_bytes: int | None) -> Any:
         return dump(Any, value, what, max_bytes)
     except SerializationError as exc:
         raise InvalidInput(str(exc)) from exc
+
+
+def _run_id(value: uuid.UUID | str) -> uuid.UUID:
+    try:
+        return value if isinstance(value, uuid.UUID) else uuid.UUID(str(value))
+    except ValueError:
+        raise InvalidInput(f"not a run id (a UUID): {str(value)[:60]!r}") from None
+
+
+def _storable_text(value: str, what: str) -> None:
+    if "\x00" in value:
+        raise InvalidInput(f"the {what} {value!r} contains a NUL character, which cannot be stored")

@@ -42,12 +42,27 @@ def dump(annotation: Any, value: Any, what: str, max_bytes: int | None = None) -
             f"({exc}). Return JSON-compatible data or a pydantic model, and annotate the "
             f"return type."
         ) from exc
+    if _has_nul(data):
+        raise SerializationError(
+            f"{what}: a string in the value contains a NUL character (\\u0000), which "
+            f"PostgreSQL cannot store in JSON; remove it or encode the data (base64)"
+        )
     if max_bytes is not None and size > max_bytes:
         raise PayloadTooLarge(
             f"{what}: {size} bytes of JSON exceed the limit of {max_bytes} bytes "
             f"(App(max_payload_bytes=...)); store large data elsewhere and pass a reference"
         )
     return data
+
+
+def _has_nul(data: Any) -> bool:
+    if isinstance(data, str):
+        return "\x00" in data
+    if isinstance(data, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in data.items())
+    if isinstance(data, list):
+        return any(_has_nul(item) for item in data)
+    return False
 
 
 def load(annotation: Any, data: Any) -> Any:
@@ -61,7 +76,10 @@ def validate_input(annotation: Any, value: Any, what: str, max_bytes: int | None
         validated = adapter(annotation).validate_python(value)
     except ValidationError as exc:
         raise InvalidInput(f"{what}: input does not validate: {exc}") from exc
-    return dump(annotation, validated, what, max_bytes)
+    try:
+        return dump(annotation, validated, what, max_bytes)
+    except SerializationError as exc:
+        raise InvalidInput(str(exc)) from exc
 
 
 def encode_json(value: Any) -> str:

@@ -29,7 +29,13 @@ from engine._records import JournalEntry, Store
 from engine._registry import StepPolicy, policy_of
 from engine._signals import abandon, suspend
 from engine._store import TRANSIENT_ERRORS
-from engine.errors import ErrorInfo, JournalConflict, NonDeterminismError, StepFailed
+from engine.errors import (
+    ErrorInfo,
+    JournalConflict,
+    NonDeterminismError,
+    SerializationError,
+    StepFailed,
+)
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +184,10 @@ class RunState:
         with self.live():
             try:
                 return await call
+            except asyncpg.DataError as exc:  # the value, not the database: retrying won't help
+                raise SerializationError(
+                    f"run {self.run_id}: the database refused a value ({exc})"
+                ) from exc
             except (*TRANSIENT_ERRORS, asyncpg.PostgresError, JournalConflict) as exc:
                 self.interrupted = exc
                 raise abandon(f"run {self.run_id}: database call failed ({exc!r})") from exc

@@ -108,7 +108,10 @@ class Runner:
             await self._end_suspended(state)
         except Abandon as signal:
             log.warning("%s", signal, extra=self.extra)
-            if state.interrupted is not None and not state.lost:
+            # After a connection failure the run is handed back at once; after any other
+            # database error it waits for its lease to expire, so a fault that repeats
+            # cannot spin the run through claims.
+            if isinstance(state.interrupted, TRANSIENT_ERRORS) and not state.lost:
                 await self._release()
         except asyncio.CancelledError as exc:
             current = asyncio.current_task()

@@ -102,7 +102,11 @@ class PostgresStore:
                     init=_init_connection,
                     setup=None if clock is None else _time_from(clock),
                 )
-            except (ValueError, asyncpg.InvalidCatalogNameError) as exc:
+            except (
+                ValueError,
+                asyncpg.InvalidCatalogNameError,
+                asyncpg.InvalidAuthorizationSpecificationError,
+            ) as exc:
                 raise ConfigurationError(f"cannot use database URL {_redact(dsn)}: {exc}") from exc
             except TRANSIENT_ERRORS as exc:
                 if deadline is not None and loop.time() + delay > deadline:

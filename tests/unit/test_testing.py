@@ -85,6 +85,19 @@ async def guarded(ctx: durable.Context) -> str:
         return "failed"
 
 
+def explode() -> int:
+    raise ValueError("boom")
+
+
+@app.function(name="caught")
+async def caught(ctx: durable.Context) -> str:
+    try:
+        await ctx.step("explode", explode)
+    except durable.StepFailed as failure:
+        return await ctx.step("recover", str, failure.error.message)
+    return "unreachable"
+
+
 @app.function(name="clock reader")
 async def clock_reader(ctx: durable.Context) -> int:
     # Deliberately wrong: reads the wall clock outside a step, so a replay asks for another step.
@@ -166,7 +179,15 @@ async def test_journaled_helpers_are_seeded_and_survive_crashes() -> None:
 
 
 @pytest.mark.parametrize(
-    ("fn", "n"), [(pipeline, 3), (parallel, 3), (timers, None), (guarded, None)]
+    ("fn", "n"),
+    [
+        (pipeline, 3),
+        (parallel, 3),
+        (timers, None),
+        (guarded, None),
+        (caught, None),
+        (helpers, None),
+    ],
 )
 async def test_deterministic_functions_pass_the_crash_check(fn: object, n: int | None) -> None:
     report = await crash_at_every_point(app, fn, n)  # type: ignore[arg-type]
