@@ -169,6 +169,9 @@ async def test_runs_under_random_sigkills_complete_exactly_once_with_the_right_r
             killed.add(process.pid)
             pool[victim] = workers.start(TEST_LEASE_SECONDS="4", concurrency=8)
         await wait_finished(database_url, run_ids)
+    for process in pool:  # hypothesis runs the next example with the same fixtures
+        process.terminate()
+        process.wait(timeout=30)
     figures = await tally(database_url, workers, prefix, killed)
     report("sigkill", {"kills": len(killed), "workers": 3, **vars(figures)})
     figures.assert_clean()
