@@ -200,7 +200,8 @@ class Simulation:
 
     ``seed`` fixes everything random: ``ctx.uuid()``/``ctx.random()`` (drawn per run and
     journal position, so a crash cannot shift them) and, in memory, run ids. On Postgres run
-    ids are fresh, so that simulations can share a database.
+    ids are fresh, so that simulations can share a database; use ``async with`` there, so the
+    connections are closed, and a database no worker serves, so that none takes the runs.
     """
 
     def __init__(
