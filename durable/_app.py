@@ -6,7 +6,7 @@ import asyncio
 import logging
 import os
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import timedelta
 from typing import Any, TypeVar, overload
 
@@ -15,6 +15,7 @@ from engine import (
     Context,
     FunctionSpec,
     Listener,
+    NewRun,
     PostgresStore,
     Worker,
     WorkerOptions,
@@ -217,6 +218,53 @@ class App:
         """
         store = self._store_or_raise()
         spec = self._spec_for(fn)
+        new = self._new_run(fn, spec, input, run_id, idempotency_key)
+        found, created = await store.start_run(
+            new.run_id, new.function, new.input, new.idempotency_key, new.trace_context
+        )
+        if not created:
+            log.info("run %s already exists; returning it", found, extra={"run_id": str(found)})
+        return RunHandle(self, found, spec.return_type if spec else _NO_TYPE)
+
+    async def start_many(
+        self,
+        fn: Callable[..., Awaitable[Any]] | str,
+        inputs: Iterable[Any],
+        *,
+        idempotency_keys: Sequence[str | None] | None = None,
+    ) -> list[RunHandle[Any]]:
+        """Start one run of ``fn`` per input, in one round trip; handles come back in order.
+
+        Every input is validated before anything is stored, so one invalid input starts none.
+        With ``idempotency_keys`` (one per input, distinct, None for none), a key that already
+        exists returns the existing run, as ``start`` does::
+
+            handles = await app.start_many(send_invoice, invoices,
+                                           idempotency_keys=[f"invoice-{i.id}" for i in invoices])
+        """
+        store = self._store_or_raise()
+        spec = self._spec_for(fn)
+        values = list(inputs)
+        keys = list(idempotency_keys) if idempotency_keys is not None else [None] * len(values)
+        if len(keys) != len(values):
+            raise InvalidInput(f"{len(values)} inputs but {len(keys)} idempotency keys")
+        given = [k for k in keys if k is not None]
+        if len(set(given)) != len(given):
+            raise InvalidInput("idempotency keys must be distinct within one start_many call")
+        new = [self._new_run(fn, spec, v, None, k) for v, k in zip(values, keys, strict=True)]
+        started = await store.start_runs(new)
+        return_type = spec.return_type if spec else _NO_TYPE
+        return [RunHandle(self, found, return_type) for found, _created in started]
+
+    def _new_run(
+        self,
+        fn: Callable[..., Awaitable[Any]] | str,
+        spec: FunctionSpec | None,
+        input: Any,
+        run_id: uuid.UUID | str | None,
+        idempotency_key: str | None,
+    ) -> NewRun:
+        """A validated run to store, or InvalidInput."""
         name = spec.name if spec else str(fn)
         _storable_text(name, "function name")
         if idempotency_key is not None:
@@ -232,12 +280,7 @@ class App:
         else:
             data = _json_or_invalid(input, f"start {name!r}", self._max_payload_bytes)
         chosen = _run_id(run_id) if run_id is not None else uuid.uuid4()
-        found, created = await store.start_run(
-            chosen, name, data, idempotency_key, current_carrier()
-        )
-        if not created:
-            log.info("run %s already exists; returning it", found, extra={"run_id": str(found)})
-        return RunHandle(self, found, spec.return_type if spec else _NO_TYPE)
+        return NewRun(chosen, name, data, idempotency_key, current_carrier())
 
     def get_run(self, run_id: uuid.UUID | str) -> RunHandle[Any]:
         """A handle on an existing run (its existence is checked when you ask it something).

@@ -10,7 +10,7 @@ from engine._codec import dump, load, return_type, validate_input
 from engine._context import Checkpoint, Context, Decision, Moment, Probe, RunState
 from engine._listener import Listener
 from engine._memory import MemoryStore
-from engine._records import Claim, JournalEntry, RunRow, RunStatus, Store, WaitRow
+from engine._records import Claim, JournalEntry, NewRun, RunRow, RunStatus, Store, WaitRow
 from engine._registry import POLICY_ATTRIBUTE, Backoff, FunctionSpec, StepPolicy
 from engine._runner import Runner
 from engine._store import TRANSIENT_ERRORS, PostgresStore
@@ -32,6 +32,7 @@ __all__ = [
     "Listener",
     "MemoryStore",
     "Moment",
+    "NewRun",
     "PostgresStore",
     "Probe",
     "RunRow",

@@ -21,6 +21,7 @@ from engine._records import (
     Claim,
     EndStatus,
     JournalEntry,
+    NewRun,
     RunRow,
     RunStatus,
     WaitRow,
@@ -100,6 +101,12 @@ class MemoryStore:
         if idempotency_key is not None:
             self._keys[idempotency_key] = run_id
         return run_id, True
+
+    async def start_runs(self, runs: Sequence[NewRun]) -> list[tuple[uuid.UUID, bool]]:
+        return [
+            await self.start_run(r.run_id, r.function, r.input, r.idempotency_key, r.trace_context)
+            for r in runs
+        ]
 
     async def claim(
         self, functions: Sequence[str], limit: int, worker: str, lease: timedelta

@@ -26,6 +26,17 @@ EndStatus = Literal["completed", "failed", "paused"]
 
 
 @dataclass(frozen=True)
+class NewRun:
+    """A run to start: what ``start_runs`` takes."""
+
+    run_id: uuid.UUID
+    function: str
+    input: Any
+    idempotency_key: str | None = None
+    trace_context: dict[str, str] | None = None
+
+
+@dataclass(frozen=True)
 class Claim:
     """A run this worker now holds: ``attempt`` is the fencing token of the claim."""
 
@@ -95,6 +106,11 @@ class Store(Protocol):
         trace_context: dict[str, str] | None,
     ) -> tuple[uuid.UUID, bool]:
         """Insert a pending run; returns (id, created). An existing id or idempotency key wins."""
+        ...
+
+    async def start_runs(self, runs: Sequence[NewRun]) -> list[tuple[uuid.UUID, bool]]:
+        """``start_run`` for many runs at once (one round trip), in order. Idempotency keys
+        must be distinct within one call."""
         ...
 
     async def claim(

@@ -20,7 +20,15 @@ import asyncpg
 
 from engine._clock import Clock
 from engine._queries import migrations, queries
-from engine._records import AwaitOutcome, Claim, EndStatus, JournalEntry, RunRow, WaitRow
+from engine._records import (
+    AwaitOutcome,
+    Claim,
+    EndStatus,
+    JournalEntry,
+    NewRun,
+    RunRow,
+    WaitRow,
+)
 from engine.errors import ConfigurationError, DatabaseUnavailable, JournalConflict
 
 log = logging.getLogger(__name__)
@@ -207,6 +215,22 @@ class PostgresStore:
         )
         assert row is not None
         return row["run_id"], row["created"]
+
+    async def start_runs(self, runs: Sequence[NewRun]) -> list[tuple[uuid.UUID, bool]]:
+        """``start_run`` for many runs in one statement, in order."""
+        if not runs:
+            return []
+        rows = await self._retrying(
+            lambda: self._pool.fetch(
+                self._q["start_runs"],
+                [r.run_id for r in runs],
+                [r.function for r in runs],
+                [r.input for r in runs],
+                [r.idempotency_key for r in runs],
+                [r.trace_context for r in runs],
+            )
+        )
+        return [(row["run_id"], row["created"]) for row in rows]
 
     async def claim(
         self, functions: Sequence[str], limit: int, worker: str, lease: timedelta

@@ -24,6 +24,9 @@ INSERT INTO durable.schema_migrations (version, name) VALUES ($1, $2);
 -- name: start_run
 SELECT run_id, created FROM durable.start_run($1, $2, $3, $4, $5);
 
+-- name: start_runs
+SELECT run_id, created FROM durable.start_runs($1, $2, $3, $4, $5);
+
 -- name: claim_runs
 SELECT id, function, input, attempt, trace_context, db_now
   FROM durable.claim_runs($1, $2, $3, $4);

@@ -14,7 +14,7 @@ from datetime import timedelta
 
 import pytest
 
-from engine import MemoryStore, PostgresStore, Store, VirtualClock
+from engine import MemoryStore, NewRun, PostgresStore, Store, VirtualClock
 from engine.errors import JournalConflict
 
 LEASE = timedelta(seconds=30)
@@ -249,3 +249,23 @@ async def test_unknown_runs_read_as_absent(subject: Subject) -> None:
     assert await subject.store.load_journal(missing) == []
     assert not await subject.store.resume(missing)
     assert not await subject.store.append(missing, 1, "0", "step", "a", 1)
+
+
+async def test_many_runs_start_in_one_call_and_existing_ones_are_returned(
+    subject: Subject,
+) -> None:
+    store = subject.store
+    existing, _ = await store.start_run(uuid.uuid4(), "f", None, "key-1", None)
+    fresh = [uuid.uuid4() for _ in range(3)]
+    started = await store.start_runs(
+        [
+            NewRun(fresh[0], "f", {"n": 0}),
+            NewRun(fresh[1], "f", {"n": 1}, idempotency_key="key-1"),
+            NewRun(fresh[2], "f", {"n": 2}, idempotency_key="key-2"),
+            NewRun(existing, "f", {"n": 3}),
+        ]
+    )
+    assert started == [(fresh[0], True), (existing, False), (fresh[2], True), (existing, False)]
+    claims = await store.claim(["f"], 10, "w", LEASE)
+    assert sorted(c.input["n"] for c in claims if c.input) == [0, 2]
+    assert await store.start_runs([]) == []
