@@ -1,0 +1,344 @@
+"""durable's side of the benchmark: one workload per process, one JSON line on stdout.
+
+    python benchmarks/durable_bench.py W2 --url postgresql://... [--quick]
+
+Run by benchmarks/harness.py, which starts a fresh process per workload and compares the
+figures with the peers'. The database named in --url is dropped and created first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import resource
+import statistics
+import time
+from collections.abc import Awaitable, Callable
+from datetime import datetime, timedelta
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+
+import durable
+
+CONCURRENCY = 100  # the worker concurrency budget every system gets
+app = durable.App(pool_size=20)
+marks: dict[str, float] = {}
+
+
+async def small(i: int) -> dict[str, int]:
+    return {"i": i}
+
+
+def mark(tag: str) -> float:
+    marks[tag] = time.perf_counter()
+    return time.time()
+
+
+@app.function(name="noop")
+async def noop(ctx: durable.Context, n: int) -> int:
+    return n
+
+
+@app.function(name="five_steps")
+async def five_steps(ctx: durable.Context, n: int) -> int:
+    for i in range(5):
+        await ctx.step(f"s{i}", small, i)
+    return n
+
+
+@app.function(name="probe")
+async def probe(ctx: durable.Context, tag: str) -> None:
+    await ctx.step("mark", mark, tag)
+
+
+@app.function(name="napper")
+async def napper(ctx: durable.Context, tag: str) -> float:
+    await ctx.sleep(timedelta(seconds=1))
+    return await ctx.step("woke", mark, tag)
+
+
+@app.function(name="waiter")
+async def waiter(ctx: durable.Context, tag: str) -> None:
+    await ctx.wait_for_event("go", key=tag)
+    await ctx.step("resumed", mark, tag)
+
+
+@app.function(name="long")
+async def long(ctx: durable.Context, steps: int) -> int:
+    for i in range(steps):
+        await ctx.step("s", small, i)
+    await ctx.wait_for_event("resume", key=str(ctx.run_id))
+    return steps
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def fresh_database(url: str) -> None:
+    parts = urlsplit(url)
+    name = parts.path.lstrip("/")
+    admin = await asyncpg.connect(urlunsplit(parts._replace(path="/postgres")))
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+
+
+async def completed(conn: asyncpg.Connection[Any]) -> int:
+    return int(await conn.fetchval("SELECT count(*) FROM durable.runs WHERE status = 'completed'"))
+
+
+async def until_completed(conn: asyncpg.Connection[Any], total: int) -> float:
+    """Poll the database every 10 ms until ``total`` runs are completed; returns the time."""
+    while await completed(conn) < total:  # noqa: ASYNC110 (the database is the judge, as for the peers)
+        await asyncio.sleep(0.01)
+    return time.perf_counter()
+
+
+async def with_worker(work: Callable[[], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
+    worker = asyncio.create_task(app.run_worker(concurrency=CONCURRENCY))
+    await asyncio.sleep(1.0)  # an idle, listening worker, as the peers get
+    try:
+        return await work()
+    finally:
+        app.stop_workers()
+        await worker
+
+
+async def w1(url: str, n: int) -> dict[str, Any]:
+    conn = await asyncpg.connect(url)
+    began = time.perf_counter()
+    for i in range(n):
+        await app.start(noop, i)
+    single = n / (time.perf_counter() - began)
+    await conn.execute("ANALYZE durable.runs")
+    began = time.perf_counter()
+    worker = asyncio.create_task(app.run_worker(concurrency=CONCURRENCY))
+    drain = n / (await until_completed(conn, n) - began)
+    await asyncio.sleep(1.0)  # idle and listening
+    began = time.perf_counter()
+    for i in range(n):
+        await app.start(noop, i)
+    e2e = n / (await until_completed(conn, 2 * n) - began)
+    app.stop_workers()
+    await worker
+    began = time.perf_counter()
+    for chunk in range(0, n, 1000):
+        await app.start_many(noop, range(chunk, min(n, chunk + 1000)))
+    batched = n / (time.perf_counter() - began)
+    await conn.close()
+    return {
+        "start_single_per_s": single,
+        "start_batch_per_s": batched,
+        "drain_per_s": drain,
+        "e2e_per_s": e2e,
+    }
+
+
+async def w2(url: str, n: int) -> dict[str, Any]:
+    conn = await asyncpg.connect(url)
+
+    async def work() -> dict[str, Any]:
+        before = await completed(conn)
+        began = time.perf_counter()
+        for i in range(n):
+            await app.start(five_steps, i)
+        finished = await until_completed(conn, before + n)
+        rate = n / (finished - began)
+        return {"workflows_per_s": rate, "steps_per_s": 5 * rate, "rss_mb": _rss_mb()}
+
+    try:
+        return await with_worker(work)
+    finally:
+        await conn.close()
+
+
+async def w3(url: str, n: int) -> dict[str, Any]:
+    async def work() -> dict[str, Any]:
+        latencies = []
+        for i in range(n):
+            tag = f"p{i}"
+            began = time.perf_counter()
+            handle = await app.start(probe, tag)
+            await handle.result(timeout=30)
+            latencies.append((marks[tag] - began) * 1000)
+            await asyncio.sleep(random.uniform(0, 0.25))
+        return {"p50_ms": statistics.median(latencies), "p99_ms": pct(latencies, 0.99)}
+
+    return await with_worker(work)
+
+
+async def w4(url: str, n: int) -> dict[str, Any]:
+    async def work() -> dict[str, Any]:
+        handles = [await app.start(napper, f"n{i}") for i in range(n)]
+        late = []
+        for handle in handles:
+            woke = await handle.result(timeout=60)
+            [sleep] = [e for e in await handle.journal() if e.kind == "sleep"]
+            late.append((woke - datetime.fromisoformat(sleep.value["wake_at"]).timestamp()) * 1000)
+        return {
+            "late_p50_ms": statistics.median(late),
+            "late_p99_ms": pct(late, 0.99),
+            "late_max_ms": max(late),
+        }
+
+    return await with_worker(work)
+
+
+async def w5(url: str, n: int) -> dict[str, Any]:
+    async def work() -> dict[str, Any]:
+        handles = [await app.start(waiter, f"e{i}") for i in range(n)]
+        for handle in handles:
+            while await handle.status() != "suspended":  # noqa: ASYNC110 (state in the database)
+                await asyncio.sleep(0.01)
+        latencies = []
+        for i, handle in enumerate(handles):
+            sent = time.perf_counter()
+            await app.send_event("go", key=f"e{i}")
+            await handle.result(timeout=30)
+            latencies.append((marks[f"e{i}"] - sent) * 1000)
+        return {"p50_ms": statistics.median(latencies), "p99_ms": pct(latencies, 0.99)}
+
+    return await with_worker(work)
+
+
+async def w6(url: str, steps: int) -> dict[str, Any]:
+    async def work() -> dict[str, Any]:
+        handle = await app.start(long, steps)
+        while await handle.status() != "suspended":  # noqa: ASYNC110 (state in the database)
+            await asyncio.sleep(0.05)
+        calls = _count_queries()
+        began = time.perf_counter()
+        await app.send_event("resume", key=str(handle.run_id))
+        await handle.result(timeout=60)
+        elapsed = time.perf_counter() - began
+        # Store calls from the send to the result, by call. Before the run is live again it
+        # takes a claim and one journal load, whatever the journal's length.
+        by_call = calls()
+        return {
+            "journal_steps": steps,
+            "resume_ms": elapsed * 1000,
+            "queries_before_live": by_call.get("claim", 0) + by_call.get("load_journal", 0),
+            "queries_by_call": by_call,
+        }
+
+    return await with_worker(work)
+
+
+async def w7(url: str, n: int, rows: int, suspended: int) -> dict[str, Any]:
+    conn = await asyncpg.connect(url)
+    began = time.perf_counter()
+    await conn.execute(_SEED_HISTORY, rows // 10)
+    await conn.execute(_SEED_WAITING, suspended)
+    await conn.execute("ANALYZE")
+    seeded = time.perf_counter() - began
+    await conn.close()
+    result = await w2(url, n)
+    return {**result, "journal_rows": rows, "suspended_runs": suspended, "seed_s": seeded}
+
+
+_SEED_HISTORY = """
+WITH done AS (
+    INSERT INTO durable.runs (id, function, status, attempt, result, finished_at)
+    SELECT gen_random_uuid(), 'history', 'completed', 1, '1', now()
+      FROM generate_series(1, $1)
+    RETURNING id
+)
+INSERT INTO durable.journal (run_id, position, kind, name, value, attempt)
+SELECT done.id, s::text, 'step', 's', '{"i": 1}', 1
+  FROM done, generate_series(0, 9) AS s
+"""
+
+_SEED_WAITING = """
+WITH waiting AS (
+    INSERT INTO durable.runs (id, function, status, attempt, available_at)
+    SELECT gen_random_uuid(), 'waiter', 'suspended', 1, NULL FROM generate_series(1, $1)
+    RETURNING id
+)
+INSERT INTO durable.waits (run_id, position, name, key, timeout_at)
+SELECT waiting.id, '0', 'never', waiting.id::text, NULL FROM waiting
+"""
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _count_queries() -> Callable[[], dict[str, int]]:
+    """Count the store's round trips from now on, by call: each store call is one statement."""
+    store = app._store_or_raise()
+    counts: dict[str, int] = {}
+    for method in _STORE_CALLS:
+        original = getattr(store, method)
+
+        async def counted(
+            *args: Any, _original: Any = original, _name: str = method, **kw: Any
+        ) -> Any:
+            counts[_name] = counts.get(_name, 0) + 1
+            return await _original(*args, **kw)
+
+        setattr(store, method, counted)
+    return lambda: dict(counts)
+
+
+_STORE_CALLS = [
+    "start_run",
+    "start_runs",
+    "claim",
+    "next_due",
+    "renew_leases",
+    "load_journal",
+    "append",
+    "append_sleep",
+    "await_event",
+    "send_event",
+    "suspend",
+    "finish",
+    "release",
+    "resume",
+    "get_run",
+    "list_runs",
+    "list_waits",
+]
+
+
+SIZES = {  # full, quick
+    "W1": (5000, 500),
+    "W2": (1000, 200),
+    "W3": (200, 40),
+    "W4": (200, 50),
+    "W5": (200, 50),
+    "W6": (1000, 1000),
+    "W7": (1000, 200),
+}
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("workload", choices=sorted(SIZES))
+    parser.add_argument("--url", required=True)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    size = SIZES[args.workload][1 if args.quick else 0]
+    await fresh_database(args.url)
+    os.environ["DURABLE_DATABASE_URL"] = args.url
+    async with app:
+        if args.workload == "W7":
+            rows, waiting = (100_000, 1000) if args.quick else (1_000_000, 10_000)
+            figures = await w7(args.url, size, rows, waiting)
+        else:
+            runner = {"W1": w1, "W2": w2, "W3": w3, "W4": w4, "W5": w5, "W6": w6}[args.workload]
+            figures = await runner(args.url, size)
+    print(json.dumps({"system": "durable", "workload": args.workload, "size": size, **figures}))
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
