@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import typing
+import weakref
 from collections.abc import Callable
 from functools import lru_cache
 from typing import Any
@@ -20,8 +22,24 @@ def adapter(annotation: Any) -> TypeAdapter[Any]:
     return TypeAdapter(annotation)
 
 
+_return_types: weakref.WeakKeyDictionary[Callable[..., Any], Any] = weakref.WeakKeyDictionary()
+
+
 def return_type(fn: Callable[..., Any]) -> Any:
-    """The return annotation of ``fn`` (Any when there is none or it can't be resolved)."""
+    """The return annotation of ``fn`` (Any when there is none or it can't be resolved);
+    remembered per function (weakly), as resolving annotations costs more than a step's own
+    bookkeeping."""
+    try:
+        return _return_types[fn]
+    except (KeyError, TypeError):
+        pass
+    found = _resolve_return_type(fn)
+    with contextlib.suppress(TypeError):  # a callable that takes no weak reference
+        _return_types[fn] = found
+    return found
+
+
+def _resolve_return_type(fn: Callable[..., Any]) -> Any:
     target = inspect.unwrap(fn)
     try:
         hints = typing.get_type_hints(target)

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 import asyncpg
 
 from engine._clock import Clock
+from engine._journal_writer import JournalWriter, Outcome, PendingEntry
 from engine._queries import migrations, queries
 from engine._records import (
     AwaitOutcome,
@@ -57,6 +58,12 @@ async def _init_connection(conn: asyncpg.Connection[Any]) -> None:
         )
 
 
+async def _keep_session(conn: asyncpg.Connection[Any]) -> None:
+    """Skip asyncpg's reset query on release (a round trip per call): the store leaves no
+    session state behind (no LISTEN, no open cursor, advisory locks released by the same
+    call, ``durable.fake_now`` set again on every checkout)."""
+
+
 def _time_from(clock: Clock) -> Callable[[asyncpg.Connection[Any]], Awaitable[None]]:
     async def setup(conn: asyncpg.Connection[Any]) -> None:
         await conn.execute(queries()["set_fake_time"], clock.now().isoformat())
@@ -79,6 +86,7 @@ class PostgresStore:
         self._pool = pool
         self.dsn = dsn
         self._q = queries()
+        self.journal_writer = JournalWriter(self._append_entries)
 
     @classmethod
     async def connect(
@@ -109,6 +117,7 @@ class PostgresStore:
                     max_size=max_size,
                     init=_init_connection,
                     setup=None if clock is None else _time_from(clock),
+                    reset=_keep_session,
                 )
             except (
                 ValueError,
@@ -289,15 +298,49 @@ class PostgresStore:
         value: Any,
         error: Any = None,
     ) -> bool:
-        """Append one journal entry; False when the claim ``attempt`` is no longer held."""
-        ok = await self._journaling(
-            run_id,
-            position,
-            lambda: self._pool.fetchval(
-                self._q["append_entry"], run_id, attempt, position, kind, name, value, error
-            ),
+        """Append one journal entry; False when the claim ``attempt`` is no longer held.
+
+        Returns once the entry is committed. Appends made meanwhile by other runs share the
+        statement (group commit, ``engine._journal_writer``)."""
+        outcome = await self.journal_writer.append(
+            PendingEntry(run_id, attempt, position, kind, name, value, error)
         )
-        return bool(ok)
+        if outcome == "conflict":
+            raise JournalConflict(f"run {run_id}: journal position {position} is already written")
+        return outcome == "written"
+
+    async def _append_entries(
+        self, entries: Sequence[PendingEntry]
+    ) -> list[Outcome | BaseException]:
+        try:
+            return list(await self._append_statement(entries))
+        except asyncpg.PostgresError:
+            if len(entries) == 1:
+                raise
+        # A value the database refuses fails the whole statement: write each entry on its own,
+        # so that one run's bad value fails that run alone.
+        outcomes: list[Outcome | BaseException] = []
+        for entry in entries:
+            try:
+                outcomes.extend(await self._append_statement([entry]))
+            except asyncpg.PostgresError as exc:
+                outcomes.append(exc)
+        return outcomes
+
+    async def _append_statement(self, entries: Sequence[PendingEntry]) -> list[Outcome]:
+        rows = await self._once(
+            lambda: self._pool.fetch(
+                self._q["append_entries"],
+                [e.run_id for e in entries],
+                [e.attempt for e in entries],
+                [e.position for e in entries],
+                [e.kind for e in entries],
+                [e.name for e in entries],
+                [e.value for e in entries],
+                [e.error for e in entries],
+            )
+        )
+        return [row["outcome"] for row in rows]
 
     async def append_sleep(
         self,

@@ -45,6 +45,9 @@ SELECT position, kind, name, value, error, attempt, created_at
 -- name: append_entry
 SELECT durable.append_entry($1, $2, $3, $4, $5, $6, $7);
 
+-- name: append_entries
+SELECT outcome FROM durable.append_entries($1, $2, $3, $4, $5, $6, $7);
+
 -- name: append_sleep
 SELECT durable.append_sleep($1, $2, $3, $4, $5, $6);
 
