@@ -71,6 +71,12 @@ MUTATIONS = [
         FAULT_SUITE,
     ),
     Mutation(
+        "ack-before-commit",
+        "a step returns as soon as its entry is queued, before the statement commits",
+        [("engine/_journal_writer.py", "        return await future\n", '        return "written"\n')],
+        [*FAULT_SUITE, "tests/integration/test_group_commit.py"],
+    ),
+    Mutation(
         "rerun-journaled-step",
         "replay runs a journaled step's body again instead of returning its result",
         [

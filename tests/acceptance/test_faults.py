@@ -261,3 +261,36 @@ async def test_workers_with_skewed_clocks_neither_wake_timers_early_nor_steal_le
         wake_at = datetime.fromisoformat(sleep.value["wake_at"]).timestamp()
         assert at >= wake_at, "a timer fired early on a skewed worker"
         assert at - wake_at < 2.0, f"a timer fired {at - wake_at:.2f}s late"
+
+
+async def test_a_step_that_returned_before_a_kill_never_runs_again(
+    workers: Workers, database_url: str, db: asyncpg.Connection
+) -> None:
+    """Under group commit, with fifty runs sharing statements: any step whose successor had
+    started in the killed worker had returned there, so it must have run exactly once."""
+    victim = workers.start(concurrency=50)
+    async with durable.App(database_url) as app:
+        run_ids = await start_load(app, "returned", 100)
+        await until(counted(workers, "returned-executions", 300), timeout=120)
+        victim.kill()
+        victim.wait()
+        workers.start(concurrency=50)
+        await wait_finished(database_url, run_ids)
+    executors: dict[tuple[str, int], list[int]] = defaultdict(list)
+    for line in workers.lines("returned-executions"):
+        tag, step, pid = line.split()
+        executors[(tag, int(step))].append(int(pid))
+    returned = [
+        (tag, step)
+        for (tag, step), pids in executors.items()
+        if step + 1 < STEPS and victim.pid in executors.get((tag, step + 1), [])
+    ]
+    assert returned, "the kill came before any step returned"
+    rerun = [(tag, step) for tag, step in returned if len(executors[(tag, step)]) != 1]
+    assert rerun == [], f"steps that had returned ran again: {rerun[:5]}"
+    statements, entries = await db.fetchrow(
+        "SELECT count(DISTINCT xmin::text), count(*) FROM durable.journal"
+    )
+    assert statements < entries, "no statement carried more than one entry"
+    figures = await tally(database_url, workers, "returned", killed={victim.pid})
+    figures.assert_clean()

@@ -1,0 +1,97 @@
+"""Group commit keeps the durability contract: a step returns only after its journal entry is
+committed, and a statement that fails makes none of the steps in it return success."""
+
+from __future__ import annotations
+
+import asyncio
+
+import asyncpg
+import pytest
+
+import durable
+from tests.helpers import make_app, running_worker, until
+
+pytestmark = pytest.mark.postgres
+
+STALL = """
+CREATE TABLE public.stall (on_ boolean);
+CREATE FUNCTION public.stall_journal() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM public.stall) THEN
+        PERFORM pg_sleep(30);
+    END IF;
+    RETURN NULL;
+END $$;
+CREATE TRIGGER stall_journal BEFORE INSERT ON durable.journal
+    FOR EACH STATEMENT EXECUTE FUNCTION public.stall_journal();
+INSERT INTO public.stall VALUES (true);
+"""
+
+
+async def test_a_flush_killed_mid_commit_returns_no_step_and_its_steps_run_again(
+    database_url: str, db: asyncpg.Connection
+) -> None:
+    await db.execute(STALL)  # every journal insert now hangs until its backend is terminated
+    app = make_app(database_url)
+    order: list[tuple[str, str]] = []
+
+    def slow(tag: str) -> str:
+        order.append(("slow", tag))
+        return tag
+
+    def after(tag: str) -> str:
+        order.append(("after", tag))
+        return tag + "!"
+
+    @app.function(name="paired")
+    async def paired(ctx: durable.Context, tag: str) -> str:
+        await ctx.step("slow", slow, tag)
+        return await ctx.step("after", after, tag)
+
+    tags = [f"r{i}" for i in range(10)]
+    async with app, running_worker(app, concurrency=20):
+        handles = [await app.start(paired, tag) for tag in tags]
+        await until(lambda: len(order) == len(tags), what="every first step ran")
+        await until(
+            lambda: db.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%append_entries%' "
+                "AND state = 'active' AND pid <> pg_backend_pid()"
+            ),
+            what="a flush hanging in its commit",
+        )
+        assert not any(kind == "after" for kind, _tag in order), "a step returned uncommitted"
+        await db.execute("DELETE FROM public.stall")
+        killed = await db.fetchval(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE query LIKE '%append_entries%' AND pid <> pg_backend_pid()"
+        )
+        results = await asyncio.gather(*(h.result(timeout=60) for h in handles))
+    assert killed >= 1
+    assert results == [tag + "!" for tag in tags]
+    for tag in tags:
+        mine = [kind for kind, t in order if t == tag]
+        # The first step ran once, or again after its statement died; the second step only
+        # ever ran after the first step's entry was committed.
+        assert mine in (["slow", "after"], ["slow", "slow", "after"]), (tag, mine)
+    assert any(order.count(("slow", tag)) == 2 for tag in tags), "no step was in the lost flush"
+    entries = await db.fetchval("SELECT count(*) FROM durable.journal")
+    assert entries == 2 * len(tags)
+
+
+async def test_concurrent_steps_share_statements(database_url: str, db: asyncpg.Connection) -> None:
+    app = make_app(database_url)
+
+    @app.function(name="three")
+    async def three(ctx: durable.Context, n: int) -> int:
+        for i in range(3):
+            await ctx.step(f"s{i}", lambda i=i: i)
+        return n
+
+    async with app, running_worker(app, concurrency=50):
+        handles = await app.start_many(three, range(100))
+        assert [await h.result(timeout=60) for h in handles] == list(range(100))
+    statements, entries = await db.fetchrow(
+        "SELECT count(DISTINCT xmin::text), count(*) FROM durable.journal"
+    )
+    assert entries == 300
+    assert statements < entries, "every entry was committed on its own"
