@@ -332,8 +332,11 @@ class MemoryStore:
     # -- outside the contract -----------------------------------------------------------------
 
     def import_journal(self, run_id: uuid.UUID, entries: Sequence[JournalEntry]) -> None:
-        """Give a run a recorded journal (replaying a run exported from another database)."""
+        """Give a run a recorded journal (replaying a run exported from another database).
+        The run's attempt moves past the recorded ones, as a claim after them would see it."""
         run = self._runs[run_id]
+        recorded = max((e.attempt for e in entries), default=0)
+        self._update(run, attempt=max(run.row.attempt, recorded))
         for entry in entries:
             if entry.position in run.journal:
                 raise JournalConflict(f"run {run_id}: position {entry.position} given twice")

@@ -68,7 +68,8 @@ class Runner:
     async def execute(self) -> None:
         claim = self.claim
         self.db_time.observe(claim.db_now)
-        journal = await self.store.load_journal(claim.run_id)
+        # A first claim has no journal: entries are written only by a claim's holder.
+        journal = [] if claim.attempt == 1 else await self.store.load_journal(claim.run_id)
         state = RunState(
             store=self.store,
             run_id=claim.run_id,

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import asyncpg
 
 from engine._clock import Clock
-from engine._journal_writer import JournalWriter, Outcome, PendingEntry
+from engine._group_commit import GroupCommit, Outcome, PendingEntry, PendingFinish
 from engine._queries import migrations, queries
 from engine._records import (
     AwaitOutcome,
@@ -35,6 +35,8 @@ from engine.errors import ConfigurationError, DatabaseUnavailable, JournalConfli
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+W = TypeVar("W")
+R = TypeVar("R")
 
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
@@ -86,7 +88,8 @@ class PostgresStore:
         self._pool = pool
         self.dsn = dsn
         self._q = queries()
-        self.journal_writer = JournalWriter(self._append_entries)
+        self.appends: GroupCommit[PendingEntry, Outcome] = GroupCommit(self._append_entries)
+        self.finishes: GroupCommit[PendingFinish, bool] = GroupCommit(self._finish_runs)
 
     @classmethod
     async def connect(
@@ -234,9 +237,9 @@ class PostgresStore:
                 self._q["start_runs"],
                 [r.run_id for r in runs],
                 [r.function for r in runs],
-                [r.input for r in runs],
+                [_json(r.input) for r in runs],
                 [r.idempotency_key for r in runs],
-                [r.trace_context for r in runs],
+                [_json(r.trace_context) for r in runs],
             )
         )
         return [(row["run_id"], row["created"]) for row in rows]
@@ -301,8 +304,8 @@ class PostgresStore:
         """Append one journal entry; False when the claim ``attempt`` is no longer held.
 
         Returns once the entry is committed. Appends made meanwhile by other runs share the
-        statement (group commit, ``engine._journal_writer``)."""
-        outcome = await self.journal_writer.append(
+        statement (group commit, ``engine._group_commit``)."""
+        outcome = await self.appends.write(
             PendingEntry(run_id, attempt, position, kind, name, value, error)
         )
         if outcome == "conflict":
@@ -312,20 +315,7 @@ class PostgresStore:
     async def _append_entries(
         self, entries: Sequence[PendingEntry]
     ) -> list[Outcome | BaseException]:
-        try:
-            return list(await self._append_statement(entries))
-        except asyncpg.PostgresError:
-            if len(entries) == 1:
-                raise
-        # A value the database refuses fails the whole statement: write each entry on its own,
-        # so that one run's bad value fails that run alone.
-        outcomes: list[Outcome | BaseException] = []
-        for entry in entries:
-            try:
-                outcomes.extend(await self._append_statement([entry]))
-            except asyncpg.PostgresError as exc:
-                outcomes.append(exc)
-        return outcomes
+        return await _isolating(self._append_statement, entries)
 
     async def _append_statement(self, entries: Sequence[PendingEntry]) -> list[Outcome]:
         rows = await self._once(
@@ -336,8 +326,8 @@ class PostgresStore:
                 [e.position for e in entries],
                 [e.kind for e in entries],
                 [e.name for e in entries],
-                [e.value for e in entries],
-                [e.error for e in entries],
+                [_json(e.value) for e in entries],
+                [_json(e.error) for e in entries],
             )
         )
         return [row["outcome"] for row in rows]
@@ -407,13 +397,25 @@ class PostgresStore:
         result: Any = None,
         error: Any = None,
     ) -> bool:
-        """End the attempt as completed, failed or paused. False when fenced."""
-        ok = await self._once(
-            lambda: self._pool.fetchval(
-                self._q["finish_run"], run_id, attempt, status, result, error
+        """End the attempt as completed, failed or paused. False when fenced. Ends made
+        meanwhile by other runs share the statement (group commit)."""
+        return await self.finishes.write(PendingFinish(run_id, attempt, status, result, error))
+
+    async def _finish_runs(self, ends: Sequence[PendingFinish]) -> list[bool | BaseException]:
+        return await _isolating(self._finish_statement, ends)
+
+    async def _finish_statement(self, ends: Sequence[PendingFinish]) -> list[bool]:
+        rows = await self._once(
+            lambda: self._pool.fetch(
+                self._q["finish_runs"],
+                [e.run_id for e in ends],
+                [e.attempt for e in ends],
+                [e.status for e in ends],
+                [_json(e.result) for e in ends],
+                [_json(e.error) for e in ends],
             )
         )
-        return bool(ok)
+        return [bool(row["finished"]) for row in rows]
 
     async def release(self, run_id: uuid.UUID, attempt: int) -> bool:
         """Give a running run back to the queue at once."""
@@ -438,6 +440,30 @@ class PostgresStore:
     async def list_waits(self, run_id: uuid.UUID) -> list[WaitRow]:
         rows = await self._retrying(lambda: self._pool.fetch(self._q["list_waits"], run_id))
         return [WaitRow(**dict(r.items())) for r in rows]
+
+
+async def _isolating(
+    statement: Callable[[Sequence[W]], Awaitable[list[R]]], writes: Sequence[W]
+) -> list[R | BaseException]:
+    """Run a group-commit statement; when the database refuses it (a value it cannot store),
+    run each write on its own, so that the bad one fails its own run alone."""
+    try:
+        return list(await statement(writes))
+    except asyncpg.PostgresError:
+        if len(writes) == 1:
+            raise
+    outcomes: list[R | BaseException] = []
+    for write in writes:
+        try:
+            outcomes.extend(await statement([write]))
+        except asyncpg.PostgresError as exc:
+            outcomes.append(exc)
+    return outcomes
+
+
+def _json(value: Any) -> str | None:
+    """A value for a text[] parameter of JSON (see durable.start_runs); None stays NULL."""
+    return None if value is None else json.dumps(value, separators=(",", ":"))
 
 
 def _redact(dsn: str) -> str:

@@ -73,7 +73,7 @@ MUTATIONS = [
     Mutation(
         "ack-before-commit",
         "a step returns as soon as its entry is queued, before the statement commits",
-        [("engine/_journal_writer.py", "return await future\n", 'return "written"\n')],
+        [("engine/_group_commit.py", "return await future\n", 'return "written"\n')],
         [*FAULT_SUITE, "tests/integration/test_group_commit.py"],
     ),
     Mutation(

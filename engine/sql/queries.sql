@@ -63,6 +63,9 @@ SELECT durable.suspend_run($1, $2, $3);
 -- name: finish_run
 SELECT durable.finish_run($1, $2, $3, $4, $5);
 
+-- name: finish_runs
+SELECT finished FROM durable.finish_runs($1, $2, $3, $4, $5);
+
 -- name: release_run
 SELECT durable.release_run($1, $2);
 

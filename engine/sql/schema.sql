@@ -150,9 +150,11 @@ $$;
 
 -- Starts many runs in one statement (App.start_many). Returns one row per given run, in order:
 -- its id (an existing run's when the id or idempotency key is taken) and whether it was created.
--- Idempotency keys must be distinct within one call (App.start_many checks).
+-- Idempotency keys must be distinct within one call (App.start_many checks). JSON values arrive
+-- as text[] here and in append_entries/finish_runs: an array parameter of JSON lists would be
+-- read by the driver as a multidimensional array.
 CREATE FUNCTION durable.start_runs(
-    p_ids uuid[], p_functions text[], p_inputs jsonb[], p_keys text[], p_traces jsonb[]
+    p_ids uuid[], p_functions text[], p_inputs text[], p_keys text[], p_traces text[]
 ) RETURNS TABLE (run_id uuid, created boolean)
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -166,7 +168,7 @@ BEGIN
     ), inserted AS (
         INSERT INTO durable.runs (id, function, input, idempotency_key, trace_context,
                                   available_at, event_cursor)
-        SELECT g.id, g.function, g.input, g.key, g.trace, durable.clock(), v_cursor
+        SELECT g.id, g.function, g.input::jsonb, g.key, g.trace::jsonb, durable.clock(), v_cursor
           FROM given g ORDER BY g.n
         ON CONFLICT DO NOTHING
         RETURNING id
@@ -249,13 +251,13 @@ BEGIN
 END
 $$;
 
--- Appends the journal entries of many runs in one statement (group commit: engine._journal_writer
+-- Appends the journal entries of many runs in one statement (group commit: engine._group_commit
 -- collects the appends that arrive while the previous statement commits). One row per entry, in
 -- order: 'written', 'fenced' (the caller no longer holds the claim) or 'conflict' (the position
 -- already holds an entry). Run rows are locked FOR SHARE in id order, like every multi-row lock.
 CREATE FUNCTION durable.append_entries(
     p_runs uuid[], p_attempts integer[], p_positions text[], p_kinds text[], p_names text[],
-    p_values jsonb[], p_errors jsonb[]
+    p_values text[], p_errors text[]
 ) RETURNS TABLE (outcome text)
 LANGUAGE sql AS $$
     WITH given AS (
@@ -269,7 +271,7 @@ LANGUAGE sql AS $$
            FOR SHARE
     ), inserted AS (
         INSERT INTO durable.journal (run_id, position, kind, name, value, error, attempt)
-        SELECT g.run_id, g.position, g.kind, g.name, g.value, g.error, g.attempt
+        SELECT g.run_id, g.position, g.kind, g.name, g.value::jsonb, g.error::jsonb, g.attempt
           FROM given g JOIN held h ON h.id = g.run_id AND h.attempt = g.attempt
          ORDER BY g.n
         ON CONFLICT DO NOTHING
@@ -433,6 +435,51 @@ BEGIN
     END IF;
     PERFORM pg_notify('durable_done', p_run::text);
     RETURN true;
+END
+$$;
+
+-- Ends many runs in one statement (group commit of completions: engine._group_commit). One row
+-- per given run, in order: whether it was ended (false when the claim was gone). Run rows are
+-- locked in id order.
+CREATE FUNCTION durable.finish_runs(
+    p_runs uuid[], p_attempts integer[], p_statuses text[], p_results text[], p_errors text[]
+) RETURNS TABLE (finished boolean)
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_done uuid[];
+    v_ended uuid[];
+    v_id uuid;
+BEGIN
+    WITH given AS (
+        SELECT g.* FROM unnest(p_runs, p_attempts, p_statuses, p_results, p_errors)
+               AS g (run_id, attempt, status, result, error)
+    ), locked AS (
+        SELECT r.id FROM durable.runs r
+          JOIN given g ON g.run_id = r.id AND g.attempt = r.attempt
+         WHERE r.status = 'running'
+         ORDER BY r.id
+           FOR UPDATE OF r
+    ), finished AS (
+        UPDATE durable.runs r
+           SET status = g.status, result = g.result::jsonb, error = g.error::jsonb, lease_owner = NULL,
+               available_at = NULL, updated_at = durable.clock(),
+               finished_at = CASE WHEN g.status = 'paused' THEN NULL ELSE durable.clock() END
+          FROM given g JOIN locked l ON l.id = g.run_id
+         WHERE r.id = g.run_id
+        RETURNING r.id, g.status
+    )
+    SELECT coalesce(array_agg(f.id), '{}'),
+           coalesce(array_agg(f.id) FILTER (WHERE f.status <> 'paused'), '{}')
+      INTO v_done, v_ended
+      FROM finished f;
+    DELETE FROM durable.waits w WHERE w.run_id = ANY (v_ended);
+    FOREACH v_id IN ARRAY v_done LOOP
+        PERFORM pg_notify('durable_done', v_id::text);
+    END LOOP;
+    RETURN QUERY
+        SELECT g.run_id = ANY (v_done)
+          FROM unnest(p_runs) WITH ORDINALITY AS g (run_id, n)
+         ORDER BY g.n;
 END
 $$;
 

@@ -269,3 +269,19 @@ async def test_many_runs_start_in_one_call_and_existing_ones_are_returned(
     claims = await store.claim(["f"], 10, "w", LEASE)
     assert sorted(c.input["n"] for c in claims if c.input) == [0, 2]
     assert await store.start_runs([]) == []
+
+
+async def test_json_lists_and_nesting_survive_every_write(subject: Subject) -> None:
+    store = subject.store
+    nested = [[1, [2, 3]], {"a": [None, "x"]}]
+    [(run_id, _)] = await store.start_runs([NewRun(uuid.uuid4(), "f", nested)])
+    [claim] = await store.claim(["f"], 10, "w", LEASE)
+    assert claim.input == nested
+    assert await store.append(run_id, claim.attempt, "0", "step", "a", [1, 2, 3])
+    assert await store.append(run_id, claim.attempt, "1", "step", "b", None, {"type": "E"})
+    assert await store.finish(run_id, claim.attempt, "completed", result=[[1], [2]])
+    journal = await store.load_journal(run_id)
+    assert [(e.value, e.error) for e in journal] == [([1, 2, 3], None), (None, {"type": "E"})]
+    row = await store.get_run(run_id)
+    assert row is not None
+    assert row.result == [[1], [2]]

@@ -84,7 +84,7 @@ async def test_concurrent_steps_share_statements(database_url: str, db: asyncpg.
     @app.function(name="three")
     async def three(ctx: durable.Context, n: int) -> int:
         for i in range(3):
-            await ctx.step(f"s{i}", lambda i=i: i)
+            await ctx.step(f"s{i}", str, i)
         return n
 
     async with app, running_worker(app, concurrency=50):

@@ -2,9 +2,11 @@
 
 -- Starts many runs in one statement (App.start_many). Returns one row per given run, in order:
 -- its id (an existing run's when the id or idempotency key is taken) and whether it was created.
--- Idempotency keys must be distinct within one call (App.start_many checks).
+-- Idempotency keys must be distinct within one call (App.start_many checks). JSON values arrive
+-- as text[] here and in append_entries/finish_runs: an array parameter of JSON lists would be
+-- read by the driver as a multidimensional array.
 CREATE FUNCTION durable.start_runs(
-    p_ids uuid[], p_functions text[], p_inputs jsonb[], p_keys text[], p_traces jsonb[]
+    p_ids uuid[], p_functions text[], p_inputs text[], p_keys text[], p_traces text[]
 ) RETURNS TABLE (run_id uuid, created boolean)
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -18,7 +20,7 @@ BEGIN
     ), inserted AS (
         INSERT INTO durable.runs (id, function, input, idempotency_key, trace_context,
                                   available_at, event_cursor)
-        SELECT g.id, g.function, g.input, g.key, g.trace, durable.clock(), v_cursor
+        SELECT g.id, g.function, g.input::jsonb, g.key, g.trace::jsonb, durable.clock(), v_cursor
           FROM given g ORDER BY g.n
         ON CONFLICT DO NOTHING
         RETURNING id

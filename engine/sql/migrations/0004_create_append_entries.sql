@@ -1,12 +1,12 @@
 -- Migration 0004: durable.append_entries, the journal appends of many runs in one statement.
 
--- Appends the journal entries of many runs in one statement (group commit: engine._journal_writer
+-- Appends the journal entries of many runs in one statement (group commit: engine._group_commit
 -- collects the appends that arrive while the previous statement commits). One row per entry, in
 -- order: 'written', 'fenced' (the caller no longer holds the claim) or 'conflict' (the position
 -- already holds an entry). Run rows are locked FOR SHARE in id order, like every multi-row lock.
 CREATE FUNCTION durable.append_entries(
     p_runs uuid[], p_attempts integer[], p_positions text[], p_kinds text[], p_names text[],
-    p_values jsonb[], p_errors jsonb[]
+    p_values text[], p_errors text[]
 ) RETURNS TABLE (outcome text)
 LANGUAGE sql AS $$
     WITH given AS (
@@ -20,7 +20,7 @@ LANGUAGE sql AS $$
            FOR SHARE
     ), inserted AS (
         INSERT INTO durable.journal (run_id, position, kind, name, value, error, attempt)
-        SELECT g.run_id, g.position, g.kind, g.name, g.value, g.error, g.attempt
+        SELECT g.run_id, g.position, g.kind, g.name, g.value::jsonb, g.error::jsonb, g.attempt
           FROM given g JOIN held h ON h.id = g.run_id AND h.attempt = g.attempt
          ORDER BY g.n
         ON CONFLICT DO NOTHING
