@@ -146,6 +146,13 @@ class MemoryStore:
             )
         return claims
 
+    async def claim_due(
+        self, functions: Sequence[str], limit: int, worker: str, lease: timedelta
+    ) -> tuple[list[Claim], datetime | None, datetime]:
+        claims = await self.claim(functions, limit, worker, lease)
+        due, now = await self.next_due(functions)
+        return claims, due, now
+
     async def next_due(self, functions: Sequence[str]) -> tuple[datetime | None, datetime]:
         times = [
             run.row.available_at

@@ -120,6 +120,13 @@ class Store(Protocol):
         event, leases expired), oldest due first; each claim bumps the run's attempt."""
         ...
 
+    async def claim_due(
+        self, functions: Sequence[str], limit: int, worker: str, lease: timedelta
+    ) -> tuple[list[Claim], datetime | None, datetime]:
+        """``claim``, then ``next_due``, in one round trip: the claims, when the next run
+        falls due (counting these claims' leases), and the store's now."""
+        ...
+
     async def next_due(self, functions: Sequence[str]) -> tuple[datetime | None, datetime]:
         """The earliest time a run of ``functions`` becomes claimable, and the store's now."""
         ...

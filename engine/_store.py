@@ -251,17 +251,17 @@ class PostgresStore:
         rows = await self._once(
             lambda: self._pool.fetch(self._q["claim_runs"], list(functions), limit, worker, lease)
         )
-        return [
-            Claim(
-                run_id=r["id"],
-                function=r["function"],
-                input=r["input"],
-                attempt=r["attempt"],
-                trace_context=r["trace_context"],
-                db_now=r["db_now"],
-            )
-            for r in rows
-        ]
+        return [_claim(r) for r in rows]
+
+    async def claim_due(
+        self, functions: Sequence[str], limit: int, worker: str, lease: timedelta
+    ) -> tuple[list[Claim], datetime | None, datetime]:
+        """``claim`` and ``next_due`` in one statement (a worker's every wake-up)."""
+        rows = await self._once(
+            lambda: self._pool.fetch(self._q["claim_due"], list(functions), limit, worker, lease)
+        )
+        *claimed, last = rows
+        return [_claim(r) for r in claimed], last["next_due"], last["db_now"]
 
     async def next_due(self, functions: Sequence[str]) -> tuple[datetime | None, datetime]:
         """The earliest time a run of ``functions`` becomes claimable, and the database's now."""
@@ -459,6 +459,17 @@ async def _isolating(
         except asyncpg.PostgresError as exc:
             outcomes.append(exc)
     return outcomes
+
+
+def _claim(row: asyncpg.Record) -> Claim:
+    return Claim(
+        run_id=row["id"],
+        function=row["function"],
+        input=row["input"],
+        attempt=row["attempt"],
+        trace_context=row["trace_context"],
+        db_now=row["db_now"],
+    )
 
 
 def _json(value: Any) -> str | None:

@@ -95,23 +95,21 @@ class Worker:
         """Claim what is due; returns how long to wait before looking again."""
         names = list(self.functions)
         poll = self.options.poll_interval.total_seconds()
+        due, db_now = None, None
         try:
             while (free := self.options.concurrency - len(self.active)) > 0:
                 self._wake.clear()
-                claims = await self.store.claim(
+                claims, due, db_now = await self.store.claim_due(
                     names, free, self.options.worker_id, self.options.lease
                 )
                 for claim in claims:
                     self._start(claim)
                 if len(claims) < free:
                     break
-            if len(self.active) >= self.options.concurrency:
-                return poll
-            due, db_now = await self.store.next_due(names)
         except TRANSIENT_ERRORS as exc:
             log.warning("claiming failed (%s); retrying", exc)
             return min(poll, 1.0)
-        if due is None:
+        if len(self.active) >= self.options.concurrency or due is None or db_now is None:
             return poll
         # A due run that the claim skipped is locked by another worker for a moment; a short
         # floor keeps this loop from spinning on it (a notification still wakes it at once).

@@ -31,6 +31,10 @@ SELECT run_id, created FROM durable.start_runs($1, $2, $3, $4, $5);
 SELECT id, function, input, attempt, trace_context, db_now
   FROM durable.claim_runs($1, $2, $3, $4);
 
+-- name: claim_due
+SELECT id, function, input, attempt, trace_context, db_now, next_due
+  FROM durable.claim_due($1, $2, $3, $4);
+
 -- name: next_due
 SELECT durable.next_due($1), durable.clock();
 

@@ -285,3 +285,18 @@ async def test_json_lists_and_nesting_survive_every_write(subject: Subject) -> N
     row = await store.get_run(run_id)
     assert row is not None
     assert row.result == [[1], [2]]
+
+
+async def test_a_claim_reports_when_the_next_run_falls_due(subject: Subject) -> None:
+    store, clock = subject.store, subject.clock
+    run_id, attempt = await _claimed(subject)
+    wake = clock.now() + LEASE / 3
+    assert await store.suspend(run_id, attempt, wake)
+    await _started(store)
+    claims, due, now = await store.claim_due(["f"], 10, "w", LEASE)
+    assert [c.input for c in claims] == [{"n": 1}]
+    assert (due, now) == (wake, clock.now())  # the timer comes before the new claim's lease
+    clock.advance(LEASE / 2)
+    [woken], due_again, _now = await store.claim_due(["f"], 10, "w", LEASE)
+    assert woken.run_id == run_id
+    assert due_again == claims[0].db_now + LEASE  # now the first claim's lease is next
