@@ -57,7 +57,7 @@ class GroupCommit(Generic[W, R]):
         flush: Callable[[Sequence[W]], Awaitable[list[R | BaseException]]],
         *,
         max_batch: int = 500,
-        max_in_flight: int = 2,
+        max_in_flight: int = 1,
     ) -> None:
         self._flush = flush
         self._max_batch = max_batch
