@@ -64,6 +64,7 @@ class GroupCommit(Generic[W, R]):
         self._max_in_flight = max_in_flight
         self._queue: list[tuple[W, asyncio.Future[R]]] = []
         self._in_flight = 0
+        self._tasks: set[asyncio.Task[None]] = set()  # the loop keeps only weak references
         self.statements = 0  # flushes that committed, for benchmarks and tests
         self.writes = 0
 
@@ -78,11 +79,14 @@ class GroupCommit(Generic[W, R]):
         while self._queue and self._in_flight < self._max_in_flight:
             batch, self._queue = self._queue[: self._max_batch], self._queue[self._max_batch :]
             self._in_flight += 1
-            asyncio.get_running_loop().create_task(
+            task = asyncio.get_running_loop().create_task(
                 self._commit(batch), context=_lineage.detached_context()
             )
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
     async def _commit(self, batch: list[tuple[W, asyncio.Future[R]]]) -> None:
+        cancelled = False
         try:
             outcomes = await self._flush([item for item, _future in batch])
         except BaseException as exc:  # every caller in the statement learns it failed
@@ -94,6 +98,7 @@ class GroupCommit(Generic[W, R]):
                 else:
                     future.set_exception(exc)
             if not isinstance(exc, Exception):
+                cancelled = True  # the loop is going away: send nothing more
                 raise
         else:
             self.statements += 1
@@ -107,4 +112,5 @@ class GroupCommit(Generic[W, R]):
                     future.set_result(outcome)
         finally:
             self._in_flight -= 1
-            self._send()
+            if not cancelled:
+                self._send()

@@ -1,0 +1,68 @@
+"""GroupCommit: writes queue while a statement commits, and each caller learns its own fate."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+import pytest
+
+from engine._group_commit import GroupCommit
+
+
+class Statements:
+    """A fake flush: records each statement's writes and holds it until released."""
+
+    def __init__(self) -> None:
+        self.sent: list[list[int]] = []
+        self.release = asyncio.Event()
+        self.fail_next: BaseException | None = None
+
+    async def flush(self, writes: Sequence[int]) -> list[str | BaseException]:
+        self.sent.append(list(writes))
+        await self.release.wait()
+        if self.fail_next is not None:
+            failure, self.fail_next = self.fail_next, None
+            raise failure
+        return [ValueError(f"bad {w}") if w < 0 else f"ok {w}" for w in writes]
+
+
+async def test_writes_made_during_a_commit_share_the_next_statement() -> None:
+    statements = Statements()
+    group: GroupCommit[int, str] = GroupCommit(statements.flush)
+    first = asyncio.create_task(group.write(1))
+    await asyncio.sleep(0)
+    others = [asyncio.create_task(group.write(n)) for n in (2, 3, 4)]
+    await asyncio.sleep(0)
+    assert statements.sent == [[1]]  # the first write went out at once, the rest wait
+    assert not first.done()
+    statements.release.set()
+    assert await first == "ok 1"
+    assert [await t for t in others] == ["ok 2", "ok 3", "ok 4"]
+    assert statements.sent == [[1], [2, 3, 4]]
+    assert (group.statements, group.writes) == (2, 4)
+
+
+async def test_a_failed_statement_fails_its_callers_and_no_later_one() -> None:
+    statements = Statements()
+    statements.fail_next = ConnectionResetError("terminated")
+    group: GroupCommit[int, str] = GroupCommit(statements.flush)
+    lost = asyncio.create_task(group.write(1))
+    await asyncio.sleep(0)
+    later = [asyncio.create_task(group.write(n)) for n in (2, 3)]
+    await asyncio.sleep(0)  # both queue behind the statement that will fail
+    statements.release.set()
+    with pytest.raises(ConnectionResetError):
+        await lost
+    assert [await t for t in later] == ["ok 2", "ok 3"]
+    assert statements.sent == [[1], [2, 3]]
+
+
+async def test_a_write_the_statement_refuses_fails_its_caller_alone() -> None:
+    statements = Statements()
+    statements.release.set()
+    group: GroupCommit[int, str] = GroupCommit(statements.flush)
+    good, bad = group.write(5), group.write(-1)
+    results = await asyncio.gather(good, bad, return_exceptions=True)
+    assert results[0] == "ok 5"
+    assert isinstance(results[1], ValueError)
