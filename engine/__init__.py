@@ -7,11 +7,12 @@ from __future__ import annotations
 
 from engine._clock import Clock, DatabaseTime, SystemClock, VirtualClock
 from engine._codec import dump, load, return_type, validate_input
-from engine._context import Checkpoint, Context, Decision, Moment, Probe, RunState
+from engine._context import Context
 from engine._listener import Listener
 from engine._memory import MemoryStore
 from engine._records import Claim, JournalEntry, NewRun, RunRow, RunStatus, Store, WaitRow
 from engine._registry import POLICY_ATTRIBUTE, Backoff, FunctionSpec, StepPolicy
+from engine._run_state import Checkpoint, Decision, Moment, Probe, RunState
 from engine._runner import Runner
 from engine._store import TRANSIENT_ERRORS, PostgresStore
 from engine._tracing import current_carrier

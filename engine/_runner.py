@@ -13,9 +13,10 @@ from typing import Any
 
 from engine import _codec, _lineage, _tracing
 from engine._clock import DatabaseTime
-from engine._context import Context, Probe, RunState
+from engine._context import Context
 from engine._records import Claim, Store
 from engine._registry import FunctionSpec
+from engine._run_state import Probe, RunState
 from engine._signals import Abandon, Suspend
 from engine._store import TRANSIENT_ERRORS
 from engine.errors import ErrorInfo, NonDeterminismError

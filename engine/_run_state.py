@@ -1,0 +1,290 @@
+"""``RunState``: one attempt at a run, the machinery behind ``Context``.
+
+It holds the journal as loaded, the positions replay has consumed, and the live work in flight;
+it decides when the whole run is blocked (and suspends it, or waits in memory for a short
+timer), fences writes by the claim, and lets a test's probe see every journal boundary.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import uuid
+from collections.abc import Callable, Coroutine, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Literal, Protocol, TypeVar
+
+import asyncpg
+
+from engine import _lineage
+from engine._clock import DatabaseTime
+from engine._records import JournalEntry, Store
+from engine._signals import abandon, suspend
+from engine._store import TRANSIENT_ERRORS
+from engine.errors import JournalConflict, NonDeterminismError, SerializationError
+
+T = TypeVar("T")
+
+# Loop iterations a run must stay idle before it is considered blocked as a whole: enough for
+# a result to travel up through nested gathers and for the next call to be made.
+_SETTLE_TICKS = 20
+
+
+Moment = Literal["before", "ran", "journaled"]
+Decision = Literal["continue", "crash", "halt"]
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A journal boundary a run passes: ``before`` live work at ``position`` starts, after a
+    step's body ``ran`` (its result not yet journaled), and once the entry is ``journaled``."""
+
+    run_id: uuid.UUID
+    attempt: int
+    moment: Moment
+    position: str
+    kind: str
+    name: str
+
+
+class Probe(Protocol):
+    """Watches checkpoints (``durable.testing``): ``"crash"`` kills the attempt there as a
+    SIGKILL would, ``"halt"`` blocks that branch for good (replay stops at live work)."""
+
+    async def __call__(self, point: Checkpoint) -> Decision: ...
+
+
+@dataclass(eq=False)
+class _Blocked:
+    future: asyncio.Future[None]
+    wake_at: datetime | None
+
+
+class RunState:
+    """One attempt at a run: its journal, its live work, and whether it must stop."""
+
+    def __init__(
+        self,
+        *,
+        store: Store,
+        run_id: uuid.UUID,
+        function: str,
+        attempt: int,
+        journal: list[JournalEntry],
+        db_time: DatabaseTime,
+        short_wait: float,
+        rng: random.Random,
+        probe: Probe | None = None,
+        max_payload_bytes: int | None = None,
+        stubs: Mapping[str, Callable[..., Any]] | None = None,
+        seed: str | None = None,
+    ) -> None:
+        self.store = store
+        self.probe = probe
+        self.max_payload_bytes = max_payload_bytes
+        self.stubs = stubs or {}
+        self.seed = seed
+        self.run_id = run_id
+        self.function = function
+        self.attempt = attempt
+        self.journal = {entry.position: entry for entry in journal}
+        self.consumed: set[str] = set()
+        self.db_time = db_time
+        self.short_wait = short_wait
+        self.rng = rng
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self.in_flight = 0
+        self.generation = 0
+        self.idle = asyncio.Event()
+        self.idle.set()
+        self.blocked: list[_Blocked] = []
+        self.suspending = False
+        self.suspend_until: datetime | None = None
+        self.lost = False
+        self.nondeterminism: NonDeterminismError | None = None
+        self.interrupted: BaseException | None = None
+        self._settler: asyncio.Task[None] | None = None
+
+    # -- task bookkeeping ----------------------------------------------------------------------
+
+    def track(self, task: asyncio.Task[Any]) -> None:
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    def cancel_tasks(self) -> None:
+        for task in list(self.tasks):
+            task.cancel()
+        if self._settler is not None:
+            self._settler.cancel()
+
+    # -- positions and replay -----------------------------------------------------------------
+
+    def next_position(self) -> str:
+        node = _lineage.current()
+        if node is None or node.owner is not self:
+            raise RuntimeError(
+                "a Context method was called outside its run (from another run, a thread, or "
+                "a task created with an explicit context)"
+            )
+        self.generation += 1
+        return node.next_position()
+
+    def recorded(self, position: str, kind: str, name: str) -> JournalEntry | None:
+        """The journaled entry at ``position``, checked against the call; None when live."""
+        self.check_alive()
+        entry = self.journal.get(position)
+        if entry is None:
+            return None
+        if entry.kind != kind or entry.name != name:
+            error = NonDeterminismError(
+                str(self.run_id),
+                position,
+                recorded=f"{entry.kind} {entry.name!r}",
+                requested=f"{kind} {name!r}",
+            )
+            self.nondeterminism = self.nondeterminism or error
+            raise error
+        self.consumed.add(position)
+        return entry
+
+    def check_alive(self) -> None:
+        if self.lost:
+            raise abandon(f"run {self.run_id}: claim {self.attempt} lost")
+        if self.nondeterminism is not None:
+            raise self.nondeterminism
+        if self.suspending:
+            raise suspend()
+
+    def unconsumed(self) -> list[JournalEntry]:
+        return [e for p, e in self.journal.items() if p not in self.consumed]
+
+    async def db(self, call: Coroutine[Any, Any, T]) -> T:
+        """Await a store call as live work. A database failure cannot be caught by the user's
+        ``except Exception``: it abandons this attempt, which is resumed by replay."""
+        if self.lost:  # a crashed or fenced attempt writes nothing more
+            call.close()
+            self.check_alive()
+        with self.live():
+            try:
+                return await call
+            except asyncpg.DataError as exc:  # the value, not the database: retrying won't help
+                raise SerializationError(
+                    f"run {self.run_id}: the database refused a value ({exc})"
+                ) from exc
+            except (*TRANSIENT_ERRORS, asyncpg.PostgresError, JournalConflict) as exc:
+                self.interrupted = exc
+                raise abandon(f"run {self.run_id}: database call failed ({exc!r})") from exc
+
+    async def append(
+        self, position: str, kind: str, name: str, value: Any, error: Any = None
+    ) -> None:
+        ok = await self.db(
+            self.store.append(self.run_id, self.attempt, position, kind, name, value, error)
+        )
+        self.fence(ok)
+        self.remember(position, kind, name, value, error)
+
+    async def checkpoint(self, moment: Moment, position: str, kind: str, name: str) -> None:
+        """Let the probe (tests only) see this boundary, and crash or halt here."""
+        if self.probe is None:
+            return
+        with self.live():  # a probe that waits is live work: the run must not settle meanwhile
+            decision = await self.probe(
+                Checkpoint(self.run_id, self.attempt, moment, position, kind, name)
+            )
+        if decision == "crash":
+            self.lost = True
+            self.cancel_tasks()
+            raise abandon(f"run {self.run_id}: crash injected {moment} position {position}")
+        if decision == "halt":
+            while True:
+                await self.block(None)
+
+    def rng_for(self, position: str) -> random.Random:
+        """Where a journaled helper draws at ``position``: per position when seeded (a test's
+        simulation, so that a crash cannot shift later draws), else the run's generator."""
+        if self.seed is None:
+            return self.rng
+        return random.Random(f"{self.seed}/{position}")
+
+    def fence(self, ok: bool) -> None:
+        if not ok:
+            self.lost = True
+            raise abandon(f"run {self.run_id}: claim {self.attempt} lost; write fenced")
+
+    def remember(self, position: str, kind: str, name: str, value: Any, error: Any) -> None:
+        self.journal[position] = JournalEntry(
+            position, kind, name, value, error, self.attempt, self.db_time.now()
+        )
+        self.consumed.add(position)
+
+    # -- live work and blocking ---------------------------------------------------------------
+
+    @contextmanager
+    def live(self) -> Iterator[None]:
+        """Marks live work in flight: the run is not idle (and cannot suspend) meanwhile."""
+        self.in_flight += 1
+        self.generation += 1
+        self.idle.clear()
+        try:
+            with _lineage.detached():
+                yield
+        finally:
+            self.in_flight -= 1
+            self.generation += 1
+            if self.in_flight == 0:
+                self.idle.set()
+
+    async def block(self, wake_at: datetime | None) -> None:
+        """Wait for ``wake_at`` (None: for an event). Returns when woken in memory; raises the
+        Suspend signal when the whole run is blocked and the wait is not short."""
+        blocked = _Blocked(asyncio.get_running_loop().create_future(), wake_at)
+        self.blocked.append(blocked)
+        if self._settler is None:
+            self._settler = asyncio.get_running_loop().create_task(
+                self._settle(), context=_lineage.detached_context()
+            )
+        try:
+            await blocked.future
+        finally:  # a branch cancelled while blocked (asyncio.wait_for) no longer blocks the run
+            if blocked in self.blocked:
+                self.blocked.remove(blocked)
+
+    async def _settle(self) -> None:
+        try:
+            while self.blocked:
+                if self.in_flight:
+                    await self.idle.wait()
+                    continue
+                seen = self.generation
+                for _ in range(_SETTLE_TICKS):
+                    await asyncio.sleep(0)
+                if self.in_flight or seen != self.generation or not self.blocked:
+                    continue
+                deadlines = [b.wake_at for b in self.blocked if b.wake_at is not None]
+                earliest = min(deadlines, default=None)
+                if earliest is not None and self.db_time.seconds_until(earliest) <= self.short_wait:
+                    await self.db_time.sleep(self.db_time.seconds_until(earliest))
+                    self._wake(earliest)
+                    continue
+                self.suspending = True
+                self.suspend_until = earliest
+                for b in self.blocked:
+                    if not b.future.done():
+                        b.future.set_exception(suspend())
+                self.blocked.clear()
+        finally:
+            self._settler = None
+
+    def _wake(self, due: datetime) -> None:
+        self.generation += 1
+        still = []
+        for b in self.blocked:
+            if b.wake_at is not None and b.wake_at <= due:
+                if not b.future.done():
+                    b.future.set_result(None)
+            else:
+                still.append(b)
+        self.blocked = still
