@@ -10,6 +10,8 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import timedelta
 from typing import Any, TypeVar, overload
 
+import asyncpg
+
 from durable._handle import _NO_TYPE, RunHandle, RunInfo
 from engine import (
     Context,
@@ -180,6 +182,7 @@ class App:
         *,
         run_id: uuid.UUID | str | None = None,
         idempotency_key: str | None = None,
+        connection: asyncpg.Connection[Any] | None = None,
     ) -> RunHandle[T]: ...
 
     @overload
@@ -190,6 +193,7 @@ class App:
         *,
         run_id: uuid.UUID | str | None = None,
         idempotency_key: str | None = None,
+        connection: asyncpg.Connection[Any] | None = None,
     ) -> RunHandle[T]: ...
 
     @overload
@@ -200,6 +204,7 @@ class App:
         *,
         run_id: uuid.UUID | str | None = None,
         idempotency_key: str | None = None,
+        connection: asyncpg.Connection[Any] | None = None,
     ) -> RunHandle[Any]: ...
 
     async def start(
@@ -209,19 +214,31 @@ class App:
         *,
         run_id: uuid.UUID | str | None = None,
         idempotency_key: str | None = None,
+        connection: asyncpg.Connection[Any] | None = None,
     ) -> RunHandle[Any]:
         """Start a run of ``fn`` (a registered function, or its name) with ``input``.
 
         The input is validated against the function's annotation here: invalid input raises
         InvalidInput and nothing is stored. With an ``idempotency_key`` (or a ``run_id``) that
         already exists, the existing run is returned instead of starting a second one.
+
+        With ``connection`` (your own asyncpg connection, in your transaction) the run is
+        stored in that transaction: it exists, and a worker sees it, if and only if your
+        transaction commits::
+
+            async with conn.transaction():
+                await conn.execute("INSERT INTO orders ...")
+                await app.start(fulfil, order, connection=conn)
         """
         store = self._store_or_raise()
         spec = self._spec_for(fn)
         new = self._new_run(fn, spec, input, run_id, idempotency_key)
-        found, created = await store.start_run(
-            new.run_id, new.function, new.input, new.idempotency_key, new.trace_context
-        )
+        if connection is not None:
+            found, created = await store.start_run_on(connection, new)
+        else:
+            found, created = await store.start_run(
+                new.run_id, new.function, new.input, new.idempotency_key, new.trace_context
+            )
         if not created:
             log.info("run %s already exists; returning it", found, extra={"run_id": str(found)})
         return RunHandle(self, found, spec.return_type if spec else _NO_TYPE)
@@ -296,16 +313,28 @@ class App:
         """Make a paused run (non-determinism) runnable again; False if it was not paused."""
         return await self._store_or_raise().resume(_run_id(run_id))
 
-    async def send_event(self, name: str, payload: Any = None, *, key: str | None = None) -> int:
+    async def send_event(
+        self,
+        name: str,
+        payload: Any = None,
+        *,
+        key: str | None = None,
+        connection: asyncpg.Connection[Any] | None = None,
+    ) -> int:
         """Send an event; every run waiting on ``name`` and ``key`` receives it once.
 
         The event is stored, so a run that reaches ``wait_for_event`` later still receives it
-        (if it was sent after the run started). Returns the event's id.
+        (if it was sent after the run started). Returns the event's id. With ``connection``
+        (your own asyncpg connection, in your transaction) the event exists, and wakes its
+        waiters, if and only if your transaction commits.
         """
         _storable_text(name, "event name")
         _storable_text(key or "", "event key")
         data = _json_or_invalid(payload, f"event {name!r}", self._max_payload_bytes)
-        return await self._store_or_raise().send_event(name, key or "", data)
+        store = self._store_or_raise()
+        if connection is not None:
+            return await store.send_event_on(connection, name, key or "", data)
+        return await store.send_event(name, key or "", data)
 
     # -- workers --------------------------------------------------------------------------------
 

@@ -228,6 +228,23 @@ class PostgresStore:
         assert row is not None
         return row["run_id"], row["created"]
 
+    async def start_run_on(
+        self, conn: asyncpg.Connection[Any], run: NewRun
+    ) -> tuple[uuid.UUID, bool]:
+        """``start_run`` on the caller's connection, inside its transaction: the run exists if
+        and only if that transaction commits (its NOTIFY is delivered at the commit). Runs
+        once; errors are the caller's, as its transaction is."""
+        row = await conn.fetchrow(
+            self._q["start_run_on"],
+            run.run_id,
+            run.function,
+            _json(run.input),
+            run.idempotency_key,
+            _json(run.trace_context),
+        )
+        assert row is not None
+        return row["run_id"], row["created"]
+
     async def start_runs(self, runs: Sequence[NewRun]) -> list[tuple[uuid.UUID, bool]]:
         """``start_run`` for many runs in one statement, in order."""
         if not runs:
@@ -371,6 +388,14 @@ class PostgresStore:
         )
         assert row is not None
         return AwaitOutcome(row["outcome"], row["payload"], row["timeout_at"])
+
+    async def send_event_on(
+        self, conn: asyncpg.Connection[Any], name: str, key: str, payload: Any
+    ) -> int:
+        """``send_event`` on the caller's connection, inside its transaction: the event exists,
+        and wakes its waiters, if and only if that transaction commits."""
+        event_id: int = await conn.fetchval(self._q["send_event_on"], name, key, _json(payload))
+        return event_id
 
     async def send_event(self, name: str, key: str, payload: Any) -> int:
         """Store an event and wake the runs waiting on (name, key); returns the event id."""

@@ -94,3 +94,11 @@ SELECT position, name, key, timeout_at FROM durable.waits WHERE run_id = $1 ORDE
 
 -- name: set_fake_time
 SELECT set_config('durable.fake_now', $1, false);
+
+-- The two calls a caller may make on its own connection, inside its own transaction. JSON goes
+-- as text: the caller's connection has no codec of ours.
+-- name: start_run_on
+SELECT run_id, created FROM durable.start_run($1, $2, $3::text::jsonb, $4, $5::text::jsonb);
+
+-- name: send_event_on
+SELECT durable.send_event($1, $2, $3::text::jsonb);
