@@ -24,7 +24,6 @@ import json
 import logging
 import signal
 import sys
-import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -149,14 +148,14 @@ async def _runs(app: App, args: argparse.Namespace) -> int:
         for info in await app.list_runs(status=args.status, limit=args.limit):
             print(_run_line(info))
         return 0
-    run_id = _run_id(args.run_id)
+    handle = app.get_run(args.run_id)  # InvalidInput when the text is not a UUID
+    run_id = handle.run_id
     if args.runs_command == "resume":
         if await app.resume_run(run_id):
             print(f"run {run_id} resumed")
             return 0
         print(f"run {run_id} is not paused", file=sys.stderr)
         return 1
-    handle = app.get_run(run_id)
     if args.runs_command == "export":
         return await _export(handle, args.output)
     info = await handle.info()
@@ -206,13 +205,6 @@ def _run_line(info: RunInfo) -> str:
         f"{info.run_id}  {info.status:<9}  {info.function}  attempt {info.attempt}  "
         f"created {info.created_at:%Y-%m-%d %H:%M:%S}"
     )
-
-
-def _run_id(text: str) -> uuid.UUID:
-    try:
-        return uuid.UUID(text)
-    except ValueError:
-        raise DurableError(f"not a run id: {text!r}") from None
 
 
 async def _events(app: App, args: argparse.Namespace) -> int:

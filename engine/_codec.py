@@ -53,18 +53,21 @@ def dump(annotation: Any, value: Any, what: str, max_bytes: int | None = None) -
     when its JSON is longer than ``max_bytes``."""
     try:
         data = adapter(annotation).dump_python(value, mode="json")
-        size = len(json.dumps(data, separators=(",", ":")).encode())
+        encoded = json.dumps(data, separators=(",", ":"))
     except (PydanticSerializationError, TypeError, ValueError) as exc:
         raise SerializationError(
             f"{what}: a value of type {type(value).__qualname__} cannot be stored as JSON "
             f"({exc}). Return JSON-compatible data or a pydantic model, and annotate the "
             f"return type."
         ) from exc
-    if _has_nul(data):
+    # Encoded JSON spells a NUL "\u0000"; only then is the value worth walking, as that text can
+    # also come from an escaped backslash.
+    if "\\u0000" in encoded and _has_nul(data):
         raise SerializationError(
             f"{what}: a string in the value contains a NUL character (\\u0000), which "
             f"PostgreSQL cannot store in JSON; remove it or encode the data (base64)"
         )
+    size = len(encoded.encode())
     if max_bytes is not None and size > max_bytes:
         raise PayloadTooLarge(
             f"{what}: {size} bytes of JSON exceed the limit of {max_bytes} bytes "

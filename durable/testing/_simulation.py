@@ -326,7 +326,7 @@ class Simulation:
                 due += late.pop(0) if late else timedelta(0)
             self.clock.advance_to(min(t for t in (due, next_event) if t is not None))
 
-    async def _attempt(self, store: Store, spec: FunctionSpec, claim: Any, probe: _Probe) -> Runner:
+    async def _attempt(self, store: Store, spec: FunctionSpec, claim: Any, probe: _Probe) -> None:
         probe.crashed_attempt = False
         runner = Runner(
             store,
@@ -343,7 +343,6 @@ class Simulation:
         await runner.execute()
         if probe.crashed_attempt:  # the next attempt starts at once, as if the lease had run out
             await store.release(claim.run_id, claim.attempt)
-        return runner
 
     async def _outcome(
         self, store: Store, spec: FunctionSpec, run_id: uuid.UUID, probe: _Probe, attempts: int

@@ -46,9 +46,6 @@ SELECT position, kind, name, value, error, attempt, created_at
   FROM durable.journal WHERE run_id = $1
  ORDER BY created_at, position;
 
--- name: append_entry
-SELECT durable.append_entry($1, $2, $3, $4, $5, $6, $7);
-
 -- name: append_entries
 SELECT outcome FROM durable.append_entries($1, $2, $3, $4, $5, $6, $7);
 
@@ -63,9 +60,6 @@ SELECT durable.send_event($1, $2, $3);
 
 -- name: suspend_run
 SELECT durable.suspend_run($1, $2, $3);
-
--- name: finish_run
-SELECT durable.finish_run($1, $2, $3, $4, $5);
 
 -- name: finish_runs
 SELECT finished FROM durable.finish_runs($1, $2, $3, $4, $5);

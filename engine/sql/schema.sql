@@ -255,6 +255,8 @@ LANGUAGE sql AS $$
     RETURNING r.id;
 $$;
 
+-- append_entry and finish_run are kept for workers of the previous release during a rolling
+-- deploy; this release writes through append_entries and finish_runs (group commit).
 CREATE FUNCTION durable.append_entry(
     p_run uuid, p_attempt integer, p_position text, p_kind text, p_name text,
     p_value jsonb, p_error jsonb
