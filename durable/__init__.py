@@ -25,7 +25,7 @@ from __future__ import annotations
 from durable._app import App
 from durable._handle import RunHandle, RunInfo
 from durable._step import step
-from engine import Backoff, Context, JournalEntry, RunStatus, StepPolicy
+from engine import Backoff, ChildRun, Concurrency, Context, JournalEntry, RunStatus, StepPolicy
 from engine.errors import (
     ConfigurationError,
     DatabaseUnavailable,
@@ -37,6 +37,7 @@ from engine.errors import (
     NonDeterminismError,
     PayloadTooLarge,
     ResultTimeout,
+    RunCancelled,
     RunFailed,
     RunNotFound,
     SerializationError,
@@ -46,6 +47,8 @@ from engine.errors import (
 __all__ = [
     "App",
     "Backoff",
+    "ChildRun",
+    "Concurrency",
     "ConfigurationError",
     "Context",
     "DatabaseUnavailable",
@@ -58,6 +61,7 @@ __all__ = [
     "NonDeterminismError",
     "PayloadTooLarge",
     "ResultTimeout",
+    "RunCancelled",
     "RunFailed",
     "RunHandle",
     "RunInfo",

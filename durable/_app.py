@@ -7,18 +7,20 @@ import logging
 import os
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar, overload
 
 import asyncpg
 
 from durable._handle import _NO_TYPE, RunHandle, RunInfo
 from engine import (
+    Concurrency,
     Context,
     FunctionSpec,
     Listener,
     NewRun,
     PostgresStore,
+    RunOptions,
     Worker,
     WorkerOptions,
     current_carrier,
@@ -77,25 +79,77 @@ class App:
         self._store: PostgresStore | None = None
         self._listener: Listener | None = None
         self._done_waiters: dict[uuid.UUID, set[Callable[[], None]]] = {}
+        self._rate_limits: dict[str, tuple[int, timedelta]] = {}
         self._workers: set[Worker] = set()
 
     # -- registration ---------------------------------------------------------------------------
 
-    def function(self, *, name: str | None = None) -> Callable[[Fn], Fn]:
+    def function(
+        self,
+        *,
+        name: str | None = None,
+        queue: str = "default",
+        priority: int = 0,
+        concurrency: int | Concurrency | None = None,
+        rate_limit: str | None = None,
+        rate_key: Callable[[Any], object] | None = None,
+        timeout: timedelta | None = None,
+        start_timeout: timedelta | None = None,
+    ) -> Callable[[Fn], Fn]:
         """Register a durable function ``async def f(ctx, input) -> result``.
 
         The name defaults to ``module.qualname`` and is what runs are stored under, so keep it
-        stable across deploys (or pass ``name=``).
+        stable across deploys (or pass ``name=``). The rest are defaults for its runs, enforced
+        in Postgres across every worker:
+
+        - ``queue``: the worker queue it runs on (``durable worker app:app --queue NAME``).
+        - ``priority``: among runnable runs, a higher one is claimed first (``start`` can
+          override it per run).
+        - ``concurrency``: at most N runs executing at once, or a ``durable.Concurrency`` with a
+          per-key limit and a strategy.
+        - ``rate_limit``/``rate_key``: each run's start takes one unit of that declared limit
+          (``app.rate_limit``), for the key ``rate_key(input)`` when given.
+        - ``timeout``: the execution deadline, fixed at the run's first start; a run still
+          unfinished then fails with RunTimedOut.
+        - ``start_timeout``: a run not started within it fails with RunExpired.
         """
+        limit = Concurrency(limit=concurrency) if isinstance(concurrency, int) else concurrency
+        options = RunOptions(
+            queue=queue,
+            priority=priority,
+            concurrency=limit,
+            rate_limit=rate_limit,
+            rate_key=rate_key,
+            timeout=timeout,
+            start_timeout=start_timeout,
+        )
 
         def register(fn: Fn) -> Fn:
-            spec = FunctionSpec.describe(fn, name)
+            spec = FunctionSpec.describe(fn, name, options)
             if spec.name in self._functions and self._functions[spec.name].fn is not fn:
                 raise ConfigurationError(f"a durable function named {spec.name!r} already exists")
             self._functions[spec.name] = spec
             return fn
 
         return register
+
+    def rate_limit(self, name: str, limit: int, period: timedelta) -> None:
+        """Declare a rate limit: at most ``limit`` units in any window of length ``period``,
+        per key, across every worker.
+
+        Steps consume it (``@durable.step(rate_limit=name, rate_key=..., weight=...)``), as do
+        run starts (``@app.function(rate_limit=name)``). The algorithm is a sliding-window log:
+        units are granted at time t when the units granted in (t - period, t] plus the new ones
+        stay within ``limit``; otherwise the caller waits, without polling, until enough units
+        leave the window. Declarations are written to the database when the app connects (the
+        last app to connect wins when two disagree)."""
+        _storable_text(name, "rate limit name")
+        if limit < 1 or period <= timedelta(0):
+            raise ConfigurationError(
+                f"rate limit {name!r}: limit must be >= 1 and period positive, got "
+                f"{limit} per {period}"
+            )
+        self._rate_limits[name] = (limit, period)
 
     @property
     def functions(self) -> dict[str, FunctionSpec]:
@@ -121,6 +175,8 @@ class App:
         )
         try:
             await store.migrate()
+            for limit_name, (limit, period) in self._rate_limits.items():
+                await store.define_rate_limit(limit_name, limit, period)
             listener = Listener(store.connect_raw)
             listener.subscribe("durable_done", self._dispatch_done)
             await listener.start()
@@ -183,6 +239,9 @@ class App:
         run_id: uuid.UUID | str | None = None,
         idempotency_key: str | None = None,
         connection: asyncpg.Connection[Any] | None = None,
+        priority: int | None = None,
+        delay: timedelta | None = None,
+        start_at: datetime | None = None,
     ) -> RunHandle[T]: ...
 
     @overload
@@ -194,6 +253,9 @@ class App:
         run_id: uuid.UUID | str | None = None,
         idempotency_key: str | None = None,
         connection: asyncpg.Connection[Any] | None = None,
+        priority: int | None = None,
+        delay: timedelta | None = None,
+        start_at: datetime | None = None,
     ) -> RunHandle[T]: ...
 
     @overload
@@ -205,6 +267,9 @@ class App:
         run_id: uuid.UUID | str | None = None,
         idempotency_key: str | None = None,
         connection: asyncpg.Connection[Any] | None = None,
+        priority: int | None = None,
+        delay: timedelta | None = None,
+        start_at: datetime | None = None,
     ) -> RunHandle[Any]: ...
 
     async def start(
@@ -215,12 +280,17 @@ class App:
         run_id: uuid.UUID | str | None = None,
         idempotency_key: str | None = None,
         connection: asyncpg.Connection[Any] | None = None,
+        priority: int | None = None,
+        delay: timedelta | None = None,
+        start_at: datetime | None = None,
     ) -> RunHandle[Any]:
         """Start a run of ``fn`` (a registered function, or its name) with ``input``.
 
         The input is validated against the function's annotation here: invalid input raises
         InvalidInput and nothing is stored. With an ``idempotency_key`` (or a ``run_id``) that
         already exists, the existing run is returned instead of starting a second one.
+        ``priority`` overrides the function's; ``delay`` (from the database's now) or
+        ``start_at`` postpone the run's start.
 
         With ``connection`` (your own asyncpg connection, in your transaction) the run is
         stored in that transaction: it exists, and a worker sees it, if and only if your
@@ -232,13 +302,20 @@ class App:
         """
         store = self._store_or_raise()
         spec = self._spec_for(fn)
-        new = self._new_run(fn, spec, input, run_id, idempotency_key)
+        new = self._new_run(
+            fn,
+            spec,
+            input,
+            run_id,
+            idempotency_key,
+            priority=priority,
+            delay=delay,
+            start_at=start_at,
+        )
         if connection is not None:
             found, created = await store.start_run_on(connection, new)
         else:
-            found, created = await store.start_run(
-                new.run_id, new.function, new.input, new.idempotency_key, new.trace_context
-            )
+            [(found, created)] = await store.start_runs([new])
         if not created:
             log.info("run %s already exists; returning it", found, extra={"run_id": str(found)})
         return RunHandle(self, found, spec.return_type if spec else _NO_TYPE)
@@ -249,6 +326,8 @@ class App:
         inputs: Iterable[Any],
         *,
         idempotency_keys: Sequence[str | None] | None = None,
+        priority: int | None = None,
+        connection: asyncpg.Connection[Any] | None = None,
     ) -> list[RunHandle[Any]]:
         """Start one run of ``fn`` per input, in one round trip; handles come back in order.
 
@@ -258,6 +337,8 @@ class App:
 
             handles = await app.start_many(send_invoice, invoices,
                                            idempotency_keys=[f"invoice-{i.id}" for i in invoices])
+
+        With ``connection``, the runs are stored in your transaction, as with ``start``.
         """
         store = self._store_or_raise()
         spec = self._spec_for(fn)
@@ -268,8 +349,14 @@ class App:
         given = [k for k in keys if k is not None]
         if len(set(given)) != len(given):
             raise InvalidInput("idempotency keys must be distinct within one start_many call")
-        new = [self._new_run(fn, spec, v, None, k) for v, k in zip(values, keys, strict=True)]
-        started = await store.start_runs(new)
+        new = [
+            self._new_run(fn, spec, v, None, k, priority=priority)
+            for v, k in zip(values, keys, strict=True)
+        ]
+        if connection is not None:
+            started = await store.start_runs_on(connection, new)
+        else:
+            started = await store.start_runs(new)
         return_type = spec.return_type if spec else _NO_TYPE
         return [RunHandle(self, found, return_type) for found, _created in started]
 
@@ -280,6 +367,10 @@ class App:
         input: Any,
         run_id: uuid.UUID | str | None,
         idempotency_key: str | None,
+        *,
+        priority: int | None = None,
+        delay: timedelta | None = None,
+        start_at: datetime | None = None,
     ) -> NewRun:
         """A validated run to store, or InvalidInput."""
         name = spec.name if spec else str(fn)
@@ -297,7 +388,30 @@ class App:
         else:
             data = _json_or_invalid(input, f"start {name!r}", self._max_payload_bytes)
         chosen = _run_id(run_id) if run_id is not None else uuid.uuid4()
-        return NewRun(chosen, name, data, idempotency_key, current_carrier())
+        if delay is not None and start_at is not None:
+            raise InvalidInput("give delay or start_at, not both")
+        if spec is None:
+            if start_at is not None and start_at.tzinfo is None:
+                start_at = start_at.replace(tzinfo=UTC)
+            return NewRun(
+                chosen,
+                name,
+                data,
+                idempotency_key,
+                current_carrier(),
+                priority=priority or 0,
+                available_at=start_at,
+                delay=delay,
+            )
+        return spec.new_run(
+            data,
+            run_id=chosen,
+            idempotency_key=idempotency_key,
+            trace_context=current_carrier(),
+            priority=priority,
+            delay=delay,
+            start_at=start_at,
+        )
 
     def get_run(self, run_id: uuid.UUID | str) -> RunHandle[Any]:
         """A handle on an existing run (its existence is checked when you ask it something).
@@ -308,6 +422,13 @@ class App:
         """The most recent runs, newest first, optionally of one status."""
         rows = await self._store_or_raise().list_runs(status, limit)
         return [RunInfo.from_row(r) for r in rows]
+
+    async def cancel_run(self, run_id: uuid.UUID | str, reason: str = "cancelled") -> str:
+        """Cancel a run and its unfinished child runs (see ``RunHandle.cancel``). Returns
+        ``"cancelled"``, ``"requested"`` (running: its worker is ending it), ``"finished"``
+        (it had already ended) or ``"not_found"``."""
+        _storable_text(reason, "cancel reason")
+        return await self._store_or_raise().cancel(_run_id(run_id), reason)
 
     async def resume_run(self, run_id: uuid.UUID | str) -> bool:
         """Make a paused run (non-determinism) runnable again; False if it was not paused."""
@@ -343,18 +464,24 @@ class App:
         concurrency: int = 10,
         *,
         functions: list[str] | None = None,
+        queues: Sequence[str] = ("default",),
         worker_id: str | None = None,
         shutdown_grace: timedelta = timedelta(seconds=10),
     ) -> None:
         """Execute runs of this app's functions until cancelled or ``stop_workers()``.
 
         ``concurrency`` bounds the runs executing at once; suspended (sleeping, waiting) runs
-        hold no slot.
+        hold no slot. The worker serves the functions on ``queues`` (``@app.function(queue=)``;
+        the default queue unless given), optionally narrowed to ``functions``.
         """
         await self.connect()
         store, listener = self._store_or_raise(), self._listener
         assert listener is not None
-        served = {n: s for n, s in self._functions.items() if functions is None or n in functions}
+        served = {
+            n: s
+            for n, s in self._functions.items()
+            if s.options.queue in queues and (functions is None or n in functions)
+        }
         options = WorkerOptions(
             concurrency=concurrency,
             lease=self._lease,
@@ -364,7 +491,7 @@ class App:
             max_payload_bytes=self._max_payload_bytes,
             **({"worker_id": worker_id} if worker_id else {}),
         )
-        worker = Worker(store, served, listener, options)
+        worker = Worker(store, served, listener, options, registry=self._functions)
         self._workers.add(worker)
         try:
             await worker.run()

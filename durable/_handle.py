@@ -11,7 +11,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from engine import TRANSIENT_ERRORS, JournalEntry, RunRow, RunStatus, load
-from engine.errors import ErrorInfo, ResultTimeout, RunFailed, RunNotFound
+from engine.errors import ErrorInfo, ResultTimeout, RunCancelled, RunFailed, RunNotFound
 
 if TYPE_CHECKING:
     from durable._app import App
@@ -37,6 +37,12 @@ class RunInfo:
     started_at: datetime | None
     finished_at: datetime | None
     available_at: datetime | None
+    priority: int = 0
+    parent_id: uuid.UUID | None = None
+    concurrency_key: str | None = None
+    cancel_requested: bool = False
+    deadline_at: datetime | None = None
+    expires_at: datetime | None = None
 
     @classmethod
     def from_row(cls, row: RunRow) -> RunInfo:
@@ -53,6 +59,12 @@ class RunInfo:
             started_at=row.started_at,
             finished_at=row.finished_at,
             available_at=row.available_at,
+            priority=row.priority,
+            parent_id=row.parent_id,
+            concurrency_key=row.concurrency_key,
+            cancel_requested=row.cancel_requested,
+            deadline_at=row.deadline_at,
+            expires_at=row.expires_at,
         )
 
 
@@ -80,8 +92,23 @@ class RunHandle(Generic[T]):
         return RunInfo.from_row(row)
 
     async def status(self) -> RunStatus:
-        """One of pending, running, suspended, paused, completed, failed."""
+        """One of pending, running, suspended, paused, completed, failed, cancelled."""
         return (await self.info()).status
+
+    async def children(self) -> list[RunInfo]:
+        """The child runs this run started (``ctx.start``, ``ctx.run``), oldest first."""
+        rows = await self._app._store_or_raise().list_children(self.run_id)
+        return [RunInfo.from_row(r) for r in rows]
+
+    async def cancel(self, reason: str = "cancelled") -> str:
+        """Cancel the run and its unfinished child runs.
+
+        A run no worker is executing ends as cancelled at once. A running one is asked to stop:
+        its worker cancels the run's tasks, so the step in progress receives
+        ``asyncio.CancelledError``, and ends the run as cancelled. Returns ``"cancelled"``,
+        ``"requested"``, ``"finished"`` (it had already ended) or ``"not_found"``;
+        ``result()`` then raises RunCancelled."""
+        return await self._app.cancel_run(self.run_id, reason)
 
     async def journal(self) -> list[JournalEntry]:
         """The run's journal, in the order it was written."""
@@ -89,7 +116,8 @@ class RunHandle(Generic[T]):
 
     async def result(self, timeout: float | None = None) -> T:
         """Wait for the run to finish and return its result, rehydrated by the function's return
-        annotation. Raises RunFailed if it failed, ResultTimeout after ``timeout`` seconds.
+        annotation. Raises RunFailed if it failed (RunCancelled if it was cancelled),
+        ResultTimeout after ``timeout`` seconds.
         A paused run is waited for like a running one (it continues once resumed)."""
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
@@ -108,6 +136,9 @@ class RunHandle(Generic[T]):
                 if info.status == "failed":
                     assert info.error is not None
                     raise RunFailed(str(self.run_id), info.error)
+                if info.status == "cancelled":
+                    error = info.error or ErrorInfo("RunCancelled", "cancelled", "durable")
+                    raise RunCancelled(str(self.run_id), error)
                 wait = 1.0 if deadline is None else min(1.0, deadline - loop.time())
                 if wait <= 0:
                     raise ResultTimeout(

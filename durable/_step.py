@@ -1,4 +1,5 @@
-"""``@durable.step``: per-step defaults (retries, backoff, timeout) attached to a function."""
+"""``@durable.step``: per-step defaults (retries, backoff, timeout, rate limit) attached to a
+function."""
 
 from __future__ import annotations
 
@@ -22,6 +23,9 @@ def step(
     retries: int = 0,
     backoff: Backoff | None = None,
     timeout: timedelta | float | None = None,
+    rate_limit: str | None = None,
+    rate_key: str | Callable[..., object] | None = None,
+    weight: int = 1,
 ) -> Callable[[F], F]: ...
 
 
@@ -32,6 +36,9 @@ def step(
     retries: int = 0,
     backoff: Backoff | None = None,
     timeout: timedelta | float | None = None,
+    rate_limit: str | None = None,
+    rate_key: str | Callable[..., object] | None = None,
+    weight: int = 1,
 ) -> Any:
     """Give a step function its defaults for ``ctx.step``::
 
@@ -42,10 +49,26 @@ def step(
     ``retries`` is how many more attempts follow a failed first one (default 0). Each attempt is
     bounded by ``timeout`` when given (a sync function running in a thread is not interrupted;
     its attempt is counted as failed). The function stays an ordinary callable.
+
+    With ``rate_limit`` (a limit declared with ``app.rate_limit``), every attempt first takes
+    ``weight`` units of its budget for ``rate_key``: a string, or a function of the step's
+    arguments (``rate_key=lambda tenant, prompt: tenant`` for a per-tenant budget). A step that
+    must wait for budget waits without polling; a wait longer than the app's ``short_wait``
+    suspends the run until the budget is there::
+
+        @durable.step(rate_limit="openai", retries=2)
+        async def complete(prompt: str) -> str: ...
     """
     if timeout is not None and not isinstance(timeout, timedelta):
         timeout = timedelta(seconds=float(timeout))
-    policy = StepPolicy(retries=retries, backoff=backoff or Backoff(), timeout=timeout)
+    policy = StepPolicy(
+        retries=retries,
+        backoff=backoff or Backoff(),
+        timeout=timeout,
+        rate_limit=rate_limit,
+        rate_key=rate_key,
+        weight=weight,
+    )
 
     def attach(target: F) -> F:
         try:

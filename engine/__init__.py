@@ -5,13 +5,31 @@ Users import ``durable``; this package never imports it.
 
 from __future__ import annotations
 
+from engine._children import ChildRun
 from engine._clock import Clock, DatabaseTime, SystemClock, VirtualClock
 from engine._codec import dump, load, return_type, validate_input
 from engine._context import Context
 from engine._listener import Listener
 from engine._memory import MemoryStore
-from engine._records import Claim, JournalEntry, NewRun, RunRow, RunStatus, Store, WaitRow
-from engine._registry import POLICY_ATTRIBUTE, Backoff, FunctionSpec, StepPolicy
+from engine._records import (
+    FINAL_STATUSES,
+    ChildOutcome,
+    Claim,
+    JournalEntry,
+    NewRun,
+    RunRow,
+    RunStatus,
+    Store,
+    WaitRow,
+)
+from engine._registry import (
+    POLICY_ATTRIBUTE,
+    Backoff,
+    Concurrency,
+    FunctionSpec,
+    RunOptions,
+    StepPolicy,
+)
 from engine._run_state import Checkpoint, Decision, Moment, Probe, RunState
 from engine._runner import Runner
 from engine._store import TRANSIENT_ERRORS, PostgresStore
@@ -19,12 +37,16 @@ from engine._tracing import current_carrier
 from engine._worker import Worker, WorkerOptions
 
 __all__ = [
+    "FINAL_STATUSES",
     "POLICY_ATTRIBUTE",
     "TRANSIENT_ERRORS",
     "Backoff",
     "Checkpoint",
+    "ChildOutcome",
+    "ChildRun",
     "Claim",
     "Clock",
+    "Concurrency",
     "Context",
     "DatabaseTime",
     "Decision",
@@ -36,6 +58,7 @@ __all__ = [
     "NewRun",
     "PostgresStore",
     "Probe",
+    "RunOptions",
     "RunRow",
     "RunState",
     "RunStatus",

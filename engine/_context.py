@@ -19,6 +19,7 @@ from random import Random
 from typing import Any, ParamSpec, TypeVar, overload
 
 from engine import _codec, _tracing
+from engine._children import ChildRun, spec_of, start_child
 from engine._registry import StepPolicy, policy_of
 from engine._run_state import RunState
 from engine.errors import ErrorInfo, StepFailed
@@ -89,10 +90,11 @@ class Context:
             return _codec.load(annotation, entry.value)
         await state.checkpoint("before", position, "step", name)
         body = state.stubs.get(name, fn)
+        policy = policy_of(fn)
+        if policy.rate_limit is not None:
+            await _take_budget(state, policy, args, kwargs, in_memory=False)
         with state.live():
-            outcome, error = await _execute_step(
-                state, position, name, body, policy_of(fn), args, kwargs
-            )
+            outcome, error = await _execute_step(state, position, name, body, policy, args, kwargs)
         await state.checkpoint("ran", position, "step", name)
         if error is not None:
             await state.append(position, "step", name, None, error.to_json())
@@ -107,6 +109,42 @@ class Context:
         await state.append(position, "step", name, value)
         await state.checkpoint("journaled", position, "step", name)
         return _codec.load(annotation, value)
+
+    async def start(
+        self,
+        fn: Callable[..., Awaitable[T]] | str,
+        input: Any = None,
+        *,
+        priority: int | None = None,
+        delay: timedelta | None = None,
+    ) -> ChildRun[T]:
+        """Start a child run of ``fn`` (a durable function of this app, or its name) without
+        waiting for it; ``await child.result()`` waits later.
+
+        The child is linked to this run (``durable runs show``), gets ``fn``'s options
+        (queue, concurrency, timeouts), and is cancelled when this run is. Its id is fixed by
+        this call's place in the run, so a replay after a crash finds the same child instead
+        of starting another::
+
+            children = [await ctx.start(resize, image) for image in images]
+            sizes = await asyncio.gather(*(c.result() for c in children))
+        """
+        spec = spec_of(self._state, fn)
+        return await start_child(self._state, spec, input, priority=priority, delay=delay)
+
+    async def run(
+        self,
+        fn: Callable[..., Awaitable[T]] | str,
+        input: Any = None,
+        *,
+        priority: int | None = None,
+    ) -> T:
+        """Start a child run of ``fn`` and wait for its result durably: this run is suspended
+        meanwhile and holds no worker slot. Raises RunFailed (RunCancelled) when the child
+        failed (was cancelled). Fan out with ``asyncio.gather(*(ctx.run(f, x) for x in xs))``.
+        """
+        child: ChildRun[T] = await self.start(fn, input, priority=priority)
+        return await child.result()
 
     async def sleep(self, duration: timedelta | float) -> None:
         """Sleep durably for ``duration`` (a timedelta or seconds).
@@ -227,6 +265,38 @@ class Context:
         return value
 
 
+async def _take_budget(
+    state: RunState,
+    policy: StepPolicy,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    *,
+    in_memory: bool,
+) -> None:
+    """Take the step's units of its rate limit, waiting until the limit's window has room:
+    without polling (the store says when), in memory for a retry (live work), and otherwise as
+    a timer that suspends the run when the wait is not short."""
+    assert policy.rate_limit is not None
+    key = policy.budget_key(args, kwargs)
+    while True:
+        state.check_alive()
+        retry = await state.db(state.store.take_rate(policy.rate_limit, key, policy.weight))
+        if retry is None:
+            return
+        log.debug(
+            "run %s: rate limit %r (key %r) has no budget until %s",
+            state.run_id,
+            policy.rate_limit,
+            key,
+            retry,
+            extra={"run_id": str(state.run_id)},
+        )
+        if in_memory:
+            await state.db_time.sleep(max(0.0, state.db_time.seconds_until(retry)))
+        else:
+            await state.block(retry)
+
+
 async def _execute_step(
     state: RunState,
     position: str,
@@ -269,3 +339,5 @@ async def _execute_step(
             extra={"run_id": str(state.run_id)},
         )
         await state.db_time.sleep(delay)
+        if policy.rate_limit is not None:
+            await _take_budget(state, policy, args, kwargs, in_memory=True)

@@ -19,7 +19,7 @@ from engine._store import TRANSIENT_ERRORS
 
 log = logging.getLogger(__name__)
 
-CHANNELS = ("durable_work", "durable_done")
+CHANNELS = ("durable_work", "durable_done", "durable_cancel")
 
 Callback = Callable[[str], None]
 

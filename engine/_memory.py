@@ -17,7 +17,9 @@ from typing import Any
 
 from engine._clock import Clock, SystemClock
 from engine._records import (
+    FINAL_STATUSES,
     AwaitOutcome,
+    ChildOutcome,
     Claim,
     EndStatus,
     JournalEntry,
@@ -26,9 +28,18 @@ from engine._records import (
     RunStatus,
     WaitRow,
 )
-from engine.errors import JournalConflict
+from engine.errors import ConfigurationError, JournalConflict
 
 _CLAIMABLE = ("pending", "suspended", "running")
+_CHILD_WAIT = "durable.child"
+
+
+def _failure(kind: str, message: str) -> dict[str, str]:
+    return {"type": kind, "message": message, "module": "durable"}
+
+
+def _cancelled(reason: str) -> dict[str, str]:
+    return _failure("RunCancelled", reason)
 
 
 def _copy(value: Any) -> Any:
@@ -40,7 +51,10 @@ class _Run:
     row: RunRow
     trace_context: dict[str, str] | None
     event_cursor: int
+    options: NewRun
     wakeup: bool = False
+    holds_slot: bool = False
+    awaiting_slot: bool = False
     journal: dict[str, JournalEntry] = field(default_factory=dict)
     waits: dict[str, WaitRow] = field(default_factory=dict)
 
@@ -61,6 +75,8 @@ class MemoryStore:
         self._runs: dict[uuid.UUID, _Run] = {}
         self._keys: dict[str, uuid.UUID] = {}
         self._events: list[_Event] = []
+        self._rate_limits: dict[str, tuple[int, timedelta]] = {}
+        self._grants: dict[tuple[str, str], list[tuple[datetime, int]]] = {}
 
     async def close(self) -> None:
         return None
@@ -75,19 +91,30 @@ class MemoryStore:
         idempotency_key: str | None,
         trace_context: dict[str, str] | None,
     ) -> tuple[uuid.UUID, bool]:
-        if run_id in self._runs:
-            return run_id, False
-        if idempotency_key is not None and idempotency_key in self._keys:
-            return self._keys[idempotency_key], False
+        [started] = await self.start_runs(
+            [NewRun(run_id, function, input, idempotency_key, trace_context)]
+        )
+        return started
+
+    async def start_runs(self, runs: Sequence[NewRun]) -> list[tuple[uuid.UUID, bool]]:
+        return [self._create(r) for r in runs]
+
+    def _create(self, new: NewRun) -> tuple[uuid.UUID, bool]:
+        if new.run_id in self._runs:
+            return new.run_id, False
+        if new.idempotency_key is not None and new.idempotency_key in self._keys:
+            return self._keys[new.idempotency_key], False
         now = self.clock.now()
+        starts = new.available_at or now + (new.delay or timedelta(0))
+        expires = None if new.start_timeout is None else starts + new.start_timeout
         row = RunRow(
-            id=run_id,
-            function=function,
-            input=_copy(input),
+            id=new.run_id,
+            function=new.function,
+            input=_copy(new.input),
             status="pending",
-            idempotency_key=idempotency_key,
+            idempotency_key=new.idempotency_key,
             attempt=0,
-            available_at=now,
+            available_at=starts,
             lease_owner=None,
             result=None,
             error=None,
@@ -95,18 +122,47 @@ class MemoryStore:
             started_at=None,
             updated_at=now,
             finished_at=None,
+            priority=new.priority,
+            parent_id=new.parent_id,
+            concurrency_key=new.concurrency_key,
+            expires_at=expires,
         )
         cursor = self._events[-1].id if self._events else 0
-        self._runs[run_id] = _Run(row, _copy(trace_context), cursor)
-        if idempotency_key is not None:
-            self._keys[idempotency_key] = run_id
-        return run_id, True
+        self._runs[new.run_id] = _Run(row, _copy(new.trace_context), cursor, new)
+        if new.idempotency_key is not None:
+            self._keys[new.idempotency_key] = new.run_id
+        self._apply_strategy(self._runs[new.run_id])
+        return new.run_id, True
 
-    async def start_runs(self, runs: Sequence[NewRun]) -> list[tuple[uuid.UUID, bool]]:
-        return [
-            await self.start_run(r.run_id, r.function, r.input, r.idempotency_key, r.trace_context)
-            for r in runs
-        ]
+    def _apply_strategy(self, run: _Run) -> None:
+        new = run.options
+        if new.concurrency_key is None or new.strategy == "queue":
+            return
+        limit = new.concurrency_limit or 1
+        others = sorted(
+            (
+                r
+                for r in self._runs.values()
+                if r is not run
+                and r.row.concurrency_key == new.concurrency_key
+                and r.row.status not in FINAL_STATUSES
+            ),
+            key=lambda r: r.row.created_at,
+            reverse=True,
+        )
+        if new.strategy == "cancel_newest":
+            if len(others) >= limit:
+                self._end(
+                    run,
+                    "cancelled",
+                    _cancelled(
+                        f"cancel-newest: concurrency key {new.concurrency_key} already has "
+                        f"{limit} active run(s)"
+                    ),
+                )
+            return
+        for old in others[limit - 1 :]:
+            self._cancel(old.row.id, f"cancel-in-progress: run {new.run_id} replaced it")
 
     async def claim(
         self, functions: Sequence[str], limit: int, worker: str, lease: timedelta
@@ -121,30 +177,64 @@ class MemoryStore:
                 and run.row.available_at <= now
                 and run.row.function in functions
             ),
-            key=lambda run: run.row.available_at or now,
-        )[:limit]
-        claims = []
+            key=lambda run: (-run.row.priority, run.row.available_at or now),
+        )
+        claims: list[Claim] = []
         for run in due:
-            run.wakeup = False
-            self._update(
-                run,
-                status="running",
-                attempt=run.row.attempt + 1,
-                lease_owner=worker,
-                available_at=now + lease,
-                started_at=run.row.started_at or now,
-            )
-            claims.append(
-                Claim(
-                    run_id=run.row.id,
-                    function=run.row.function,
-                    input=_copy(run.row.input),
-                    attempt=run.row.attempt,
-                    trace_context=_copy(run.trace_context),
-                    db_now=now,
-                )
-            )
+            if len(claims) >= limit:
+                break
+            if self._admit(run, now):
+                claims.append(self._take(run, worker, now, lease))
         return claims
+
+    def _admit(self, run: _Run, now: datetime) -> bool:
+        """The claim's rules before a due run is taken (durable.claim_runs)."""
+        row, options = run.row, run.options
+        if row.cancel_requested:
+            self._end(run, "cancelled", _cancelled("cancelled"))
+            return False
+        if row.started_at is None and row.expires_at is not None and row.expires_at <= now:
+            self._end(run, "failed", _failure("RunExpired", "the run did not start in time"))
+            return False
+        if row.deadline_at is not None and row.deadline_at <= now:
+            self._end(run, "failed", _failure("RunTimedOut", "the run passed its deadline"))
+            return False
+        key = row.concurrency_key
+        if key is not None and not run.holds_slot:
+            if self._slots_held(key) >= (options.concurrency_limit or 1):
+                run.awaiting_slot = True
+                self._update(run, available_at=None)
+                return False
+            run.holds_slot, run.awaiting_slot = True, False
+        if options.rate_limit is not None and row.started_at is None:
+            retry = self._take_rate(options.rate_limit, options.rate_key, 1)
+            if retry is not None:
+                self._update(run, available_at=retry)
+                return False
+        return True
+
+    def _take(self, run: _Run, worker: str, now: datetime, lease: timedelta) -> Claim:
+        run.wakeup = False
+        timeout = run.options.run_timeout
+        deadline = run.row.deadline_at or (None if timeout is None else now + timeout)
+        self._update(
+            run,
+            status="running",
+            attempt=run.row.attempt + 1,
+            lease_owner=worker,
+            available_at=now + lease,
+            started_at=run.row.started_at or now,
+            deadline_at=deadline,
+        )
+        return Claim(
+            run_id=run.row.id,
+            function=run.row.function,
+            input=_copy(run.row.input),
+            attempt=run.row.attempt,
+            trace_context=_copy(run.trace_context),
+            db_now=now,
+            deadline_at=deadline,
+        )
 
     async def claim_due(
         self, functions: Sequence[str], limit: int, worker: str, lease: timedelta
@@ -156,7 +246,7 @@ class MemoryStore:
     async def next_due(self, functions: Sequence[str]) -> tuple[datetime | None, datetime]:
         times = [
             run.row.available_at
-            for run in self._runs.values()
+            for run in list(self._runs.values())
             if run.row.status in _CLAIMABLE
             and run.row.available_at is not None
             and run.row.function in functions
@@ -165,13 +255,13 @@ class MemoryStore:
 
     async def renew_leases(
         self, held: Sequence[tuple[uuid.UUID, int]], worker: str, lease: timedelta
-    ) -> set[uuid.UUID]:
-        kept = set()
+    ) -> dict[uuid.UUID, bool]:
+        kept = {}
         for run_id, attempt in held:
             run = self._runs.get(run_id)
             if run is not None and self._holds(run, attempt) and run.row.lease_owner == worker:
                 self._update(run, available_at=self.clock.now() + lease)
-                kept.add(run_id)
+                kept[run_id] = run.row.cancel_requested
         return kept
 
     # -- the journal --------------------------------------------------------------------------
@@ -276,12 +366,22 @@ class MemoryStore:
         run = self._held(run_id, attempt)
         if run is None:
             return False
+        if run.row.cancel_requested:
+            self._end(run, "cancelled", _cancelled("cancelled"))
+            return True
+        deadline = run.row.deadline_at
+        if deadline is not None and (until is None or deadline < until):
+            until = deadline
+        freed = run.holds_slot and not run.options.slot_while_suspended
+        run.holds_slot = run.holds_slot and not freed
         self._update(
             run,
             status="suspended",
             lease_owner=None,
             available_at=self.clock.now() if run.wakeup else until,
         )
+        if freed:
+            self._hand_over(run.row.concurrency_key)
         return True
 
     async def finish(
@@ -295,6 +395,8 @@ class MemoryStore:
         run = self._held(run_id, attempt)
         if run is None:
             return False
+        held = run.holds_slot
+        run.holds_slot = run.awaiting_slot = False
         self._update(
             run,
             status=status,
@@ -302,10 +404,14 @@ class MemoryStore:
             error=_copy(error),
             lease_owner=None,
             available_at=None,
+            cancel_requested=False,
             finished_at=None if status == "paused" else self.clock.now(),
         )
+        if held:
+            self._hand_over(run.row.concurrency_key)
         if status != "paused":
             run.waits.clear()
+            self._wake_parent(run)
         return True
 
     async def release(self, run_id: uuid.UUID, attempt: int) -> bool:
@@ -322,6 +428,90 @@ class MemoryStore:
         self._update(run, status="pending", error=None, available_at=self.clock.now())
         return True
 
+    # -- children, cancellation, rate limits -----------------------------------------------
+
+    async def start_child(
+        self, run_id: uuid.UUID, attempt: int, position: str, child: NewRun
+    ) -> bool:
+        run = self._held(run_id, attempt)
+        if run is None:
+            return False
+        if position in run.journal:
+            raise JournalConflict(f"run {run_id}: journal position {position} is already written")
+        self._create(child)
+        self._journal(
+            run, attempt, position, "start", child.function, {"run_id": str(child.run_id)}
+        )
+        return True
+
+    async def await_child(
+        self, run_id: uuid.UUID, attempt: int, position: str, name: str, child: uuid.UUID
+    ) -> ChildOutcome:
+        run = self._held(run_id, attempt)
+        if run is None:
+            return ChildOutcome("fenced", None, None, None)
+        row = self._runs[child].row
+        if row.status in FINAL_STATUSES:
+            value = {
+                "run_id": str(child),
+                "status": row.status,
+                "result": row.result,
+                "error": row.error,
+            }
+            self._journal(run, attempt, position, "join", name, value)
+            run.waits.pop(position, None)
+            return ChildOutcome("done", row.status, _copy(row.result), _copy(row.error))
+        run.waits.setdefault(position, WaitRow(position, _CHILD_WAIT, str(child), None))
+        return ChildOutcome("waiting", row.status, None, None)
+
+    async def cancel(self, run_id: uuid.UUID, reason: str) -> str:
+        return self._cancel(run_id, reason)
+
+    def _cancel(self, run_id: uuid.UUID, reason: str) -> str:
+        run = self._runs.get(run_id)
+        if run is None:
+            return "not_found"
+        if run.row.status in FINAL_STATUSES:
+            return "finished"
+        tree, frontier = [run], [run_id]
+        while frontier:
+            parent = frontier.pop()
+            children = [r for r in self._runs.values() if r.row.parent_id == parent]
+            tree.extend(children)
+            frontier.extend(c.row.id for c in children)
+        for target in sorted(tree, key=lambda r: r.row.id):
+            if target.row.status == "running":
+                self._update(target, cancel_requested=True)
+            elif target.row.status not in FINAL_STATUSES:
+                why = reason if target is run else f"its parent run was cancelled ({reason})"
+                self._end(target, "cancelled", _cancelled(why))
+        return {"cancelled": "cancelled", "running": "requested"}.get(run.row.status, "finished")
+
+    async def define_rate_limit(self, name: str, limit: int, period: timedelta) -> None:
+        self._rate_limits[name] = (limit, period)
+
+    async def take_rate(self, name: str, key: str, weight: int) -> datetime | None:
+        return self._take_rate(name, key, weight)
+
+    def _take_rate(self, name: str, key: str, weight: int) -> datetime | None:
+        if name not in self._rate_limits:
+            raise ConfigurationError(f"rate limit {name!r} is not declared")
+        budget, period = self._rate_limits[name]
+        if weight > budget:
+            raise ConfigurationError(f"weight {weight} exceeds the budget {budget} of {name!r}")
+        now = self.clock.now()
+        grants = [g for g in self._grants.get((name, key), []) if g[0] > now - period]
+        self._grants[(name, key)] = grants
+        used = sum(w for _t, w in grants)
+        if used + weight <= budget:
+            grants.append((now, weight))
+            return None
+        for granted_at, units in grants:
+            used -= units
+            if used + weight <= budget:
+                return granted_at + period
+        return now + period
+
     # -- reading ------------------------------------------------------------------------------
 
     async def get_run(self, run_id: uuid.UUID) -> RunRow | None:
@@ -331,6 +521,10 @@ class MemoryStore:
     async def list_runs(self, status: str | None, limit: int) -> list[RunRow]:
         rows = [r.row for r in self._runs.values() if status is None or r.row.status == status]
         return sorted(rows, key=lambda r: r.created_at, reverse=True)[:limit]
+
+    async def list_children(self, run_id: uuid.UUID) -> list[RunRow]:
+        rows = [r.row for r in self._runs.values() if r.row.parent_id == run_id]
+        return sorted(rows, key=lambda r: (r.created_at, r.id))
 
     async def list_waits(self, run_id: uuid.UUID) -> list[WaitRow]:
         run = self._runs.get(run_id)
@@ -377,6 +571,55 @@ class MemoryStore:
         run.journal[position] = JournalEntry(
             position, kind, name, _copy(value), _copy(error), attempt, self.clock.now()
         )
+
+    def _end(self, run: _Run, status: EndStatus, error: Any) -> None:
+        """durable.end_run: end a run no worker is executing."""
+        held = run.holds_slot
+        run.holds_slot = run.awaiting_slot = False
+        now = self.clock.now()
+        self._update(
+            run,
+            status=status,
+            error=error,
+            lease_owner=None,
+            available_at=None,
+            cancel_requested=False,
+            finished_at=now,
+        )
+        run.waits.clear()
+        if held:
+            self._hand_over(run.row.concurrency_key)
+        self._wake_parent(run)
+
+    def _slots_held(self, key: str) -> int:
+        return sum(1 for r in self._runs.values() if r.row.concurrency_key == key and r.holds_slot)
+
+    def _hand_over(self, key: str | None) -> None:
+        """durable.hand_over_slots: free slots go to awaiting runs, by priority, then age."""
+        waiting = sorted(
+            (r for r in self._runs.values() if r.row.concurrency_key == key and r.awaiting_slot),
+            key=lambda r: (-r.row.priority, r.row.created_at, r.row.id),
+        )
+        for run in waiting:
+            if self._slots_held(run.row.concurrency_key or "") >= (
+                run.options.concurrency_limit or 1
+            ):
+                return
+            run.holds_slot, run.awaiting_slot = True, False
+            self._update(run, available_at=self.clock.now())
+
+    def _wake_parent(self, child: _Run) -> None:
+        """durable.wake_parents for one ended child."""
+        parent = self._runs.get(child.row.parent_id) if child.row.parent_id else None
+        if parent is None:
+            return
+        if parent.row.status == "running":
+            parent.wakeup = True
+        elif parent.row.status == "suspended" and any(
+            w.name == _CHILD_WAIT and w.key == str(child.row.id) for w in parent.waits.values()
+        ):
+            parent.wakeup = True
+            self._update(parent, available_at=self.clock.now())
 
     def _update(self, run: _Run, **changes: Any) -> None:
         status: RunStatus = changes.pop("status", run.row.status)

@@ -11,6 +11,10 @@ short:
 - Time is the store's clock (``db_now`` of a claim, wake times of sleeps, deadlines of waits).
 - An event counts for a run when it was sent after the run started and after every event the
   run already received on the same (name, key); each wait receives the oldest such event.
+- A claim takes the highest priority first, then the earliest due. A run of a concurrency key at
+  its limit awaits a slot (it is not due) until a transition that frees one hands it over.
+- Rate limits are a sliding-window log: units are granted at t when the units granted in
+  (t - period, t] plus the new ones stay within the budget.
 """
 
 from __future__ import annotations
@@ -21,19 +25,40 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Literal, Protocol
 
-RunStatus = Literal["pending", "running", "suspended", "paused", "completed", "failed"]
-EndStatus = Literal["completed", "failed", "paused"]
+RunStatus = Literal["pending", "running", "suspended", "paused", "completed", "failed", "cancelled"]
+EndStatus = Literal["completed", "failed", "paused", "cancelled"]
+Strategy = Literal["queue", "cancel_in_progress", "cancel_newest"]
+FINAL_STATUSES: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
 
 
 @dataclass(frozen=True)
 class NewRun:
-    """A run to start: what ``start_runs`` takes."""
+    """A run to start: what ``start_runs`` takes.
+
+    It starts at ``available_at``, else after ``delay``, else now (the store's clock);
+    ``start_timeout`` after that it fails as expired if no worker has started it;
+    ``run_timeout`` fixes its deadline at its first claim. With a ``concurrency_key``,
+    at most ``concurrency_limit`` runs of that key hold a slot at once (``strategy`` says what a
+    new run does when the key is full). ``rate_limit``/``rate_key`` name the budget its start
+    consumes."""
 
     run_id: uuid.UUID
     function: str
     input: Any
     idempotency_key: str | None = None
     trace_context: dict[str, str] | None = None
+    priority: int = 0
+    available_at: datetime | None = None
+    delay: timedelta | None = None
+    start_timeout: timedelta | None = None
+    run_timeout: timedelta | None = None
+    parent_id: uuid.UUID | None = None
+    concurrency_key: str | None = None
+    concurrency_limit: int | None = None
+    strategy: Strategy = "queue"
+    slot_while_suspended: bool = False
+    rate_limit: str | None = None
+    rate_key: str = ""
 
 
 @dataclass(frozen=True)
@@ -46,6 +71,7 @@ class Claim:
     attempt: int
     trace_context: dict[str, str] | None
     db_now: datetime
+    deadline_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -82,6 +108,23 @@ class RunRow:
     started_at: datetime | None
     updated_at: datetime
     finished_at: datetime | None
+    priority: int = 0
+    parent_id: uuid.UUID | None = None
+    concurrency_key: str | None = None
+    cancel_requested: bool = False
+    deadline_at: datetime | None = None
+    expires_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class ChildOutcome:
+    """What ``await_child`` found: ``done`` (the child ended: its status, result and error, now
+    journaled), ``waiting`` (the wait is registered) or ``fenced``."""
+
+    outcome: Literal["done", "waiting", "fenced"]
+    status: str | None
+    result: Any
+    error: Any
 
 
 @dataclass(frozen=True)
@@ -133,8 +176,9 @@ class Store(Protocol):
 
     async def renew_leases(
         self, held: Sequence[tuple[uuid.UUID, int]], worker: str, lease: timedelta
-    ) -> set[uuid.UUID]:
-        """Extend the leases of ``held`` (run, attempt) pairs; returns the runs still held."""
+    ) -> dict[uuid.UUID, bool]:
+        """Extend the leases of ``held`` (run, attempt) pairs; returns the runs still held, each
+        with whether it has been asked to cancel."""
         ...
 
     async def load_journal(self, run_id: uuid.UUID) -> list[JournalEntry]:
@@ -209,7 +253,39 @@ class Store(Protocol):
         """Make a paused run runnable again. False when it is not paused."""
         ...
 
+    async def start_child(
+        self, run_id: uuid.UUID, attempt: int, position: str, child: NewRun
+    ) -> bool:
+        """Start ``child`` (an existing id is kept) and journal it at ``position`` as
+        ``start``, at once. False when fenced."""
+        ...
+
+    async def await_child(
+        self, run_id: uuid.UUID, attempt: int, position: str, name: str, child: uuid.UUID
+    ) -> ChildOutcome:
+        """Journal the child's end at ``position`` (``join``) if it has ended, else register
+        the wait; the child's end wakes the run."""
+        ...
+
+    async def cancel(self, run_id: uuid.UUID, reason: str) -> str:
+        """Cancel a run and its unfinished descendants: 'cancelled' (ended now), 'requested'
+        (running: its worker ends it), 'finished' (it had ended) or 'not_found'."""
+        ...
+
+    async def define_rate_limit(self, name: str, limit: int, period: timedelta) -> None:
+        """Declare (or redeclare) rate limit ``name``: ``limit`` units per ``period``."""
+        ...
+
+    async def take_rate(self, name: str, key: str, weight: int) -> datetime | None:
+        """Take ``weight`` units of rate limit ``name`` for ``key``: None when granted, else
+        the earliest time enough units leave the window."""
+        ...
+
     async def get_run(self, run_id: uuid.UUID) -> RunRow | None: ...
+
+    async def list_children(self, run_id: uuid.UUID) -> list[RunRow]:
+        """The runs ``run_id`` started, oldest first."""
+        ...
 
     async def list_runs(self, status: str | None, limit: int) -> list[RunRow]:
         """The most recent runs, newest first, optionally of one status."""

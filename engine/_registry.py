@@ -1,16 +1,19 @@
-"""What the engine knows of a registered durable function and of a step's retry policy."""
+"""What the engine knows of a registered durable function (its run options: queue, priority,
+concurrency, rate limit, timeouts) and of a step's policy (retries, timeout, rate limit)."""
 
 from __future__ import annotations
 
 import inspect
 import random
 import typing
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import timedelta
-from typing import Any
+from datetime import UTC, datetime, timedelta
+from typing import Any, cast
 
-from engine._codec import return_type
+from engine._codec import load, return_type
+from engine._records import NewRun, Strategy
 from engine.errors import ConfigurationError
 
 POLICY_ATTRIBUTE = "__durable_step_policy__"
@@ -37,15 +40,27 @@ class Backoff:
 @dataclass(frozen=True)
 class StepPolicy:
     """How a step is retried: ``retries`` more attempts after the first, each bounded by
-    ``timeout`` when given."""
+    ``timeout`` when given. With ``rate_limit``, each attempt first takes ``weight`` units of
+    that limit's budget for ``rate_key`` (a string, or a function of the step's arguments)."""
 
     retries: int = 0
     backoff: Backoff = field(default_factory=Backoff)
     timeout: timedelta | None = None
+    rate_limit: str | None = None
+    rate_key: str | Callable[..., object] | None = None
+    weight: int = 1
 
     def __post_init__(self) -> None:
         if self.retries < 0:
             raise ConfigurationError(f"retries must be >= 0, got {self.retries}")
+        if self.weight < 1:
+            raise ConfigurationError(f"a rate limit weight must be >= 1, got {self.weight}")
+
+    def budget_key(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+        """The rate limit key this call of the step draws from."""
+        if callable(self.rate_key):
+            return str(self.rate_key(*args, **kwargs))
+        return self.rate_key or ""
 
 
 DEFAULT_POLICY = StepPolicy()
@@ -57,6 +72,47 @@ def policy_of(fn: Callable[..., Any]) -> StepPolicy:
 
 
 _NO_INPUT: Any = object()
+_STRATEGIES = ("queue", "cancel_in_progress", "cancel_newest")
+
+
+@dataclass(frozen=True)
+class Concurrency:
+    """At most ``limit`` runs of a function at once, across every worker; with ``key`` (a
+    function of the run's input), at most ``limit`` per key.
+
+    ``strategy`` says what a new run does when its key is full: ``"queue"`` (wait for a slot;
+    keys are served in turn, so a busy key cannot starve the others), ``"cancel_in_progress"``
+    (the newest run wins: the oldest are cancelled) or ``"cancel_newest"`` (the running ones win:
+    the new run is cancelled). A suspended run (sleeping, waiting) gives its slot back unless
+    ``hold_while_suspended``."""
+
+    limit: int
+    key: Callable[[Any], object] | None = None
+    strategy: str = "queue"
+    hold_while_suspended: bool = False
+
+    def __post_init__(self) -> None:
+        if self.limit < 1:
+            raise ConfigurationError(f"a concurrency limit must be >= 1, got {self.limit}")
+        strategy = self.strategy.replace("-", "_")
+        if strategy not in _STRATEGIES:
+            raise ConfigurationError(
+                f"unknown concurrency strategy {self.strategy!r}; use one of {_STRATEGIES}"
+            )
+        object.__setattr__(self, "strategy", strategy)
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """What every run of a function gets unless its start says otherwise."""
+
+    queue: str = "default"
+    priority: int = 0
+    concurrency: Concurrency | None = None
+    rate_limit: str | None = None
+    rate_key: Callable[[Any], object] | None = None
+    timeout: timedelta | None = None
+    start_timeout: timedelta | None = None
 
 
 @dataclass(frozen=True)
@@ -67,13 +123,68 @@ class FunctionSpec:
     fn: Callable[..., Awaitable[Any]]
     input_type: Any
     return_type: Any
+    options: RunOptions = field(default_factory=RunOptions)
 
     @property
     def takes_input(self) -> bool:
         return self.input_type is not _NO_INPUT
 
+    def new_run(
+        self,
+        data: Any,
+        *,
+        run_id: uuid.UUID,
+        idempotency_key: str | None = None,
+        trace_context: dict[str, str] | None = None,
+        priority: int | None = None,
+        delay: timedelta | None = None,
+        start_at: datetime | None = None,
+        parent_id: uuid.UUID | None = None,
+    ) -> NewRun:
+        """A run of this function with ``data`` (its input as stored), with the function's
+        options; ``priority``, ``delay`` and ``start_at`` override them for this run."""
+        options = self.options
+        concurrency = options.concurrency
+        key = None
+        if concurrency is not None:
+            key = self.name
+            if concurrency.key is not None:
+                key = f"{self.name}:{concurrency.key(self._typed(data))}"
+        rate_key = ""
+        if options.rate_limit is not None and options.rate_key is not None:
+            rate_key = str(options.rate_key(self._typed(data)))
+        if start_at is not None and start_at.tzinfo is None:
+            start_at = start_at.replace(tzinfo=UTC)
+        return NewRun(
+            run_id=run_id,
+            function=self.name,
+            input=data,
+            idempotency_key=idempotency_key,
+            trace_context=trace_context,
+            priority=options.priority if priority is None else priority,
+            available_at=start_at,
+            delay=delay,
+            start_timeout=options.start_timeout,
+            run_timeout=options.timeout,
+            parent_id=parent_id,
+            concurrency_key=key,
+            concurrency_limit=None if concurrency is None else concurrency.limit,
+            strategy=cast(Strategy, "queue" if concurrency is None else concurrency.strategy),
+            slot_while_suspended=concurrency is not None and concurrency.hold_while_suspended,
+            rate_limit=options.rate_limit,
+            rate_key=rate_key,
+        )
+
+    def _typed(self, data: Any) -> Any:
+        return load(self.input_type, data) if self.takes_input else None
+
     @classmethod
-    def describe(cls, fn: Callable[..., Awaitable[Any]], name: str | None) -> FunctionSpec:
+    def describe(
+        cls,
+        fn: Callable[..., Awaitable[Any]],
+        name: str | None,
+        options: RunOptions | None = None,
+    ) -> FunctionSpec:
         if not inspect.iscoroutinefunction(fn):
             raise ConfigurationError(
                 f"{fn!r} is not an async function: a durable function is `async def f(ctx, ...)`"
@@ -100,4 +211,5 @@ class FunctionSpec:
             fn=fn,
             input_type=input_type,
             return_type=return_type(fn),
+            options=options or RunOptions(),
         )

@@ -14,7 +14,7 @@ from collections.abc import Callable, Coroutine, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Literal, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 
 import asyncpg
 
@@ -24,6 +24,9 @@ from engine._records import JournalEntry, Store
 from engine._signals import abandon, suspend
 from engine._store import TRANSIENT_ERRORS
 from engine.errors import JournalConflict, NonDeterminismError, SerializationError
+
+if TYPE_CHECKING:
+    from engine._registry import FunctionSpec
 
 T = TypeVar("T")
 
@@ -56,6 +59,12 @@ class Probe(Protocol):
     async def __call__(self, point: Checkpoint) -> Decision: ...
 
 
+@dataclass(frozen=True)
+class _ChildSnapshot:
+    status: dict[uuid.UUID, str]
+    waiting_at: set[str]
+
+
 @dataclass(eq=False)
 class _Blocked:
     future: asyncio.Future[None]
@@ -80,8 +89,10 @@ class RunState:
         max_payload_bytes: int | None = None,
         stubs: Mapping[str, Callable[..., Any]] | None = None,
         seed: str | None = None,
+        functions: Mapping[str, FunctionSpec] | None = None,
     ) -> None:
         self.store = store
+        self.functions = functions or {}
         self.probe = probe
         self.max_payload_bytes = max_payload_bytes
         self.stubs = stubs or {}
@@ -105,6 +116,8 @@ class RunState:
         self.lost = False
         self.nondeterminism: NonDeterminismError | None = None
         self.interrupted: BaseException | None = None
+        self.cancelled = False
+        self.children: _ChildSnapshot | None = None
         self._settler: asyncio.Task[None] | None = None
 
     # -- task bookkeeping ----------------------------------------------------------------------
@@ -154,8 +167,22 @@ class RunState:
             raise abandon(f"run {self.run_id}: claim {self.attempt} lost")
         if self.nondeterminism is not None:
             raise self.nondeterminism
+        if self.cancelled:
+            raise asyncio.CancelledError(f"run {self.run_id} was cancelled")
         if self.suspending:
             raise suspend()
+
+    async def child_snapshot(self) -> _ChildSnapshot:
+        """The children's statuses and the registered waits, read once per attempt: a join
+        whose child had not ended and whose wait is registered blocks without a round trip
+        (a child ending after this read wakes the run before it can suspend)."""
+        if self.children is None:
+            children = await self.db(self.store.list_children(self.run_id))
+            waits = await self.db(self.store.list_waits(self.run_id))
+            self.children = _ChildSnapshot(
+                {c.id: c.status for c in children}, {w.position for w in waits}
+            )
+        return self.children
 
     def unconsumed(self) -> list[JournalEntry]:
         return [e for p, e in self.journal.items() if p not in self.consumed]

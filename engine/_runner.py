@@ -14,7 +14,7 @@ from typing import Any
 from engine import _codec, _lineage, _tracing
 from engine._clock import DatabaseTime
 from engine._context import Context
-from engine._records import Claim, Store
+from engine._records import Claim, EndStatus, Store
 from engine._registry import FunctionSpec
 from engine._run_state import Probe, RunState
 from engine._signals import Abandon, Suspend
@@ -40,8 +40,10 @@ class Runner:
         max_payload_bytes: int | None = None,
         stubs: Mapping[str, Callable[..., Any]] | None = None,
         seed: str | None = None,
+        functions: Mapping[str, FunctionSpec] | None = None,
     ) -> None:
         self.store = store
+        self.functions = functions
         self.probe = probe
         self.max_payload_bytes = max_payload_bytes
         self.stubs = stubs
@@ -55,6 +57,33 @@ class Runner:
         self._root: asyncio.Task[Any] | None = None
         self.extra = {"run_id": str(claim.run_id)}
         self.lost_because = ""
+        self.cancel_requested = False
+        self.timed_out = False
+
+    def cancel(self) -> None:
+        """Deliver a cancellation: the run's tasks (its running step included) receive
+        CancelledError, every later Context call raises it, and the run ends as cancelled."""
+        if self.cancel_requested:
+            return
+        self.cancel_requested = True
+        log.info("run %s: cancelling", self.claim.run_id, extra=self.extra)
+        self._interrupt()
+
+    def _interrupt(self) -> None:
+        if self.state is not None:
+            self.state.cancelled = True
+            self.state.cancel_tasks()
+        if self._root is not None:
+            self._root.cancel()
+
+    async def _watch_deadline(self) -> None:
+        deadline = self.claim.deadline_at
+        assert deadline is not None
+        while (left := self.db_time.seconds_until(deadline)) > 0:
+            await self.db_time.sleep(left)
+        log.info("run %s: execution deadline %s passed", self.claim.run_id, deadline)
+        self.timed_out = True
+        self._interrupt()
 
     def lose(self, reason: str) -> None:
         """Stop the run's tasks; this attempt writes nothing more (its lease is gone, or the
@@ -84,7 +113,9 @@ class Runner:
             max_payload_bytes=self.max_payload_bytes,
             stubs=self.stubs,
             seed=self.seed,
+            functions=self.functions,
         )
+        state.cancelled = self.cancel_requested
         self.state = state
         log.debug(
             "run %s attempt %d: replaying %d journal entries",
@@ -93,8 +124,22 @@ class Runner:
             len(journal),
             extra=self.extra,
         )
-        with _tracing.run_span(claim.run_id, claim.function, claim.attempt, claim.trace_context):
-            await self._drive(state)
+        if self.cancel_requested:  # told before the attempt began
+            await self._end_interrupted(state)
+            return
+        watchdog = None
+        if claim.deadline_at is not None:
+            watchdog = asyncio.get_running_loop().create_task(
+                self._watch_deadline(), context=_lineage.detached_context()
+            )
+        try:
+            with _tracing.run_span(
+                claim.run_id, claim.function, claim.attempt, claim.trace_context
+            ):
+                await self._drive(state)
+        finally:
+            if watchdog is not None:
+                watchdog.cancel()
 
     async def _drive(self, state: RunState) -> None:
         loop = asyncio.get_running_loop()
@@ -107,7 +152,10 @@ class Runner:
             )
             result = await self._root
         except Suspend:
-            await self._end_suspended(state)
+            if self.cancel_requested or self.timed_out:
+                await self._end_interrupted(state)
+            else:
+                await self._end_suspended(state)
         except Abandon as signal:
             log.warning("%s", signal, extra=self.extra)
             # After a connection failure the run is handed back at once; after any other
@@ -149,11 +197,34 @@ class Runner:
                 extra=self.extra,
             )
 
+    async def _end_interrupted(self, state: RunState) -> None:
+        """End a run that was cancelled, or that passed its deadline, while it executed."""
+        if state.lost:
+            return
+        if self.cancel_requested:
+            log.info("run %s cancelled", self.claim.run_id, extra=self.extra)
+            error = ErrorInfo("RunCancelled", "cancelled while running", "durable")
+            status: EndStatus = "cancelled"
+        else:
+            error = ErrorInfo(
+                "RunTimedOut",
+                f"the run did not finish before its deadline {self.claim.deadline_at} "
+                "(its execution timeout)",
+                "durable",
+            )
+            status = "failed"
+        await self.store.finish(
+            self.claim.run_id, self.claim.attempt, status, error=error.to_json()
+        )
+
     async def _end_failed(self, state: RunState, exc: BaseException) -> None:
         if state.lost:
             return
         if state.nondeterminism is not None:
             await self._pause(state.nondeterminism)
+            return
+        if self.cancel_requested or self.timed_out:
+            await self._end_interrupted(state)
             return
         error = ErrorInfo.from_exception(exc, traceback.format_exc())
         log.info(
@@ -165,6 +236,9 @@ class Runner:
 
     async def _end_returned(self, state: RunState, result: Any) -> None:
         if state.lost:
+            return
+        if self.cancel_requested or self.timed_out:
+            await self._end_interrupted(state)
             return
         if state.nondeterminism is None:
             leftover = state.unconsumed()

@@ -23,6 +23,7 @@ from engine._group_commit import GroupCommit, Outcome, PendingEntry, PendingFini
 from engine._queries import migrations, queries
 from engine._records import (
     AwaitOutcome,
+    ChildOutcome,
     Claim,
     EndStatus,
     JournalEntry,
@@ -220,45 +221,35 @@ class PostgresStore:
         trace_context: dict[str, str] | None,
     ) -> tuple[uuid.UUID, bool]:
         """Insert a pending run; returns (id, created). An existing id or idempotency key wins."""
-        row = await self._retrying(
-            lambda: self._pool.fetchrow(
-                self._q["start_run"], run_id, function, input, idempotency_key, trace_context
-            )
+        [started] = await self.start_runs(
+            [NewRun(run_id, function, input, idempotency_key, trace_context)]
         )
-        assert row is not None
-        return row["run_id"], row["created"]
+        return started
+
+    async def start_runs_on(
+        self, conn: asyncpg.Connection[Any], runs: Sequence[NewRun]
+    ) -> list[tuple[uuid.UUID, bool]]:
+        """``start_runs`` on the caller's connection, inside its transaction: the runs exist if
+        and only if that transaction commits (their NOTIFY is delivered at the commit). Runs
+        once; errors are the caller's, as its transaction is."""
+        if not runs:
+            return []
+        rows = await conn.fetch(self._q["create_runs"], _json([_run_doc(r) for r in runs]))
+        return [(row["run_id"], row["created"]) for row in rows]
 
     async def start_run_on(
         self, conn: asyncpg.Connection[Any], run: NewRun
     ) -> tuple[uuid.UUID, bool]:
-        """``start_run`` on the caller's connection, inside its transaction: the run exists if
-        and only if that transaction commits (its NOTIFY is delivered at the commit). Runs
-        once; errors are the caller's, as its transaction is."""
-        row = await conn.fetchrow(
-            self._q["start_run_on"],
-            run.run_id,
-            run.function,
-            _json(run.input),
-            run.idempotency_key,
-            _json(run.trace_context),
-        )
-        assert row is not None
-        return row["run_id"], row["created"]
+        """``start_runs_on`` for one run."""
+        [started] = await self.start_runs_on(conn, [run])
+        return started
 
     async def start_runs(self, runs: Sequence[NewRun]) -> list[tuple[uuid.UUID, bool]]:
-        """``start_run`` for many runs in one statement, in order."""
+        """Start many runs in one statement, in order (durable.create_runs)."""
         if not runs:
             return []
-        rows = await self._retrying(
-            lambda: self._pool.fetch(
-                self._q["start_runs"],
-                [r.run_id for r in runs],
-                [r.function for r in runs],
-                [_json(r.input) for r in runs],
-                [r.idempotency_key for r in runs],
-                [_json(r.trace_context) for r in runs],
-            )
-        )
+        docs = _json([_run_doc(r) for r in runs])
+        rows = await self._retrying(lambda: self._pool.fetch(self._q["create_runs"], docs))
         return [(row["run_id"], row["created"]) for row in rows]
 
     async def claim(
@@ -290,16 +281,17 @@ class PostgresStore:
 
     async def renew_leases(
         self, held: Sequence[tuple[uuid.UUID, int]], worker: str, lease: timedelta
-    ) -> set[uuid.UUID]:
-        """Extend the leases of ``held`` (run, attempt) pairs; returns the runs still held."""
+    ) -> dict[uuid.UUID, bool]:
+        """Extend the leases of ``held`` (run, attempt) pairs; returns the runs still held, each
+        with whether it has been asked to cancel."""
         if not held:
-            return set()
+            return {}
         rows = await self._once(
             lambda: self._pool.fetch(
-                self._q["renew_leases"], [h[0] for h in held], [h[1] for h in held], worker, lease
+                self._q["renew_claims"], [h[0] for h in held], [h[1] for h in held], worker, lease
             )
         )
-        return {r[0] for r in rows}
+        return {r["id"]: r["cancel_requested"] for r in rows}
 
     # -- the journal --------------------------------------------------------------------------
 
@@ -452,6 +444,59 @@ class PostgresStore:
         """Make a paused run runnable again. False when it is not paused."""
         return bool(await self._once(lambda: self._pool.fetchval(self._q["resume_run"], run_id)))
 
+    # -- children, cancellation, rate limits -----------------------------------------------
+
+    async def start_child(
+        self, run_id: uuid.UUID, attempt: int, position: str, child: NewRun
+    ) -> bool:
+        """Start ``child`` and journal it at ``position``, in one transaction."""
+        outcome = await self._journaling(
+            run_id,
+            position,
+            lambda: self._pool.fetchval(
+                self._q["start_child"], run_id, attempt, position, _run_doc(child)
+            ),
+        )
+        return bool(outcome == "written")
+
+    async def await_child(
+        self, run_id: uuid.UUID, attempt: int, position: str, name: str, child: uuid.UUID
+    ) -> ChildOutcome:
+        """Journal the child's end at ``position``, or register the wait (see schema.sql)."""
+        row = await self._journaling(
+            run_id,
+            position,
+            lambda: self._pool.fetchrow(
+                self._q["await_child"], run_id, attempt, position, name, child
+            ),
+        )
+        assert row is not None
+        return ChildOutcome(row["outcome"], row["status"], row["result"], row["error"])
+
+    async def cancel(self, run_id: uuid.UUID, reason: str) -> str:
+        """Cancel a run and its unfinished descendants (durable.cancel_run)."""
+        outcome: str = await self._retrying(
+            lambda: self._pool.fetchval(self._q["cancel_run"], run_id, reason)
+        )
+        return outcome
+
+    async def define_rate_limit(self, name: str, limit: int, period: timedelta) -> None:
+        await self._retrying(
+            lambda: self._pool.execute(self._q["define_rate_limit"], name, limit, period)
+        )
+
+    async def take_rate(self, name: str, key: str, weight: int) -> datetime | None:
+        """Take units of a rate limit: None when granted, else when to try again."""
+        try:
+            retry: datetime | None = await self._once(
+                lambda: self._pool.fetchval(self._q["take_rate"], name, key, weight)
+            )
+        except asyncpg.PostgresError as exc:
+            if exc.sqlstate in ("DU002", "DU003"):  # not declared; a weight over the budget
+                raise ConfigurationError(str(exc)) from exc
+            raise
+        return retry
+
     # -- reading ------------------------------------------------------------------------------
 
     async def get_run(self, run_id: uuid.UUID) -> RunRow | None:
@@ -460,6 +505,10 @@ class PostgresStore:
 
     async def list_runs(self, status: str | None, limit: int) -> list[RunRow]:
         rows = await self._retrying(lambda: self._pool.fetch(self._q["list_runs"], status, limit))
+        return [_run_row(r) for r in rows]
+
+    async def list_children(self, run_id: uuid.UUID) -> list[RunRow]:
+        rows = await self._retrying(lambda: self._pool.fetch(self._q["list_children"], run_id))
         return [_run_row(r) for r in rows]
 
     async def list_waits(self, run_id: uuid.UUID) -> list[WaitRow]:
@@ -494,7 +543,35 @@ def _claim(row: asyncpg.Record) -> Claim:
         attempt=row["attempt"],
         trace_context=row["trace_context"],
         db_now=row["db_now"],
+        deadline_at=row["deadline_at"],
     )
+
+
+def _run_doc(run: NewRun) -> dict[str, Any]:
+    """A run as durable.create_runs reads it (one JSON object)."""
+    return {
+        "id": str(run.run_id),
+        "function": run.function,
+        "input": run.input,
+        "idempotency_key": run.idempotency_key,
+        "trace_context": run.trace_context,
+        "priority": run.priority,
+        "available_at": None if run.available_at is None else run.available_at.isoformat(),
+        "delay": _seconds(run.delay),
+        "start_timeout": _seconds(run.start_timeout),
+        "run_timeout": _seconds(run.run_timeout),
+        "parent_id": None if run.parent_id is None else str(run.parent_id),
+        "concurrency_key": run.concurrency_key,
+        "concurrency_limit": run.concurrency_limit,
+        "concurrency_strategy": run.strategy,
+        "slot_while_suspended": run.slot_while_suspended,
+        "rate_limit": run.rate_limit,
+        "rate_key": run.rate_key,
+    }
+
+
+def _seconds(span: timedelta | None) -> float | None:
+    return None if span is None else span.total_seconds()
 
 
 def _json(value: Any) -> str | None:

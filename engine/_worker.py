@@ -52,9 +52,12 @@ class Worker:
         *,
         clock: Clock | None = None,
         rng: random.Random | None = None,
+        registry: Mapping[str, FunctionSpec] | None = None,
     ) -> None:
         self.store = store
         self.functions = dict(functions)
+        # Every function of the app, served here or not: what a run may start as a child.
+        self.registry = dict(registry or functions)
         self.listener = listener
         self.options = options
         self.clock = clock or SystemClock()
@@ -75,6 +78,7 @@ class Worker:
         loop = asyncio.get_running_loop()
         _lineage.install(loop)
         unsubscribe = self.listener.subscribe("durable_work", lambda _p: self._wake.set())
+        stop_cancels = self.listener.subscribe("durable_cancel", self._on_cancel)
         renewer = loop.create_task(self._renew_leases(), context=_lineage.detached_context())
         log.info(
             "worker %s serving %d functions with concurrency %d",
@@ -88,6 +92,7 @@ class Worker:
                 await self._wait(timeout)
         finally:
             unsubscribe()
+            stop_cancels()
             renewer.cancel()
             await self._shut_down()
 
@@ -131,6 +136,7 @@ class Worker:
             short_wait=self.options.short_wait.total_seconds(),
             rng=self.rng,
             max_payload_bytes=self.options.max_payload_bytes,
+            functions=self.registry,
         )
         task = asyncio.get_running_loop().create_task(
             self._execute(runner), context=_lineage.detached_context()
@@ -175,6 +181,17 @@ class Worker:
                 continue
             last_ok = self.clock.monotonic()
             self._lose([run_id for run_id, _a in held if run_id not in kept])
+            for run_id in (r for r, cancel in kept.items() if cancel):
+                self._cancel(run_id)
+
+    def _on_cancel(self, payload: str) -> None:
+        with contextlib.suppress(ValueError):
+            self._cancel(uuid.UUID(payload))
+
+    def _cancel(self, run_id: uuid.UUID) -> None:
+        entry = self.active.get(run_id)
+        if entry is not None:
+            entry[0].cancel()
 
     def _lose(self, run_ids: list[uuid.UUID]) -> None:
         for run_id in run_ids:

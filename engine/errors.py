@@ -13,6 +13,7 @@
     ├── JournalConflict               a journal position was written twice (an engine fault)
     ├── StepFailed                    a step ran out of retries (raised inside the function)
     ├── RunFailed                     a run ended in failure (raised by ``RunHandle.result``)
+    │   └── RunCancelled              the run was cancelled
     ├── RunNotFound                   no run has that id
     └── ResultTimeout                 ``RunHandle.result(timeout=...)`` elapsed; a TimeoutError
 
@@ -147,6 +148,16 @@ class RunFailed(DurableError):
         self.run_id = run_id
         self.error = error
         super().__init__(f"run {run_id} failed: {error.type}: {error.message}")
+
+
+class RunCancelled(RunFailed):
+    """A run was cancelled (``RunHandle.cancel``, ``durable runs cancel``, its parent's
+    cancellation, or a concurrency strategy); ``error.message`` says why."""
+
+    def __init__(self, run_id: str, error: ErrorInfo) -> None:
+        self.run_id = run_id
+        self.error = error
+        DurableError.__init__(self, f"run {run_id} was cancelled: {error.message}")
 
 
 class RunNotFound(DurableError):

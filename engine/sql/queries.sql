@@ -21,25 +21,22 @@ SELECT version FROM durable.schema_migrations ORDER BY version;
 -- name: record_migration
 INSERT INTO durable.schema_migrations (version, name) VALUES ($1, $2);
 
--- name: start_run
-SELECT run_id, created FROM durable.start_run($1, $2, $3, $4, $5);
-
--- name: start_runs
-SELECT run_id, created FROM durable.start_runs($1, $2, $3, $4, $5);
+-- name: create_runs
+SELECT run_id, created FROM durable.create_runs($1::text::jsonb);
 
 -- name: claim_runs
-SELECT id, function, input, attempt, trace_context, db_now
+SELECT id, function, input, attempt, trace_context, db_now, deadline_at
   FROM durable.claim_runs($1, $2, $3, $4);
 
 -- name: claim_due
-SELECT id, function, input, attempt, trace_context, db_now, next_due
+SELECT id, function, input, attempt, trace_context, db_now, next_due, deadline_at
   FROM durable.claim_due($1, $2, $3, $4);
 
 -- name: next_due
 SELECT durable.next_due($1), durable.clock();
 
--- name: renew_leases
-SELECT durable.renew_leases($1, $2, $3, $4);
+-- name: renew_claims
+SELECT id, cancel_requested FROM durable.renew_claims($1, $2, $3, $4);
 
 -- name: load_journal
 SELECT position, kind, name, value, error, attempt, created_at
@@ -72,16 +69,40 @@ SELECT durable.resume_run($1);
 
 -- name: get_run
 SELECT id, function, input, status, idempotency_key, attempt, available_at, lease_owner,
-       result, error, created_at, started_at, updated_at, finished_at
+       result, error, created_at, started_at, updated_at, finished_at, priority, parent_id,
+       concurrency_key, cancel_requested, deadline_at, expires_at
   FROM durable.runs WHERE id = $1;
 
 -- name: list_runs
 SELECT id, function, input, status, idempotency_key, attempt, available_at, lease_owner,
-       result, error, created_at, started_at, updated_at, finished_at
+       result, error, created_at, started_at, updated_at, finished_at, priority, parent_id,
+       concurrency_key, cancel_requested, deadline_at, expires_at
   FROM durable.runs
  WHERE ($1::text IS NULL OR status = $1)
  ORDER BY created_at DESC
  LIMIT $2;
+
+-- name: list_children
+SELECT id, function, input, status, idempotency_key, attempt, available_at, lease_owner,
+       result, error, created_at, started_at, updated_at, finished_at, priority, parent_id,
+       concurrency_key, cancel_requested, deadline_at, expires_at
+  FROM durable.runs WHERE parent_id = $1
+ ORDER BY created_at, id;
+
+-- name: start_child
+SELECT durable.start_child($1, $2, $3, $4);
+
+-- name: await_child
+SELECT outcome, status, result, error FROM durable.await_child($1, $2, $3, $4, $5);
+
+-- name: cancel_run
+SELECT durable.cancel_run($1, $2);
+
+-- name: define_rate_limit
+SELECT durable.define_rate_limit($1, $2, $3);
+
+-- name: take_rate
+SELECT durable.take_rate($1, $2, $3);
 
 -- name: list_waits
 SELECT position, name, key, timeout_at FROM durable.waits WHERE run_id = $1 ORDER BY position;
@@ -89,10 +110,7 @@ SELECT position, name, key, timeout_at FROM durable.waits WHERE run_id = $1 ORDE
 -- name: set_fake_time
 SELECT set_config('durable.fake_now', $1, false);
 
--- The two calls a caller may make on its own connection, inside its own transaction. JSON goes
--- as text: the caller's connection has no codec of ours.
--- name: start_run_on
-SELECT run_id, created FROM durable.start_run($1, $2, $3::text::jsonb, $4, $5::text::jsonb);
-
+-- The call a caller may make on its own connection, inside its own transaction, besides
+-- create_runs (which takes its JSON as text too): the caller's connection has no codec of ours.
 -- name: send_event_on
 SELECT durable.send_event($1, $2, $3::text::jsonb);

@@ -100,13 +100,13 @@ async def test_a_held_lease_is_renewed_and_a_lapsed_one_is_lost(subject: Subject
     claims = {c.run_id: c for c in await store.claim(["f"], 10, "w", LEASE)}
     subject.clock.advance(LEASE / 2)
     kept = await store.renew_leases([(kept_id, claims[kept_id].attempt)], "w", LEASE)
-    assert kept == {kept_id}
+    assert kept == {kept_id: False}
     subject.clock.advance(LEASE * 3 / 4)  # past the first lease, inside the renewed one
     [retaken] = await store.claim(["f"], 10, "other", LEASE)
     assert retaken.run_id == lost_id
     held = [(kept_id, claims[kept_id].attempt), (lost_id, claims[lost_id].attempt)]
-    assert await store.renew_leases(held, "w", LEASE) == {kept_id}
-    assert await store.renew_leases([(kept_id, claims[kept_id].attempt)], "x", LEASE) == set()
+    assert await store.renew_leases(held, "w", LEASE) == {kept_id: False}
+    assert await store.renew_leases([(kept_id, claims[kept_id].attempt)], "x", LEASE) == {}
 
 
 async def test_a_paused_run_is_not_claimed_until_resumed(subject: Subject) -> None:
