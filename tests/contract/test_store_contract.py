@@ -8,40 +8,15 @@ leases lapse and timers fall due by moving the clock, never by sleeping.
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from datetime import timedelta
 
 import pytest
 
-from engine import MemoryStore, NewRun, PostgresStore, Store, VirtualClock
+from engine import NewRun, Store
 from engine.errors import JournalConflict
+from tests.contract.conftest import Subject
 
 LEASE = timedelta(seconds=30)
-
-
-@dataclass
-class Subject:
-    store: Store
-    clock: VirtualClock
-
-
-@pytest.fixture(params=["memory", pytest.param("postgres", marks=pytest.mark.postgres)])
-def backend(request: pytest.FixtureRequest) -> str | None:
-    """None for the memory store, else the URL of a fresh database."""
-    return None if request.param == "memory" else request.getfixturevalue("database_url")
-
-
-@pytest.fixture
-async def subject(backend: str | None) -> AsyncIterator[Subject]:
-    clock = VirtualClock()
-    store: Store
-    if backend is None:
-        store = MemoryStore(clock)
-    else:
-        store = await PostgresStore.connect(backend, max_size=4, clock=clock)
-    yield Subject(store, clock)
-    await store.close()
 
 
 async def _started(store: Store, function: str = "f") -> uuid.UUID:
