@@ -397,6 +397,8 @@ class MemoryStore:
             return False
         held = run.holds_slot
         run.holds_slot = run.awaiting_slot = False
+        if status == "cancelled" and run.row.cancel_requested and run.row.error is not None:
+            error = run.row.error
         self._update(
             run,
             status=status,
@@ -480,10 +482,10 @@ class MemoryStore:
             tree.extend(children)
             frontier.extend(c.row.id for c in children)
         for target in sorted(tree, key=lambda r: r.row.id):
+            why = reason if target is run else f"its parent run was cancelled ({reason})"
             if target.row.status == "running":
-                self._update(target, cancel_requested=True)
+                self._update(target, cancel_requested=True, error=_cancelled(why))
             elif target.row.status not in FINAL_STATUSES:
-                why = reason if target is run else f"its parent run was cancelled ({reason})"
                 self._end(target, "cancelled", _cancelled(why))
         return {"cancelled": "cancelled", "running": "requested"}.get(run.row.status, "finished")
 
@@ -576,6 +578,8 @@ class MemoryStore:
         """durable.end_run: end a run no worker is executing."""
         held = run.holds_slot
         run.holds_slot = run.awaiting_slot = False
+        if run.row.cancel_requested and run.row.error is not None:
+            error = run.row.error
         now = self.clock.now()
         self._update(
             run,

@@ -164,7 +164,8 @@ DECLARE
 BEGIN
     SELECT r.concurrency_key INTO v_key FROM durable.runs r WHERE r.id = p_run AND r.holds_slot;
     UPDATE durable.runs r
-       SET status = p_status, error = p_error, lease_owner = NULL, available_at = NULL,
+       SET status = p_status, lease_owner = NULL, available_at = NULL,
+           error = CASE WHEN r.cancel_requested THEN coalesce(r.error, p_error) ELSE p_error END,
            holds_slot = false, awaiting_slot = false, cancel_requested = false,
            updated_at = durable.clock(), finished_at = durable.clock()
      WHERE r.id = p_run;
@@ -273,7 +274,8 @@ END
 $$;
 
 -- Cancels a run and its unfinished descendants. A run no worker is executing ends as cancelled
--- at once; a running one is marked (cancel_requested) and its worker is told on channel
+-- at once; a running one is marked (cancel_requested, with the reason in error until it ends)
+-- and its worker is told on channel
 -- durable_cancel: it cancels the run's tasks and ends it as cancelled (a claim of a marked run
 -- ends it too, should its worker have died). Returns 'cancelled', 'requested', 'finished' (it
 -- had already ended) or 'not_found'.
@@ -306,7 +308,11 @@ BEGIN
     FOREACH v_id IN ARRAY coalesce(v_ids, '{}') LOOP
         SELECT r.status INTO v_status FROM durable.runs r WHERE r.id = v_id;
         IF v_status = 'running' THEN
-            UPDATE durable.runs r SET cancel_requested = true, updated_at = durable.clock()
+            UPDATE durable.runs r
+               SET cancel_requested = true, updated_at = durable.clock(),
+                   error = durable.cancelled_error(
+                       CASE WHEN v_id = p_run THEN p_reason
+                            ELSE 'its parent run was cancelled (' || p_reason || ')' END)
              WHERE r.id = v_id;
             PERFORM pg_notify('durable_cancel', v_id::text);
         ELSIF v_status NOT IN ('completed', 'failed', 'cancelled') THEN
@@ -595,7 +601,9 @@ BEGIN
            FOR UPDATE OF r
     ), finished AS (
         UPDATE durable.runs r
-           SET status = g.status, result = g.result::jsonb, error = g.error::jsonb,
+           SET status = g.status, result = g.result::jsonb,
+               error = CASE WHEN g.status = 'cancelled' AND r.cancel_requested
+                            THEN coalesce(r.error, g.error::jsonb) ELSE g.error::jsonb END,
                lease_owner = NULL, available_at = NULL, updated_at = durable.clock(),
                holds_slot = false, awaiting_slot = false, cancel_requested = false,
                finished_at = CASE WHEN g.status = 'paused' THEN NULL ELSE durable.clock() END
