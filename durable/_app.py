@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import uuid
@@ -14,6 +15,7 @@ import asyncpg
 
 from durable._handle import _NO_TYPE, RunHandle, RunInfo
 from engine import (
+    CatchUp,
     Concurrency,
     Context,
     FunctionSpec,
@@ -21,6 +23,9 @@ from engine import (
     NewRun,
     PostgresStore,
     RunOptions,
+    Schedule,
+    Scheduler,
+    ScheduleRow,
     Worker,
     WorkerOptions,
     current_carrier,
@@ -80,6 +85,7 @@ class App:
         self._listener: Listener | None = None
         self._done_waiters: dict[uuid.UUID, set[Callable[[], None]]] = {}
         self._rate_limits: dict[str, tuple[int, timedelta]] = {}
+        self._schedules: dict[str, Schedule] = {}
         self._workers: set[Worker] = set()
 
     # -- registration ---------------------------------------------------------------------------
@@ -95,6 +101,8 @@ class App:
         rate_key: Callable[[Any], object] | None = None,
         timeout: timedelta | None = None,
         start_timeout: timedelta | None = None,
+        cron: str | None = None,
+        timezone: str = "UTC",
     ) -> Callable[[Fn], Fn]:
         """Register a durable function ``async def f(ctx, input) -> result``.
 
@@ -112,6 +120,8 @@ class App:
         - ``timeout``: the execution deadline, fixed at the run's first start; a run still
           unfinished then fails with RunTimedOut.
         - ``start_timeout``: a run not started within it fails with RunExpired.
+        - ``cron``/``timezone``: start a run (without input) on every tick of this cron
+          expression, as ``app.schedule`` does; the schedule is named after the function.
         """
         limit = Concurrency(limit=concurrency) if isinstance(concurrency, int) else concurrency
         options = RunOptions(
@@ -129,9 +139,54 @@ class App:
             if spec.name in self._functions and self._functions[spec.name].fn is not fn:
                 raise ConfigurationError(f"a durable function named {spec.name!r} already exists")
             self._functions[spec.name] = spec
+            if cron is not None:
+                self._add_schedule(Schedule(spec.name, spec.name, cron, timezone))
             return fn
 
         return register
+
+    def schedule(
+        self,
+        fn: Callable[..., Awaitable[Any]] | str,
+        *,
+        cron: str,
+        input: Any = None,
+        name: str | None = None,
+        timezone: str = "UTC",
+        catch_up: CatchUp = "latest",
+    ) -> None:
+        """Start a run of ``fn`` with ``input`` on every tick of ``cron``.
+
+        ``cron`` has five fields (minute hour day-of-month month day-of-week) or six with
+        seconds first (``"*/10 * * * * *"``), read in ``timezone`` (daylight saving included).
+        Every worker of the app keeps the schedule and each tick starts exactly one run (its
+        idempotency key is ``schedule:<name>:<tick>``). After a time with no worker running,
+        ``catch_up="latest"`` starts the latest missed tick once; ``"all"`` starts every missed
+        tick. ``name`` (default: the function's name) identifies the schedule across deploys::
+
+            app.schedule(send_digest, cron="0 8 * * mon", timezone="Europe/Berlin",
+                         input=Digest(kind="weekly"), name="weekly-digest")
+        """
+        spec = self._spec_for(fn)
+        function = spec.name if spec else str(fn)
+        if spec is not None and spec.takes_input:
+            data = validate_input(spec.input_type, input, f"schedule of {function!r}")
+        elif spec is not None and input is not None:
+            raise InvalidInput(f"function {function!r} takes no input")
+        else:
+            data = _json_or_invalid(input, f"schedule of {function!r}", self._max_payload_bytes)
+        self._add_schedule(Schedule(name or function, function, cron, timezone, data, catch_up))
+
+    def _add_schedule(self, schedule: Schedule) -> None:
+        _storable_text(schedule.name, "schedule name")
+        if schedule.name in self._schedules and self._schedules[schedule.name] != schedule:
+            raise ConfigurationError(f"a schedule named {schedule.name!r} already exists")
+        self._schedules[schedule.name] = schedule
+
+    async def list_schedules(self) -> list[ScheduleRow]:
+        """Every schedule stored in the database (of any app), by name."""
+        rows, _now = await self._store_or_raise().list_schedules()
+        return rows
 
     def rate_limit(self, name: str, limit: int, period: timedelta) -> None:
         """Declare a rate limit: at most ``limit`` units in any window of length ``period``,
@@ -492,11 +547,21 @@ class App:
             **({"worker_id": worker_id} if worker_id else {}),
         )
         worker = Worker(store, served, listener, options, registry=self._functions)
+        scheduler = Scheduler(
+            store,
+            list(self._schedules.values()),
+            self._functions,
+            poll_interval=self._poll_interval,
+        )
+        ticking = asyncio.create_task(scheduler.run())
         self._workers.add(worker)
         try:
             await worker.run()
         finally:
             self._workers.discard(worker)
+            ticking.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await ticking
 
     def stop_workers(self) -> None:
         """Ask this app's workers to finish their runs (within the grace period) and return."""

@@ -2,13 +2,16 @@
 
 ::
 
-    durable worker module:app [--concurrency N]   execute runs of the app's functions
+    durable worker module:app [--concurrency N] [--queue Q ...]
+                                                   execute runs of the app's functions
     durable migrate                                apply the schema migrations
     durable runs list [--status S] [--limit N]     recent runs
-    durable runs show RUN_ID                       a run and its journal as a timeline
+    durable runs show RUN_ID                       a run, its parent and children, its journal
+    durable runs cancel RUN_ID [--reason TEXT]     cancel a run and its children
     durable runs resume RUN_ID                     resume a run paused by non-determinism
     durable runs export RUN_ID [-o FILE]           a run and its journal as JSON (for replay)
     durable events send NAME [--key K] [--payload JSON]
+    durable schedules list                         cron schedules and their next ticks
     durable db start|stop|status|url               the embedded PostgreSQL
 
 Commands that need the database use --database-url, else $DURABLE_DATABASE_URL, else the
@@ -24,6 +27,7 @@ import json
 import logging
 import signal
 import sys
+import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -44,6 +48,13 @@ def _parser() -> argparse.ArgumentParser:
     worker = commands.add_parser("worker", help="execute runs of an app's functions")
     worker.add_argument("app", help="the app to serve, as module:attribute")
     worker.add_argument("--concurrency", type=int, default=10)
+    worker.add_argument(
+        "--queue",
+        action="append",
+        dest="queues",
+        metavar="QUEUE",
+        help="serve this queue (repeat for more; default: the default queue)",
+    )
     worker.add_argument("--log-level", default="INFO")
 
     commands.add_parser("migrate", help="apply the schema migrations")
@@ -52,11 +63,15 @@ def _parser() -> argparse.ArgumentParser:
     runs_commands = runs.add_subparsers(dest="runs_command", required=True)
     listing = runs_commands.add_parser("list", help="recent runs, newest first")
     listing.add_argument(
-        "--status", choices=["pending", "running", "suspended", "paused", "completed", "failed"]
+        "--status",
+        choices=["pending", "running", "suspended", "paused", "completed", "failed", "cancelled"],
     )
     listing.add_argument("--limit", type=int, default=50)
     show = runs_commands.add_parser("show", help="a run and its journal as a timeline")
     show.add_argument("run_id")
+    cancel = runs_commands.add_parser("cancel", help="cancel a run and its child runs")
+    cancel.add_argument("run_id")
+    cancel.add_argument("--reason", default="cancelled by an operator")
     resume = runs_commands.add_parser("resume", help="resume a paused run")
     resume.add_argument("run_id")
     export = runs_commands.add_parser(
@@ -71,6 +86,10 @@ def _parser() -> argparse.ArgumentParser:
     send.add_argument("name")
     send.add_argument("--key")
     send.add_argument("--payload", help="JSON payload", default="null")
+
+    schedules = commands.add_parser("schedules", help="inspect cron schedules")
+    schedules_commands = schedules.add_subparsers(dest="schedules_command", required=True)
+    schedules_commands.add_parser("list", help="every schedule, its next tick and last run")
 
     db = commands.add_parser("db", help="the embedded PostgreSQL server")
     db.add_argument("action", choices=["start", "stop", "status", "url"])
@@ -122,7 +141,7 @@ def _worker(args: argparse.Namespace) -> int:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, app.stop_workers)
         async with app:
-            await app.run_worker(concurrency=args.concurrency)
+            await app.run_worker(concurrency=args.concurrency, queues=args.queues or ("default",))
 
     asyncio.run(serve())
     return 0
@@ -134,6 +153,7 @@ async def _with_app(args: argparse.Namespace) -> int:
             "migrate": _migrate,
             "runs": _runs,
             "events": _events,
+            "schedules": _schedules,
         }
         return await handlers[args.command](app, args)
 
@@ -158,8 +178,32 @@ async def _runs(app: App, args: argparse.Namespace) -> int:
         return 1
     if args.runs_command == "export":
         return await _export(handle, args.output)
+    if args.runs_command == "cancel":
+        return await _cancel(app, run_id, args.reason)
+    return await _show(app, handle)
+
+
+_CANCEL_OUTCOMES = {
+    "cancelled": "cancelled",
+    "requested": "is running: its worker is cancelling it",
+    "finished": "had already finished; nothing to cancel",
+}
+
+
+async def _cancel(app: App, run_id: uuid.UUID, reason: str) -> int:
+    outcome = await app.cancel_run(run_id, reason)
+    if outcome == "not_found":
+        print(f"no run with id {run_id}", file=sys.stderr)
+        return 1
+    print(f"run {run_id} {_CANCEL_OUTCOMES[outcome]}")
+    return 0
+
+
+async def _show(app: App, handle: RunHandle[Any]) -> int:
+    run_id = handle.run_id
     info = await handle.info()
     print(_run_line(info))
+    _print_flow(info)
     print(f"  input:   {json.dumps(info.input)}")
     if info.status == "completed":
         print(f"  result:  {json.dumps(info.result)}")
@@ -180,12 +224,52 @@ async def _runs(app: App, args: argparse.Namespace) -> int:
         )
     store = app._store_or_raise()
     for wait in await store.list_waits(run_id):
+        if wait.name == "durable.child":
+            print(f"    waiting at #{wait.position}: child run {wait.key}")
+            continue
         deadline = wait.timeout_at.isoformat() if wait.timeout_at else "no timeout"
         print(
             f"    waiting at #{wait.position}: event {wait.name!r} key {wait.key!r} "
             f"until {deadline}"
         )
+    children = await handle.children()
+    if children:
+        print(f"  children ({len(children)}):")
+        for child in children:
+            print(f"    {_run_line(child)}")
     return 0
+
+
+async def _schedules(app: App, args: argparse.Namespace) -> int:
+    rows = await app.list_schedules()
+    if not rows:
+        print("no schedules")
+    for row in rows:
+        last = (
+            f"last {row.last_tick:%Y-%m-%d %H:%M:%S} run {row.last_run_id}"
+            if row.last_tick
+            else "never fired"
+        )
+        print(
+            f"{row.name}  {row.cron!r} {row.timezone}  {row.function}  "
+            f"next {row.next_tick:%Y-%m-%d %H:%M:%S%z}  {last}"
+        )
+    return 0
+
+
+def _print_flow(info: RunInfo) -> None:
+    """The run's links and limits, those it has."""
+    lines = [
+        ("parent", info.parent_id),
+        ("priority", info.priority or None),
+        ("concurrency key", info.concurrency_key),
+        ("deadline", info.deadline_at and info.deadline_at.isoformat()),
+        ("start expires", info.expires_at and info.expires_at.isoformat()),
+        ("cancel requested", "its worker is stopping it" if info.cancel_requested else None),
+    ]
+    for label, value in lines:
+        if value is not None:
+            print(f"  {label}: {value}")
 
 
 async def _export(handle: RunHandle[Any], output: str | None) -> int:

@@ -19,6 +19,7 @@ from engine._records import (
     NewRun,
     RunRow,
     RunStatus,
+    ScheduleRow,
     Store,
     WaitRow,
 )
@@ -32,6 +33,7 @@ from engine._registry import (
 )
 from engine._run_state import Checkpoint, Decision, Moment, Probe, RunState
 from engine._runner import Runner
+from engine._schedules import CatchUp, Schedule, Scheduler
 from engine._store import TRANSIENT_ERRORS, PostgresStore
 from engine._tracing import current_carrier
 from engine._worker import Worker, WorkerOptions
@@ -41,6 +43,7 @@ __all__ = [
     "POLICY_ATTRIBUTE",
     "TRANSIENT_ERRORS",
     "Backoff",
+    "CatchUp",
     "Checkpoint",
     "ChildOutcome",
     "ChildRun",
@@ -63,6 +66,9 @@ __all__ = [
     "RunState",
     "RunStatus",
     "Runner",
+    "Schedule",
+    "ScheduleRow",
+    "Scheduler",
     "StepPolicy",
     "Store",
     "SystemClock",

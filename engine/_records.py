@@ -128,6 +128,21 @@ class ChildOutcome:
 
 
 @dataclass(frozen=True)
+class ScheduleRow:
+    """A cron schedule as stored (engine._schedules)."""
+
+    name: str
+    function: str
+    cron: str
+    timezone: str
+    input: Any
+    catch_up: str
+    next_tick: datetime
+    last_tick: datetime | None
+    last_run_id: uuid.UUID | None
+
+
+@dataclass(frozen=True)
 class WaitRow:
     position: str
     name: str

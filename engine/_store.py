@@ -14,7 +14,7 @@ import random
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime, timedelta
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import asyncpg
 
@@ -29,9 +29,13 @@ from engine._records import (
     JournalEntry,
     NewRun,
     RunRow,
+    ScheduleRow,
     WaitRow,
 )
 from engine.errors import ConfigurationError, DatabaseUnavailable, JournalConflict
+
+if TYPE_CHECKING:
+    from engine._schedules import Schedule
 
 log = logging.getLogger(__name__)
 
@@ -496,6 +500,47 @@ class PostgresStore:
                 raise ConfigurationError(str(exc)) from exc
             raise
         return retry
+
+    # -- schedules ----------------------------------------------------------------------------
+
+    async def define_schedule(self, schedule: Schedule, next_tick: datetime) -> None:
+        await self._retrying(
+            lambda: self._pool.execute(
+                self._q["define_schedule"],
+                schedule.name,
+                schedule.function,
+                schedule.cron,
+                schedule.timezone,
+                _json(schedule.input),
+                schedule.catch_up,
+                next_tick,
+            )
+        )
+
+    async def list_schedules(
+        self, names: Sequence[str] | None = None
+    ) -> tuple[list[ScheduleRow], datetime]:
+        """The stored schedules (of ``names``, or all), by name, and the database's now."""
+        names_given = None if names is None else list(names)
+
+        async def read() -> tuple[list[ScheduleRow], datetime]:
+            async with self._pool.acquire() as conn:
+                rows = await conn.fetch(self._q["list_schedules"], names_given)
+                now: datetime = await conn.fetchval(self._q["now"])
+            return [ScheduleRow(**dict(r.items())) for r in rows], now
+
+        return await self._retrying(read)
+
+    async def fire_schedule(
+        self, name: str, expected: datetime, tick: datetime, following: datetime, run: NewRun
+    ) -> uuid.UUID | None:
+        """Fire one tick (compare and set on the next tick); None if another worker did."""
+        fired: uuid.UUID | None = await self._once(
+            lambda: self._pool.fetchval(
+                self._q["fire_schedule"], name, expected, tick, following, _run_doc(run)
+            )
+        )
+        return fired
 
     # -- reading ------------------------------------------------------------------------------
 

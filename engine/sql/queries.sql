@@ -104,6 +104,21 @@ SELECT durable.define_rate_limit($1, $2, $3);
 -- name: take_rate
 SELECT durable.take_rate($1, $2, $3);
 
+-- name: define_schedule
+SELECT durable.define_schedule($1, $2, $3, $4, $5::text::jsonb, $6, $7);
+
+-- name: list_schedules
+SELECT name, function, cron, timezone, input, catch_up, next_tick, last_tick, last_run_id
+  FROM durable.schedules
+ WHERE $1::text[] IS NULL OR name = ANY ($1)
+ ORDER BY name;
+
+-- name: fire_schedule
+SELECT durable.fire_schedule($1, $2, $3, $4, $5);
+
+-- name: now
+SELECT durable.clock();
+
 -- name: list_waits
 SELECT position, name, key, timeout_at FROM durable.waits WHERE run_id = $1 ORDER BY position;
 
