@@ -37,10 +37,15 @@ class Workers:
         }
 
     def start(
-        self, *, module: str = "durable", concurrency: int = 4, **extra: str
+        self,
+        *,
+        module: str = "durable",
+        app: str = "tests.acceptance.workflows:app",
+        concurrency: int = 4,
+        **extra: str,
     ) -> subprocess.Popen[bytes]:
-        """A worker process; ``module`` is what runs the CLI (tests.acceptance.skewed for a
-        wrong clock), ``extra`` its environment."""
+        """A worker process of ``app``; ``module`` is what runs the CLI
+        (tests.acceptance.skewed for a wrong clock), ``extra`` its environment."""
         log = self.logs / f"worker-{len(self.processes)}.log"
         with log.open("wb") as out:  # the child keeps its own copy of the descriptor
             process = subprocess.Popen(
@@ -49,7 +54,7 @@ class Workers:
                     "-m",
                     module,
                     "worker",
-                    "tests.acceptance.workflows:app",
+                    app,
                     "--concurrency",
                     str(concurrency),
                 ],
