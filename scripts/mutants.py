@@ -22,6 +22,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 FAULT_SUITE = ["tests/acceptance/test_faults.py", "tests/acceptance/test_crashes.py"]
 SCHEMA_FILES = ["engine/sql/schema.sql", "engine/sql/migrations/0001_create_schema.sql"]
+FLOW_FILES = ["engine/sql/schema.sql", "engine/sql/migrations/0007_add_flow_control.sql"]
+FLOW_SUITE = "tests/acceptance/test_flow_control.py"
 
 
 @dataclass(frozen=True)
@@ -51,7 +53,7 @@ MUTATIONS = [
         "no-new-attempt",
         "a claim keeps the attempt number, so the old holder's fencing token stays valid",
         everywhere(
-            [*SCHEMA_FILES, "engine/sql/migrations/0002_read_time_from_clock.sql"],
+            [*FLOW_FILES, "engine/sql/migrations/0002_read_time_from_clock.sql"],
             "attempt = r.attempt + 1,",
             "attempt = r.attempt,",
         ),
@@ -62,13 +64,37 @@ MUTATIONS = [
         "a claim takes runs whose lease has not expired (a live worker's runs)",
         [
             ("engine/sql/migrations/0001_create_schema.sql", "AND r.available_at <= now()", ""),
-            *everywhere(
-                ["engine/sql/schema.sql", "engine/sql/migrations/0002_read_time_from_clock.sql"],
+            (
+                "engine/sql/migrations/0002_read_time_from_clock.sql",
                 "AND r.available_at <= durable.clock()",
                 "",
             ),
+            *everywhere(FLOW_FILES, "AND r.available_at <= v_now", ""),
         ],
         FAULT_SUITE,
+    ),
+    Mutation(
+        "ignore-concurrency-limits",
+        "a claim always finds a free slot for a concurrency key",
+        everywhere(
+            FLOW_FILES, ">= p_limit THEN\n        RETURN false;", ">= 0 THEN\n        NULL;"
+        ),
+        [
+            f"{FLOW_SUITE}::test_a_per_key_limit_of_one_never_overlaps_a_key_and_serves_keys_in_turn",
+            f"{FLOW_SUITE}::test_a_global_limit_holds_across_three_worker_processes",
+        ],
+    ),
+    Mutation(
+        "half-rate-window",
+        "the rate limit forgets grants after half its period",
+        everywhere(
+            FLOW_FILES,
+            "g.granted_at <= v_now - v_limit.period;",
+            "g.granted_at <= v_now - v_limit.period / 2;",
+        ),
+        [
+            f"{FLOW_SUITE}::test_a_rate_limit_of_ten_per_second_is_never_exceeded_in_any_one_second_window"
+        ],
     ),
     Mutation(
         "ack-before-commit",
