@@ -19,15 +19,16 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
-
-from croniter import croniter
 
 from engine._records import NewRun, ScheduleRow
 from engine._registry import FunctionSpec
 from engine._store import TRANSIENT_ERRORS
 from engine.errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from croniter import croniter
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,8 @@ class Schedule:
     catch_up: CatchUp = "latest"
 
     def __post_init__(self) -> None:
+        from croniter import croniter  # imported when an app declares a schedule
+
         fields = len(self.cron.split())
         if fields not in (5, 6) or not croniter.is_valid(
             self.cron, second_at_beginning=fields == 6
@@ -65,6 +68,8 @@ class Schedule:
             raise ConfigurationError(f"schedule {self.name!r}: catch_up must be latest or all")
 
     def _ticks(self, start: datetime, *, backwards: bool = False) -> croniter:
+        from croniter import croniter
+
         local = start.astimezone(ZoneInfo(self.timezone))
         six = len(self.cron.split()) == 6
         return croniter(self.cron, local, is_prev=backwards, second_at_beginning=six)

@@ -592,7 +592,7 @@ LANGUAGE sql STABLE AS $$
            (e.doc ->> 'parent_id')::uuid, e.doc ->> 'concurrency_key',
            (e.doc ->> 'concurrency_limit')::integer, e.doc ->> 'concurrency_strategy',
            coalesce((e.doc ->> 'slot_while_suspended')::boolean, false),
-           e.doc ->> 'rate_limit', e.doc ->> 'rate_key'
+           e.doc ->> 'rate_limit', coalesce(e.doc ->> 'rate_key', '')
       FROM jsonb_array_elements(p_runs) WITH ORDINALITY AS e (doc, n),
            LATERAL (SELECT coalesce(
                                (e.doc ->> 'available_at')::timestamptz,
@@ -603,9 +603,9 @@ $$;
 -- Starts runs (App.start, App.start_many, Context.start): one JSON object per run with its id,
 -- function, input, idempotency_key, trace_context and options (priority, available_at, delay,
 -- start_timeout and run_timeout in seconds, parent_id, concurrency_key, concurrency_limit,
--- concurrency_strategy, slot_while_suspended, rate_limit, rate_key). Returns one row per given
--- run, in order: its id (an existing run's when the id or idempotency key is taken) and whether
--- it was created. The strategies act on the active runs of the same concurrency key:
+-- concurrency_strategy, slot_while_suspended, rate_limit, rate_key; absent ones take their
+-- defaults). Returns one row per given run, in order: its id (an existing run's when the id or
+-- idempotency key is taken) and whether it was created. The strategies act on the active runs of the same concurrency key:
 -- 'cancel_newest' cancels the new run when its key is already at its limit;
 -- 'cancel_in_progress' cancels the oldest runs of the key so that the newest stay within it.
 CREATE FUNCTION durable.create_runs(p_runs jsonb) RETURNS TABLE (run_id uuid, created boolean)
@@ -633,7 +633,8 @@ BEGIN
     SELECT coalesce(array_agg(i.id), '{}') INTO v_ids FROM inserted i;
     FOR v_new IN SELECT g.id, g.concurrency_key AS key, g.concurrency_limit AS lim, g.strategy
                    FROM durable.given_runs(p_runs, v_now) g
-                  WHERE g.strategy IN ('cancel_newest', 'cancel_in_progress')
+                  WHERE p_runs @? '$[*].concurrency_strategy'
+                    AND g.strategy IN ('cancel_newest', 'cancel_in_progress')
                     AND g.id = ANY (v_ids)
                   ORDER BY g.n LOOP
         PERFORM durable.lock_slot_key(v_new.key);
