@@ -145,6 +145,7 @@ async def replay(app: App, recorded: RecordedRun) -> ReplayReport:
         short_wait=0.0,
         rng=random.Random(0),
         probe=probe,
+        functions=app.functions,
     )
     await runner.execute()
     state = runner.state

@@ -161,6 +161,13 @@ class _Probe:
         self.journaled: set[str] = set()
         self.reruns: list[str] = []
         self.crashed_attempt = False
+        self.root: uuid.UUID | None = None
+
+    def _key(self, point: Checkpoint) -> str:
+        """The position, for the run under test; ``run@position`` for its child runs."""
+        if self.root is None or point.run_id == self.root:
+            return point.position
+        return f"{point.run_id}@{point.position}"
 
     async def __call__(self, point: Checkpoint) -> Decision:
         index = len(self.passed)
@@ -168,8 +175,9 @@ class _Probe:
         if self.shuffle is not None:  # let other branches overtake this one
             for _ in range(self.shuffle.randrange(4)):
                 await asyncio.sleep(0)
+        key = self._key(point)
         if point.moment == "journaled":
-            self.journaled.add(point.position)
+            self.journaled.add(key)
         if index in self.crash_at:
             self.crashed.append(point)
             self.crashed_attempt = True
@@ -178,9 +186,9 @@ class _Probe:
             if self.halt:
                 return "halt"
             if point.kind == "step":
-                if point.position in self.journaled:
-                    self.reruns.append(point.position)
-                self.executions[point.position] += 1
+                if key in self.journaled:
+                    self.reruns.append(key)
+                self.executions[key] += 1
         return "continue"
 
 
@@ -279,6 +287,7 @@ class Simulation:
         run_id = drawn if self._database_url is None else uuid.uuid4()
         await store.start_run(run_id, spec.name, data, None, None)
         probe = _Probe(crashes, None if shuffle is None else random.Random(shuffle), halt=False)
+        probe.root = run_id
         started = self.clock.now()
         attempts = await self._drive(store, spec, run_id, probe, events, lateness)
         outcome = await self._outcome(store, spec, run_id, probe, attempts)
@@ -309,16 +318,18 @@ class Simulation:
             while schedule and started + schedule[0][1].at <= self.clock.now():
                 event = schedule.pop(0)[1]
                 await store.send_event(event.name, event.key or "", dump(Any, event.payload, ""))
-            claims = await store.claim([spec.name], 1, _WORKER, _LEASE)
+            # Child runs (ctx.start, ctx.run) are driven too, one attempt at a time.
+            names = list(self.app.functions)
+            claims = await store.claim(names, 1, _WORKER, _LEASE)
             if claims:
                 attempts += 1
                 if attempts > self.max_attempts:
                     raise SimulationError(
                         f"run {run_id} of {spec.name!r} did not end in {self.max_attempts} attempts"
                     )
-                await self._attempt(store, spec, claims[0], probe)
+                await self._attempt(store, self._spec(claims[0].function), claims[0], probe)
                 continue
-            due, _now = await store.next_due([spec.name])
+            due, _now = await store.next_due(names)
             next_event = started + schedule[0][1].at if schedule else None
             if due is None and next_event is None:
                 return attempts
@@ -339,6 +350,7 @@ class Simulation:
             max_payload_bytes=self.app._max_payload_bytes,
             stubs=self.stubs,
             seed=f"{self.seed}/{self._started}",
+            functions=self.app.functions,
         )
         await runner.execute()
         if probe.crashed_attempt:  # the next attempt starts at once, as if the lease had run out

@@ -305,3 +305,35 @@ async def test_a_replay_that_stops_short_of_the_journal_raises() -> None:
     recorded = RecordedRun(outcome.run_id, "pipeline", 2, "completed", 6, outcome.journal)
     with pytest.raises(durable.NonDeterminismError, match="position 2"):
         await replay(app, recorded)
+
+
+@app.function(name="square_child")
+async def square_child(ctx: durable.Context, n: int) -> int:
+    return await ctx.step("square", lambda: n * n)
+
+
+@app.function(name="fan_out_parent")
+async def fan_out_parent(ctx: durable.Context, n: int) -> int:
+    return sum(await asyncio.gather(*(ctx.run(square_child, i) for i in range(n))))
+
+
+async def test_a_simulation_drives_child_runs_and_a_fan_out_survives_a_crash_at_every_point() -> (
+    None
+):
+    report = await crash_at_every_point(app, fan_out_parent, 3)
+    assert report.baseline.result == 0 + 1 + 4
+    assert [e.kind for e in report.baseline.journal].count("start") == 3
+    assert len(report.points) >= 6
+
+
+async def test_a_recorded_fan_out_replays_from_its_journal_alone() -> None:
+    outcome = await Simulation(app).run(fan_out_parent, 3)
+    recorded = RecordedRun(
+        run_id=outcome.run_id,
+        function="fan_out_parent",
+        input=3,
+        status=outcome.status,
+        result=outcome.result,
+        journal=outcome.journal,
+    )
+    await replay(app, RecordedRun.from_json(recorded.to_json()))
