@@ -14,7 +14,7 @@ from typing import Any, cast
 
 from engine._codec import load, return_type
 from engine._records import NewRun, Strategy
-from engine.errors import ConfigurationError
+from engine.errors import ConfigurationError, InvalidInput
 
 POLICY_ATTRIBUTE = "__durable_step_policy__"
 
@@ -149,10 +149,10 @@ class FunctionSpec:
         if concurrency is not None:
             key = self.name
             if concurrency.key is not None:
-                key = f"{self.name}:{concurrency.key(self._typed(data))}"
+                key = f"{self.name}:{self._key(concurrency.key, data, 'concurrency')}"
         rate_key = ""
         if options.rate_limit is not None and options.rate_key is not None:
-            rate_key = str(options.rate_key(self._typed(data)))
+            rate_key = self._key(options.rate_key, data, "rate limit")
         if start_at is not None and start_at.tzinfo is None:
             start_at = start_at.replace(tzinfo=UTC)
         return NewRun(
@@ -175,8 +175,14 @@ class FunctionSpec:
             rate_key=rate_key,
         )
 
-    def _typed(self, data: Any) -> Any:
-        return load(self.input_type, data) if self.takes_input else None
+    def _key(self, key: Callable[[Any], object], data: Any, what: str) -> str:
+        """A key function's value for the run's input (as the function receives it)."""
+        try:
+            return str(key(load(self.input_type, data) if self.takes_input else None))
+        except Exception as exc:
+            raise InvalidInput(
+                f"the {what} key of {self.name!r} failed on this input: {type(exc).__name__}: {exc}"
+            ) from exc
 
     @classmethod
     def describe(

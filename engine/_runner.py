@@ -72,6 +72,10 @@ class Runner:
     def _interrupt(self) -> None:
         if self.state is not None:
             self.state.cancelled = True
+        self._stop_tasks()
+
+    def _stop_tasks(self) -> None:
+        if self.state is not None:
             self.state.cancel_tasks()
         if self._root is not None:
             self._root.cancel()
@@ -91,9 +95,7 @@ class Runner:
         self.lost_because = reason
         if self.state is not None:
             self.state.lost = True
-            self.state.cancel_tasks()
-        if self._root is not None:
-            self._root.cancel()
+        self._stop_tasks()
 
     async def execute(self) -> None:
         claim = self.claim

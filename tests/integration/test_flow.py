@@ -250,3 +250,18 @@ async def test_start_many_on_the_callers_connection_commits_with_it(database_url
             await rolled[0].info()
         async with running_worker(app):
             assert [await h.result(timeout=30) for h in kept] == [3, 4]
+
+
+async def test_a_concurrency_key_that_fails_on_an_input_refuses_the_start(
+    database_url: str,
+) -> None:
+    app = make_app(database_url)
+
+    @app.function(concurrency=durable.Concurrency(key=lambda job: job["tenant"], limit=1))
+    async def job(ctx: durable.Context, job: dict[str, str]) -> None:
+        return None
+
+    async with app:
+        with pytest.raises(durable.InvalidInput, match="concurrency key"):
+            await app.start(job, {"no tenant": "x"})
+        assert await app.list_runs() == []
