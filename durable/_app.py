@@ -196,8 +196,8 @@ class App:
         run starts (``@app.function(rate_limit=name)``). The algorithm is a sliding-window log:
         units are granted at time t when the units granted in (t - period, t] plus the new ones
         stay within ``limit``; otherwise the caller waits, without polling, until enough units
-        leave the window. Declarations are written to the database when the app connects (the
-        last app to connect wins when two disagree)."""
+        leave the window. Declarations are written to the database when the app connects and
+        when a worker starts (the last to write wins when two apps disagree)."""
         _storable_text(name, "rate limit name")
         if limit < 1 or period <= timedelta(0):
             raise ConfigurationError(
@@ -205,6 +205,10 @@ class App:
                 f"{limit} per {period}"
             )
         self._rate_limits[name] = (limit, period)
+
+    async def _declare_rate_limits(self, store: PostgresStore) -> None:
+        for limit_name, (limit, period) in self._rate_limits.items():
+            await store.define_rate_limit(limit_name, limit, period)
 
     @property
     def functions(self) -> dict[str, FunctionSpec]:
@@ -230,8 +234,7 @@ class App:
         )
         try:
             await store.migrate()
-            for limit_name, (limit, period) in self._rate_limits.items():
-                await store.define_rate_limit(limit_name, limit, period)
+            await self._declare_rate_limits(store)
             listener = Listener(store.connect_raw)
             listener.subscribe("durable_done", self._dispatch_done)
             await listener.start()
@@ -532,6 +535,7 @@ class App:
         await self.connect()
         store, listener = self._store_or_raise(), self._listener
         assert listener is not None
+        await self._declare_rate_limits(store)  # those declared after the app connected too
         served = {
             n: s
             for n, s in self._functions.items()
