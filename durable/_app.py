@@ -194,9 +194,10 @@ class App:
 
         Steps consume it (``@durable.step(rate_limit=name, rate_key=..., weight=...)``), as do
         run starts (``@app.function(rate_limit=name)``). The algorithm is a sliding-window log:
-        units are granted at time t when the units granted in (t - period, t] plus the new ones
-        stay within ``limit``; otherwise the caller waits, without polling, until enough units
-        leave the window. Declarations are written to the database when the app connects and
+        units are granted at the earliest time t (no earlier than now, nor than the latest
+        grant) at which the units granted in (t - period, t] plus the new ones stay within
+        ``limit``; when t is later than now they are reserved, and the caller waits for them
+        without polling. Declarations are written to the database when the app connects and
         when a worker starts (the last to write wins when two apps disagree)."""
         _storable_text(name, "rate limit name")
         if limit < 1 or period <= timedelta(0):

@@ -92,7 +92,7 @@ class Context:
         body = state.stubs.get(name, fn)
         policy = policy_of(fn)
         if policy.rate_limit is not None:
-            await _take_budget(state, policy, args, kwargs, in_memory=False)
+            await _take_budget(state, position, 1, policy, args, kwargs)
         with state.live():
             outcome, error = await _execute_step(state, position, name, body, policy, args, kwargs)
         await state.checkpoint("ran", position, "step", name)
@@ -267,20 +267,23 @@ class Context:
 
 async def _take_budget(
     state: RunState,
+    position: str,
+    attempt: int,
     policy: StepPolicy,
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
-    *,
-    in_memory: bool,
 ) -> None:
-    """Take the step's units of its rate limit, waiting until the limit's window has room:
-    without polling (the store says when), in memory for a retry (live work), and otherwise as
-    a timer that suspends the run when the wait is not short."""
+    """Take the step's units of its rate limit for this attempt. When the window is full the
+    store reserves them for a later time: wait until then, in memory for a retry (live work),
+    otherwise as a timer that suspends the run when the wait is not short, and collect them.
+    The holder names the run, the position and the attempt, so a run resumed by replay collects
+    its reservation instead of taking more."""
     assert policy.rate_limit is not None
     key = policy.budget_key(args, kwargs)
+    holder = f"{state.run_id}/{position}/{attempt}"
     while True:
         state.check_alive()
-        retry = await state.db(state.store.take_rate(policy.rate_limit, key, policy.weight))
+        retry = await state.db(state.store.take_rate(policy.rate_limit, key, policy.weight, holder))
         if retry is None:
             return
         log.debug(
@@ -291,7 +294,7 @@ async def _take_budget(
             retry,
             extra={"run_id": str(state.run_id)},
         )
-        if in_memory:
+        if attempt > 1:  # a retry is live work: the run cannot suspend
             await state.db_time.sleep(max(0.0, state.db_time.seconds_until(retry)))
         else:
             await state.block(retry)
@@ -340,4 +343,4 @@ async def _execute_step(
         )
         await state.db_time.sleep(delay)
         if policy.rate_limit is not None:
-            await _take_budget(state, policy, args, kwargs, in_memory=True)
+            await _take_budget(state, position, attempt + 1, policy, args, kwargs)

@@ -59,6 +59,14 @@ class _Run:
     waits: dict[str, WaitRow] = field(default_factory=dict)
 
 
+@dataclass
+class _Grant:
+    at: datetime
+    weight: int
+    holder: str
+    used: bool
+
+
 @dataclass(frozen=True)
 class _Event:
     id: int
@@ -76,7 +84,7 @@ class MemoryStore:
         self._keys: dict[str, uuid.UUID] = {}
         self._events: list[_Event] = []
         self._rate_limits: dict[str, tuple[int, timedelta]] = {}
-        self._grants: dict[tuple[str, str], list[tuple[datetime, int]]] = {}
+        self._grants: dict[tuple[str, str], list[_Grant]] = {}
 
     async def close(self) -> None:
         return None
@@ -207,7 +215,7 @@ class MemoryStore:
                 return False
             run.holds_slot, run.awaiting_slot = True, False
         if options.rate_limit is not None and row.started_at is None:
-            retry = self._take_rate(options.rate_limit, options.rate_key, 1)
+            retry = self._take_rate(options.rate_limit, options.rate_key, 1, f"start {row.id}")
             if retry is not None:
                 self._update(run, available_at=retry)
                 return False
@@ -492,27 +500,35 @@ class MemoryStore:
     async def define_rate_limit(self, name: str, limit: int, period: timedelta) -> None:
         self._rate_limits[name] = (limit, period)
 
-    async def take_rate(self, name: str, key: str, weight: int) -> datetime | None:
-        return self._take_rate(name, key, weight)
+    async def take_rate(self, name: str, key: str, weight: int, holder: str) -> datetime | None:
+        return self._take_rate(name, key, weight, holder)
 
-    def _take_rate(self, name: str, key: str, weight: int) -> datetime | None:
+    def _take_rate(self, name: str, key: str, weight: int, holder: str) -> datetime | None:
+        """durable.take_rate: a sliding-window log with reservations for waiting holders."""
         if name not in self._rate_limits:
             raise ConfigurationError(f"rate limit {name!r} is not declared")
         budget, period = self._rate_limits[name]
         if weight > budget:
             raise ConfigurationError(f"weight {weight} exceeds the budget {budget} of {name!r}")
         now = self.clock.now()
-        grants = [g for g in self._grants.get((name, key), []) if g[0] > now - period]
-        self._grants[(name, key)] = grants
-        used = sum(w for _t, w in grants)
-        if used + weight <= budget:
-            grants.append((now, weight))
+        grants = self._grants.setdefault((name, key), [])
+        reserved = next((g for g in grants if g.holder == holder and not g.used), None)
+        if reserved is not None:
+            if reserved.at > now:
+                return reserved.at
+            reserved.used = True
             return None
-        for granted_at, units in grants:
-            used -= units
-            if used + weight <= budget:
-                return granted_at + period
-        return now + period
+        grants[:] = [g for g in grants if g.at > now - period]
+        used = sum(g.weight for g in grants)
+        at = max([now, *(g.at for g in grants)])
+        if used + weight > budget:
+            for grant in sorted(grants, key=lambda g: g.at):
+                used -= grant.weight
+                if used + weight <= budget:
+                    at = max(at, grant.at + period)
+                    break
+        grants.append(_Grant(at, weight, holder, used=at <= now))
+        return None if at <= now else at
 
     # -- reading ------------------------------------------------------------------------------
 

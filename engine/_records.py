@@ -13,8 +13,9 @@ short:
   run already received on the same (name, key); each wait receives the oldest such event.
 - A claim takes the highest priority first, then the earliest due. A run of a concurrency key at
   its limit awaits a slot (it is not due) until a transition that frees one hands it over.
-- Rate limits are a sliding-window log: units are granted at t when the units granted in
-  (t - period, t] plus the new ones stay within the budget.
+- Rate limits are a sliding-window log: units are granted at the earliest t, no earlier than
+  now nor than the latest grant, at which the units granted in (t - period, t] plus the new ones
+  stay within the budget; a t in the future is a reservation its holder collects then.
 """
 
 from __future__ import annotations
@@ -291,9 +292,10 @@ class Store(Protocol):
         """Declare (or redeclare) rate limit ``name``: ``limit`` units per ``period``."""
         ...
 
-    async def take_rate(self, name: str, key: str, weight: int) -> datetime | None:
-        """Take ``weight`` units of rate limit ``name`` for ``key``: None when granted, else
-        the earliest time enough units leave the window."""
+    async def take_rate(self, name: str, key: str, weight: int, holder: str) -> datetime | None:
+        """Take ``weight`` units of rate limit ``name`` for ``key``: None when granted now,
+        else the time they are reserved for ``holder``, which then asks again to receive
+        them."""
         ...
 
     async def get_run(self, run_id: uuid.UUID) -> RunRow | None: ...

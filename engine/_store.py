@@ -489,11 +489,12 @@ class PostgresStore:
             lambda: self._pool.execute(self._q["define_rate_limit"], name, limit, period)
         )
 
-    async def take_rate(self, name: str, key: str, weight: int) -> datetime | None:
-        """Take units of a rate limit: None when granted, else when to try again."""
+    async def take_rate(self, name: str, key: str, weight: int, holder: str) -> datetime | None:
+        """Take units of a rate limit: None when granted now, else the time they are reserved
+        for ``holder`` (durable.take_rate)."""
         try:
             retry: datetime | None = await self._once(
-                lambda: self._pool.fetchval(self._q["take_rate"], name, key, weight)
+                lambda: self._pool.fetchval(self._q["take_rate"], name, key, weight, holder)
             )
         except asyncpg.PostgresError as exc:
             if exc.sqlstate in ("DU002", "DU003"):  # not declared; a weight over the budget

@@ -102,7 +102,7 @@ SELECT durable.cancel_run($1, $2);
 SELECT durable.define_rate_limit($1, $2, $3);
 
 -- name: take_rate
-SELECT durable.take_rate($1, $2, $3);
+SELECT durable.take_rate($1, $2, $3, $4);
 
 -- name: define_schedule
 SELECT durable.define_schedule($1, $2, $3, $4, $5::text::jsonb, $6, $7);

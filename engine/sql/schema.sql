@@ -21,8 +21,9 @@
 --                     deadline of each, and the children a run waits for (name 'durable.child').
 --                     Deleted once the wait is journaled.
 -- durable.rate_limits The declared rate limits: a budget of units per period.
--- durable.rate_grants The units granted per (limit, key) within the last period: a sliding-window
---                     log, pruned as it is read.
+-- durable.rate_grants The units granted per (limit, key) within the last period, and those
+--                     reserved for a waiting holder at a future time: a sliding-window log,
+--                     pruned as it is read.
 -- durable.schedules   Cron schedules: the function, input, cron expression and time zone of each,
 --                     its next tick (moved on by the worker that fires it) and its last run.
 -- durable.schema_migrations  Which numbered migrations have been applied.
@@ -140,10 +141,13 @@ CREATE TABLE durable.rate_grants (
     name        text NOT NULL,
     key         text NOT NULL,
     granted_at  timestamptz NOT NULL,
-    weight      integer NOT NULL
+    weight      integer NOT NULL,
+    holder      text NOT NULL,
+    used        boolean NOT NULL
 );
 
 CREATE INDEX rate_grants_window ON durable.rate_grants (name, key, granted_at);
+CREATE INDEX rate_grants_holder ON durable.rate_grants (name, key, holder) WHERE NOT used;
 
 CREATE TABLE durable.schedules (
     name         text PRIMARY KEY,
@@ -738,16 +742,24 @@ LANGUAGE sql AS $$
        SET budget = excluded.budget, period = excluded.period, updated_at = now();
 $$;
 
--- Takes p_weight units of rate limit p_name for p_key: a sliding-window log. The units are
--- granted at t (the database's clock, read under the key's lock) when the units granted in
--- (t - period, t] plus p_weight stay within the budget; then NULL is returned. Otherwise nothing
--- is granted and the earliest time at which enough units leave the window is returned.
-CREATE FUNCTION durable.take_rate(p_name text, p_key text, p_weight integer) RETURNS timestamptz
+-- Takes p_weight units of rate limit p_name for p_key on behalf of p_holder: a sliding-window
+-- log. Units are granted at the earliest time t, no earlier than now (the database's clock, read
+-- under the key's lock) nor than the latest grant, at which the units granted in
+-- (t - period, t] plus p_weight stay within the budget. Granting at the latest grant or later
+-- means every window that holds t was checked, so no window of one period ever holds more than
+-- the budget. When t is now, NULL is returned: go. Otherwise the units are reserved for p_holder
+-- at t and t is returned: the holder waits until then and asks again, and its reservation is
+-- then handed to it (NULL) instead of a second grant. Waiters are so served in turn, each woken
+-- once.
+CREATE FUNCTION durable.take_rate(
+    p_name text, p_key text, p_weight integer, p_holder text
+) RETURNS timestamptz
 LANGUAGE plpgsql AS $$
 DECLARE
     v_limit durable.rate_limits%ROWTYPE;
     v_now timestamptz;
     v_used bigint;
+    v_at timestamptz;
     v_grant record;
 BEGIN
     SELECT * INTO v_limit FROM durable.rate_limits l WHERE l.name = p_name;
@@ -763,24 +775,35 @@ BEGIN
     END IF;
     PERFORM pg_advisory_xact_lock(hashtextextended(p_name || chr(31) || p_key, 13));
     v_now := durable.clock();
-    DELETE FROM durable.rate_grants g
-     WHERE g.name = p_name AND g.key = p_key AND g.granted_at <= v_now - v_limit.period;
-    SELECT coalesce(sum(g.weight), 0) INTO v_used FROM durable.rate_grants g
-     WHERE g.name = p_name AND g.key = p_key;
-    IF v_used + p_weight <= v_limit.budget THEN
-        INSERT INTO durable.rate_grants (name, key, granted_at, weight)
-        VALUES (p_name, p_key, v_now, p_weight);
+    SELECT g.granted_at INTO v_at FROM durable.rate_grants g
+     WHERE g.name = p_name AND g.key = p_key AND g.holder = p_holder AND NOT g.used;
+    IF FOUND THEN
+        IF v_at > v_now THEN
+            RETURN v_at;
+        END IF;
+        UPDATE durable.rate_grants g SET used = true
+         WHERE g.name = p_name AND g.key = p_key AND g.holder = p_holder AND NOT g.used;
         RETURN NULL;
     END IF;
-    FOR v_grant IN SELECT g.granted_at, g.weight FROM durable.rate_grants g
-                    WHERE g.name = p_name AND g.key = p_key
-                    ORDER BY g.granted_at LOOP
-        v_used := v_used - v_grant.weight;
-        IF v_used + p_weight <= v_limit.budget THEN
-            RETURN v_grant.granted_at + v_limit.period;
-        END IF;
-    END LOOP;
-    RETURN v_now + v_limit.period;
+    DELETE FROM durable.rate_grants g
+     WHERE g.name = p_name AND g.key = p_key AND g.granted_at <= v_now - v_limit.period;
+    SELECT coalesce(sum(g.weight), 0), max(g.granted_at) INTO v_used, v_at
+      FROM durable.rate_grants g WHERE g.name = p_name AND g.key = p_key;
+    v_at := greatest(v_now, v_at);
+    IF v_used + p_weight > v_limit.budget THEN
+        FOR v_grant IN SELECT g.granted_at, g.weight FROM durable.rate_grants g
+                        WHERE g.name = p_name AND g.key = p_key
+                        ORDER BY g.granted_at LOOP
+            v_used := v_used - v_grant.weight;
+            IF v_used + p_weight <= v_limit.budget THEN
+                v_at := greatest(v_at, v_grant.granted_at + v_limit.period);
+                EXIT;
+            END IF;
+        END LOOP;
+    END IF;
+    INSERT INTO durable.rate_grants (name, key, granted_at, weight, holder, used)
+    VALUES (p_name, p_key, v_at, p_weight, p_holder, v_at <= v_now);
+    RETURN CASE WHEN v_at <= v_now THEN NULL ELSE v_at END;
 END
 $$;
 
@@ -844,7 +867,8 @@ BEGIN
                 ELSE
                     v_retry := NULL;
                     IF v_run.rate_limit IS NOT NULL AND v_run.started_at IS NULL THEN
-                        v_retry := durable.take_rate(v_run.rate_limit, v_run.rate_key, 1);
+                        v_retry := durable.take_rate(v_run.rate_limit, v_run.rate_key, 1,
+                                                     'start ' || v_run.id);
                     END IF;
                     IF v_retry IS NULL THEN
                         v_take := v_take || v_run.id;

@@ -179,25 +179,32 @@ async def test_a_child_ending_while_its_parent_runs_makes_the_parent_due_when_it
     assert await _claim_ids(store) == [parent]
 
 
-async def test_rate_limits_are_a_sliding_window_log(subject: Subject) -> None:
+async def test_rate_limits_are_a_sliding_window_log_with_reservations_in_turn(
+    subject: Subject,
+) -> None:
     store, clock = subject.store, subject.clock
     await store.define_rate_limit("api", 2, timedelta(seconds=10))
     start = clock.now()
-    assert await store.take_rate("api", "t1", 1) is None
+    assert await store.take_rate("api", "t1", 1, "a") is None
     clock.advance(timedelta(seconds=1))
-    assert await store.take_rate("api", "t1", 1) is None
-    assert await store.take_rate("api", "t2", 2) is None  # each key has its own budget
+    assert await store.take_rate("api", "t1", 1, "b") is None
+    assert await store.take_rate("api", "t2", 2, "c") is None  # each key has its own budget
     clock.advance(timedelta(seconds=1))
-    assert await store.take_rate("api", "t1", 1) == start + timedelta(seconds=10)
-    assert await store.take_rate("api", "t1", 2) == start + timedelta(seconds=11)
+    # The window is full: the units are reserved when enough leave it, for waiters in turn.
+    assert await store.take_rate("api", "t1", 1, "d") == start + timedelta(seconds=10)
+    assert await store.take_rate("api", "t1", 1, "e") == start + timedelta(seconds=11)
+    assert await store.take_rate("api", "t1", 2, "f") == start + timedelta(seconds=21)
+    assert await store.take_rate("api", "t1", 1, "d") == start + timedelta(seconds=10)  # kept
     clock.advance(timedelta(seconds=8) - timedelta(microseconds=1))
-    assert await store.take_rate("api", "t1", 1) == start + timedelta(seconds=10)
+    assert await store.take_rate("api", "t1", 1, "d") == start + timedelta(seconds=10)
     clock.advance(timedelta(microseconds=1))  # the first grant leaves the window exactly now
-    assert await store.take_rate("api", "t1", 1) is None
+    assert await store.take_rate("api", "t1", 1, "d") is None  # collected, not granted twice
+    # Its holder's next take is new: f's two units at 21 s fill every window until 31 s.
+    assert await store.take_rate("api", "t1", 1, "d") == start + timedelta(seconds=31)
     with pytest.raises(ConfigurationError):
-        await store.take_rate("undeclared", "", 1)
+        await store.take_rate("undeclared", "", 1, "x")
     with pytest.raises(ConfigurationError):
-        await store.take_rate("api", "t3", 3)
+        await store.take_rate("api", "t3", 3, "x")
 
 
 async def test_a_start_rate_limit_delays_runs_beyond_the_budget(subject: Subject) -> None:
