@@ -449,9 +449,9 @@ class App:
         chosen = _run_id(run_id) if run_id is not None else uuid.uuid4()
         if delay is not None and start_at is not None:
             raise InvalidInput("give delay or start_at, not both")
+        if start_at is not None and start_at.tzinfo is None:
+            start_at = start_at.replace(tzinfo=UTC)  # a naive time is taken as UTC
         if spec is None:
-            if start_at is not None and start_at.tzinfo is None:
-                start_at = start_at.replace(tzinfo=UTC)
             return NewRun(
                 chosen,
                 name,

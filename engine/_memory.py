@@ -381,7 +381,7 @@ class MemoryStore:
         if deadline is not None and (until is None or deadline < until):
             until = deadline
         freed = run.holds_slot and not run.options.slot_while_suspended
-        run.holds_slot = run.holds_slot and not freed
+        run.holds_slot = run.holds_slot and run.options.slot_while_suspended
         self._update(
             run,
             status="suspended",
@@ -403,25 +403,7 @@ class MemoryStore:
         run = self._held(run_id, attempt)
         if run is None:
             return False
-        held = run.holds_slot
-        run.holds_slot = run.awaiting_slot = False
-        if status == "cancelled" and run.row.cancel_requested and run.row.error is not None:
-            error = run.row.error
-        self._update(
-            run,
-            status=status,
-            result=_copy(result),
-            error=_copy(error),
-            lease_owner=None,
-            available_at=None,
-            cancel_requested=False,
-            finished_at=None if status == "paused" else self.clock.now(),
-        )
-        if held:
-            self._hand_over(run.row.concurrency_key)
-        if status != "paused":
-            run.waits.clear()
-            self._wake_parent(run)
+        self._end(run, status, error, result)
         return True
 
     async def release(self, run_id: uuid.UUID, attempt: int) -> bool:
@@ -590,40 +572,43 @@ class MemoryStore:
             position, kind, name, _copy(value), _copy(error), attempt, self.clock.now()
         )
 
-    def _end(self, run: _Run, status: EndStatus, error: Any) -> None:
-        """durable.end_run: end a run no worker is executing."""
+    def _end(self, run: _Run, status: EndStatus, error: Any, result: Any = None) -> None:
+        """durable.end_run and durable.finish_runs for one run: the run ends (or pauses), its
+        slot goes to the next waiting run, and an ended run drops its waits and wakes its
+        parent. A run asked to cancel keeps the reason it was given."""
         held = run.holds_slot
         run.holds_slot = run.awaiting_slot = False
-        if run.row.cancel_requested and run.row.error is not None:
+        if status == "cancelled" and run.row.cancel_requested and run.row.error is not None:
             error = run.row.error
-        now = self.clock.now()
         self._update(
             run,
             status=status,
-            error=error,
+            result=_copy(result),
+            error=_copy(error),
             lease_owner=None,
             available_at=None,
             cancel_requested=False,
-            finished_at=now,
+            finished_at=None if status == "paused" else self.clock.now(),
         )
-        run.waits.clear()
         if held:
             self._hand_over(run.row.concurrency_key)
-        self._wake_parent(run)
+        if status != "paused":
+            run.waits.clear()
+            self._wake_parent(run)
 
     def _slots_held(self, key: str) -> int:
         return sum(1 for r in self._runs.values() if r.row.concurrency_key == key and r.holds_slot)
 
     def _hand_over(self, key: str | None) -> None:
         """durable.hand_over_slots: free slots go to awaiting runs, by priority, then age."""
+        if key is None:
+            return
         waiting = sorted(
             (r for r in self._runs.values() if r.row.concurrency_key == key and r.awaiting_slot),
             key=lambda r: (-r.row.priority, r.row.created_at, r.row.id),
         )
         for run in waiting:
-            if self._slots_held(run.row.concurrency_key or "") >= (
-                run.options.concurrency_limit or 1
-            ):
+            if self._slots_held(key) >= (run.options.concurrency_limit or 1):
                 return
             run.holds_slot, run.awaiting_slot = True, False
             self._update(run, available_at=self.clock.now())

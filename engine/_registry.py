@@ -9,7 +9,7 @@ import typing
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any, cast
 
 from engine._codec import load, return_type
@@ -153,8 +153,6 @@ class FunctionSpec:
         rate_key = ""
         if options.rate_limit is not None and options.rate_key is not None:
             rate_key = self._key(options.rate_key, data, "rate limit")
-        if start_at is not None and start_at.tzinfo is None:
-            start_at = start_at.replace(tzinfo=UTC)
         return NewRun(
             run_id=run_id,
             function=self.name,
