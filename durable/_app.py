@@ -8,7 +8,7 @@ import logging
 import os
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any, TypeVar, overload
 
 import asyncpg
@@ -28,11 +28,13 @@ from engine import (
     ScheduleRow,
     Worker,
     WorkerOptions,
+    _limits,
+    _urls,
     current_carrier,
     dump,
     validate_input,
 )
-from engine.errors import ConfigurationError, InvalidInput, SerializationError
+from engine.errors import ConfigurationError, InvalidInput, RunNotFound, SerializationError
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +61,9 @@ class App:
     ``lease`` bounds how long a killed worker's runs stay stuck before another worker resumes
     them; ``connect_timeout=None`` retries an unreachable database forever (with backoff).
     ``max_payload_bytes`` (1 MiB; None for no limit) caps the JSON of an input, an event payload,
-    a step's result and a run's result: a larger one raises ``PayloadTooLarge``.
+    a step's result and a run's result: a larger one raises ``PayloadTooLarge``. A setting out
+    of range (a lease that is not positive, a pool of no connections) raises
+    ConfigurationError here.
     """
 
     def __init__(
@@ -74,11 +78,15 @@ class App:
         max_payload_bytes: int | None = 1 << 20,
     ) -> None:
         self._database_url = database_url
-        self._lease = lease
-        self._poll_interval = poll_interval
-        self._short_wait = short_wait
-        self._pool_size = pool_size
+        self._lease = _setting(lease, "App: lease", positive=True)
+        self._poll_interval = _setting(poll_interval, "App: poll_interval", positive=True)
+        self._short_wait = _setting(short_wait, "App: short_wait")
+        self._pool_size = _limits.count(pool_size, "App: pool_size", ConfigurationError)
+        if connect_timeout is not None:
+            _setting(connect_timeout, "App: connect_timeout", positive=True)
         self._connect_timeout = connect_timeout
+        if max_payload_bytes is not None:
+            _limits.count(max_payload_bytes, "App: max_payload_bytes", ConfigurationError)
         self._max_payload_bytes = max_payload_bytes
         self._functions: dict[str, FunctionSpec] = {}
         self._store: PostgresStore | None = None
@@ -86,7 +94,7 @@ class App:
         self._done_waiters: dict[uuid.UUID, set[Callable[[], None]]] = {}
         self._rate_limits: dict[str, tuple[int, timedelta]] = {}
         self._schedules: dict[str, Schedule] = {}
-        self._workers: set[Worker] = set()
+        self._hosted: set[_Hosted] = set()
 
     # -- registration ---------------------------------------------------------------------------
 
@@ -124,14 +132,24 @@ class App:
           expression, as ``app.schedule`` does; the schedule is named after the function.
         """
         limit = Concurrency(limit=concurrency) if isinstance(concurrency, int) else concurrency
+        if name is not None:
+            _limits.name(name, "@app.function: the name", ConfigurationError)
+        _limits.name(queue, "@app.function: the queue name", ConfigurationError)
+        _limits.priority(priority, "@app.function: the priority", ConfigurationError)
         options = RunOptions(
             queue=queue,
             priority=priority,
             concurrency=limit,
             rate_limit=rate_limit,
             rate_key=rate_key,
-            timeout=timeout,
-            start_timeout=start_timeout,
+            timeout=None
+            if timeout is None
+            else _setting(timeout, "@app.function: timeout", positive=True),
+            start_timeout=(
+                None
+                if start_timeout is None
+                else _setting(start_timeout, "@app.function: start_timeout", positive=True)
+            ),
         )
 
         def register(fn: Fn) -> Fn:
@@ -178,7 +196,7 @@ class App:
         self._add_schedule(Schedule(name or function, function, cron, timezone, data, catch_up))
 
     def _add_schedule(self, schedule: Schedule) -> None:
-        _storable_text(schedule.name, "schedule name")
+        _limits.name(schedule.name, "app.schedule: the name", ConfigurationError)
         if schedule.name in self._schedules and self._schedules[schedule.name] != schedule:
             raise ConfigurationError(f"a schedule named {schedule.name!r} already exists")
         self._schedules[schedule.name] = schedule
@@ -199,13 +217,12 @@ class App:
         ``limit``; when t is later than now they are reserved, and the caller waits for them
         without polling. Declarations are written to the database when the app connects and
         when a worker starts (the last to write wins when two apps disagree)."""
-        _storable_text(name, "rate limit name")
-        if limit < 1 or period <= timedelta(0):
-            raise ConfigurationError(
-                f"rate limit {name!r}: limit must be >= 1 and period positive, got "
-                f"{limit} per {period}"
-            )
-        self._rate_limits[name] = (limit, period)
+        _limits.name(name, "app.rate_limit: the name", ConfigurationError)
+        _limits.count(limit, f"app.rate_limit {name!r}: the limit", ConfigurationError)
+        self._rate_limits[name] = (
+            limit,
+            _setting(period, f"app.rate_limit {name!r}: the period", True),
+        )
 
     async def _declare_rate_limits(self, store: PostgresStore) -> None:
         for limit_name, (limit, period) in self._rate_limits.items():
@@ -246,8 +263,7 @@ class App:
 
     async def close(self) -> None:
         """Stop this app's workers and close its connections."""
-        for worker in list(self._workers):
-            worker.stop()
+        self.stop_workers()
         if self._listener is not None:
             await self._listener.close()
             self._listener = None
@@ -268,11 +284,7 @@ class App:
             )
         url = self._database_url or os.environ.get("DURABLE_DATABASE_URL")
         if url:
-            if not url.startswith(("postgresql://", "postgres://")):
-                raise ConfigurationError(
-                    f"database URL must start with postgresql:// (got {url[:40]!r})"
-                )
-            return url
+            return _urls.check(url)
         from durable import _embedded
 
         server = await asyncio.to_thread(_embedded.acquire)
@@ -432,10 +444,15 @@ class App:
         start_at: datetime | None = None,
     ) -> NewRun:
         """A validated run to store, or InvalidInput."""
-        name = spec.name if spec else str(fn)
-        _storable_text(name, "function name")
+        name = spec.name if spec else _limits.name(fn, "start: the function name")
         if idempotency_key is not None:
-            _storable_text(idempotency_key, "idempotency key")
+            _limits.key(idempotency_key, f"start {name!r}: the idempotency key")
+        if priority is not None:
+            _limits.priority(priority, f"start {name!r}: the priority")
+        if delay is not None:
+            delay = _limits.duration(delay, f"start {name!r}: the delay")
+        if start_at is not None:
+            start_at = _limits.moment(start_at, f"start {name!r}: start_at")
         if spec is not None:
             if not spec.takes_input and input is not None:
                 raise InvalidInput(f"function {name!r} takes no input, got {type(input).__name__}")
@@ -449,8 +466,6 @@ class App:
         chosen = _run_id(run_id) if run_id is not None else uuid.uuid4()
         if delay is not None and start_at is not None:
             raise InvalidInput("give delay or start_at, not both")
-        if start_at is not None and start_at.tzinfo is None:
-            start_at = start_at.replace(tzinfo=UTC)  # a naive time is taken as UTC
         if spec is None:
             return NewRun(
                 chosen,
@@ -478,7 +493,9 @@ class App:
         return RunHandle(self, _run_id(run_id))
 
     async def list_runs(self, *, status: str | None = None, limit: int = 50) -> list[RunInfo]:
-        """The most recent runs, newest first, optionally of one status."""
+        """The most recent runs (at most ``limit``, up to 100,000), newest first, optionally of
+        one status."""
+        _limits.count(limit, "list_runs: the limit", maximum=MAX_LISTED)
         rows = await self._store_or_raise().list_runs(status, limit)
         return [RunInfo.from_row(r) for r in rows]
 
@@ -486,12 +503,19 @@ class App:
         """Cancel a run and its unfinished child runs (see ``RunHandle.cancel``). Returns
         ``"cancelled"``, ``"requested"`` (running: its worker is ending it), ``"finished"``
         (it had already ended) or ``"not_found"``."""
-        _storable_text(reason, "cancel reason")
+        _limits.text(reason, "cancel_run: the reason", _MAX_REASON_BYTES)
         return await self._store_or_raise().cancel(_run_id(run_id), reason)
 
     async def resume_run(self, run_id: uuid.UUID | str) -> bool:
-        """Make a paused run (non-determinism) runnable again; False if it was not paused."""
-        return await self._store_or_raise().resume(_run_id(run_id))
+        """Make a paused run (non-determinism) runnable again; False if it was not paused.
+        Raises RunNotFound when no run has that id."""
+        store = self._store_or_raise()
+        found = _run_id(run_id)
+        if await store.resume(found):
+            return True
+        if await store.get_run(found) is None:
+            raise RunNotFound(str(found))
+        return False
 
     async def send_event(
         self,
@@ -508,8 +532,9 @@ class App:
         (your own asyncpg connection, in your transaction) the event exists, and wakes its
         waiters, if and only if your transaction commits.
         """
-        _storable_text(name, "event name")
-        _storable_text(key or "", "event key")
+        _limits.name(name, "send_event: the event name")
+        if key is not None:
+            _limits.key(key, "send_event: the event key")
         data = _json_or_invalid(payload, f"event {name!r}", self._max_payload_bytes)
         store = self._store_or_raise()
         if connection is not None:
@@ -532,16 +557,13 @@ class App:
         ``concurrency`` bounds the runs executing at once; suspended (sleeping, waiting) runs
         hold no slot. The worker serves the functions on ``queues`` (``@app.function(queue=)``;
         the default queue unless given), optionally narrowed to ``functions``.
+
+        ``stop_workers()`` stops it: no new runs are claimed, the runs in flight get
+        ``shutdown_grace`` to finish, and the rest are handed back to the queue (a run whose
+        sync step is still running in a thread keeps its lease until that step returns).
+        Called while the worker is still connecting (an unreachable database), it returns at
+        once.
         """
-        await self.connect()
-        store, listener = self._store_or_raise(), self._listener
-        assert listener is not None
-        await self._declare_rate_limits(store)  # those declared after the app connected too
-        served = {
-            n: s
-            for n, s in self._functions.items()
-            if s.options.queue in queues and (functions is None or n in functions)
-        }
         options = WorkerOptions(
             concurrency=concurrency,
             lease=self._lease,
@@ -551,27 +573,36 @@ class App:
             max_payload_bytes=self._max_payload_bytes,
             **({"worker_id": worker_id} if worker_id else {}),
         )
-        worker = Worker(store, served, listener, options, registry=self._functions)
-        scheduler = Scheduler(
-            store,
-            list(self._schedules.values()),
-            self._functions,
-            poll_interval=self._poll_interval,
-        )
-        ticking = asyncio.create_task(scheduler.run())
-        self._workers.add(worker)
+        hosted = _Hosted()
+        self._hosted.add(hosted)
         try:
-            await worker.run()
+            if not await hosted.unless_stopped(self.connect()):
+                log.info("worker stopped before it connected to the database")
+                return
+            store, listener = self._store_or_raise(), self._listener
+            assert listener is not None
+            await self._declare_rate_limits(store)  # those declared after the app connected too
+            served = {
+                n: s
+                for n, s in self._functions.items()
+                if s.options.queue in queues and (functions is None or n in functions)
+            }
+            worker = Worker(store, served, listener, options, registry=self._functions)
+            scheduler = Scheduler(
+                store,
+                list(self._schedules.values()),
+                self._functions,
+                poll_interval=self._poll_interval,
+            )
+            await hosted.serve(worker, scheduler)
         finally:
-            self._workers.discard(worker)
-            ticking.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await ticking
+            self._hosted.discard(hosted)
 
     def stop_workers(self) -> None:
-        """Ask this app's workers to finish their runs (within the grace period) and return."""
-        for worker in list(self._workers):
-            worker.stop()
+        """Ask this app's workers to finish their runs (within the grace period) and return;
+        a ``run_worker`` still connecting returns at once."""
+        for hosted in list(self._hosted):
+            hosted.stop()
 
     # -- internals used by RunHandle ------------------------------------------------------------
 
@@ -614,6 +645,50 @@ class App:
             callback()
 
 
+class _Hosted:
+    """One ``run_worker`` call: its worker once it has one, and whether it was told to stop."""
+
+    def __init__(self) -> None:
+        self.stopped = asyncio.Event()
+        self.worker: Worker | None = None
+
+    def stop(self) -> None:
+        self.stopped.set()
+        if self.worker is not None:
+            self.worker.stop()
+
+    async def unless_stopped(self, work: Awaitable[None]) -> bool:
+        """Await ``work`` unless ``stop`` comes first (then cancel it); True if it finished."""
+        doing = asyncio.ensure_future(work)
+        stopping = asyncio.ensure_future(self.stopped.wait())
+        try:
+            await asyncio.wait({doing, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:  # this task is being cancelled: take the work down with it
+            doing.cancel()
+            raise
+        finally:
+            stopping.cancel()
+        if doing.done():
+            doing.result()
+            return True
+        doing.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await doing
+        return False
+
+    async def serve(self, worker: Worker, scheduler: Scheduler) -> None:
+        self.worker = worker
+        if self.stopped.is_set():
+            return
+        ticking = asyncio.create_task(scheduler.run())
+        try:
+            await worker.run()
+        finally:
+            ticking.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await ticking
+
+
 def _json_or_invalid(value: Any, what: str, max_bytes: int | None) -> Any:
     try:
         return dump(Any, value, what, max_bytes)
@@ -628,6 +703,13 @@ def _run_id(value: uuid.UUID | str) -> uuid.UUID:
         raise InvalidInput(f"not a run id (a UUID): {str(value)[:60]!r}") from None
 
 
-def _storable_text(value: str, what: str) -> None:
-    if "\x00" in value:
-        raise InvalidInput(f"the {what} {value!r} contains a NUL character, which cannot be stored")
+_MAX_REASON_BYTES = 4096
+MAX_LISTED = 100_000
+
+
+def _setting(value: object, what: str, positive: bool = False) -> timedelta:
+    """A duration setting (never negative; with ``positive``, more than zero), or
+    ConfigurationError."""
+    return _limits.duration(
+        value, what, error=ConfigurationError, negative=False, zero=not positive
+    )

@@ -10,12 +10,15 @@
     durable runs cancel RUN_ID [--reason TEXT]     cancel a run and its children
     durable runs resume RUN_ID                     resume a run paused by non-determinism
     durable runs export RUN_ID [-o FILE]           a run and its journal as JSON (for replay)
-    durable events send NAME [--key K] [--payload JSON]
+    durable events send NAME [--key K] [--payload JSON|@FILE|-]
     durable schedules list                         cron schedules and their next ticks
     durable db start|stop|status|url               the embedded PostgreSQL
 
 Commands that need the database use --database-url, else $DURABLE_DATABASE_URL, else the
-embedded server.
+embedded server. A command gives up on an unreachable database after --connect-timeout
+seconds (10); a worker keeps trying unless it is given one. Every error is one line on
+standard error: exit status 2 for a usage or configuration error, 1 when the operation failed
+(no such run, a run that is not paused).
 """
 
 from __future__ import annotations
@@ -25,29 +28,91 @@ import asyncio
 import importlib
 import json
 import logging
+import os
 import signal
 import sys
 import uuid
 from collections.abc import Awaitable, Callable
+from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
-from durable._app import App
+from durable._app import MAX_LISTED, App
 from durable._handle import RunHandle, RunInfo
-from engine.errors import DurableError
+from engine._urls import redact
+from engine.errors import DurableError, RunNotFound
+
+log = logging.getLogger("durable.worker")
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+COMMAND_CONNECT_TIMEOUT = 10.0
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with every usage error on one line."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
+
+
+def one_line(text: str) -> str:
+    """``text`` as one printable line: its lines joined, other unprintable characters (a lone
+    surrogate from bytes that are not UTF-8, a control character) escaped."""
+    joined = " ".join(part.strip() for part in text.splitlines() if part.strip())
+    return "".join(
+        c if c.isprintable() else c.encode("unicode_escape", "backslashreplace").decode()
+        for c in joined
+    )
+
+
+def _whole(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: an integer from ``low`` to ``high``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} is not from {low} to {high}")
+        return value
+
+    return parse
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0 < value <= 86_400:
+        raise argparse.ArgumentTypeError(f"{text} is not from 0 to 86400 seconds")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="durable", description="Durable execution on Postgres.")
+    parser = _Parser(prog="durable", description="Durable execution on Postgres.")
     parser.add_argument(
         "--database-url",
         help="PostgreSQL URL (default: $DURABLE_DATABASE_URL, else the embedded server)",
+    )
+    parser.add_argument(
+        "--connect-timeout",
+        type=_seconds,
+        metavar="SECONDS",
+        help="give up on an unreachable database after this long (default: 10 for commands; "
+        "a worker keeps trying)",
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
     worker = commands.add_parser("worker", help="execute runs of an app's functions")
     worker.add_argument("app", help="the app to serve, as module:attribute")
-    worker.add_argument("--concurrency", type=int, default=10)
+    worker.add_argument(
+        "--concurrency",
+        type=_whole(1, 100_000),
+        default=10,
+        help="runs executing at once (default 10)",
+    )
     worker.add_argument(
         "--queue",
         action="append",
@@ -55,7 +120,15 @@ def _parser() -> argparse.ArgumentParser:
         metavar="QUEUE",
         help="serve this queue (repeat for more; default: the default queue)",
     )
-    worker.add_argument("--log-level", default="INFO")
+    worker.add_argument(
+        "--shutdown-grace",
+        type=_seconds,
+        default=10.0,
+        metavar="SECONDS",
+        help="on SIGTERM or SIGINT, how long runs in flight may finish before they are handed "
+        "back (default 10)",
+    )
+    worker.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS, default="INFO")
 
     commands.add_parser("migrate", help="apply the schema migrations")
 
@@ -66,7 +139,7 @@ def _parser() -> argparse.ArgumentParser:
         "--status",
         choices=["pending", "running", "suspended", "paused", "completed", "failed", "cancelled"],
     )
-    listing.add_argument("--limit", type=int, default=50)
+    listing.add_argument("--limit", type=_whole(1, MAX_LISTED), default=50)
     show = runs_commands.add_parser("show", help="a run and its journal as a timeline")
     show.add_argument("run_id")
     cancel = runs_commands.add_parser("cancel", help="cancel a run and its child runs")
@@ -85,7 +158,11 @@ def _parser() -> argparse.ArgumentParser:
     send = events_commands.add_parser("send", help="send an event")
     send.add_argument("name")
     send.add_argument("--key")
-    send.add_argument("--payload", help="JSON payload", default="null")
+    send.add_argument(
+        "--payload",
+        default="null",
+        help="JSON payload; @FILE reads it from a file, - from standard input",
+    )
 
     schedules = commands.add_parser("schedules", help="inspect cron schedules")
     schedules_commands = schedules.add_subparsers(dest="schedules_command", required=True)
@@ -104,11 +181,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "db":
             return _db(args.action)
         return asyncio.run(_with_app(args))
+    except RunNotFound as exc:
+        return _fail(exc, 1)
     except DurableError as exc:
-        print(f"durable: {exc}", file=sys.stderr)
-        return 2
+        return _fail(exc, 2)
     except KeyboardInterrupt:
         return 130
+
+
+def _fail(error: Exception, status: int) -> int:
+    """Report ``error`` as one line on standard error; returns the exit status."""
+    print(f"durable: {one_line(str(error))}", file=sys.stderr)
+    return status
 
 
 def load_app(target: str) -> App:
@@ -129,26 +213,58 @@ def load_app(target: str) -> App:
 
 def _worker(args: argparse.Namespace) -> int:
     logging.basicConfig(
-        level=args.log_level.upper(),
+        level=args.log_level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     app = load_app(args.app)
     if args.database_url:
         app._database_url = args.database_url
+    if args.connect_timeout:
+        app._connect_timeout = args.connect_timeout
 
     async def serve() -> None:
         loop = asyncio.get_running_loop()
+        received: list[int] = []
         for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, app.stop_workers)
-        async with app:
-            await app.run_worker(concurrency=args.concurrency, queues=args.queues or ("default",))
+            loop.add_signal_handler(signum, _on_stop_signal, app, signum, received)
+        try:
+            await app.run_worker(
+                concurrency=args.concurrency,
+                queues=args.queues or ("default",),
+                shutdown_grace=timedelta(seconds=args.shutdown_grace),
+            )
+        finally:
+            await app.close()
 
     asyncio.run(serve())
     return 0
 
 
+def _on_stop_signal(app: App, signum: int, received: list[int]) -> None:
+    """The first SIGTERM or SIGINT stops the worker gracefully; a second one exits at once."""
+    name = signal.Signals(signum).name
+    received.append(signum)
+    if len(received) == 1:
+        log.info(
+            "%s: stopping: no new runs are claimed, runs in flight may finish within the grace "
+            "period, then are handed back (send it again to exit at once)",
+            name,
+        )
+        app.stop_workers()
+        return
+    log.warning(
+        "%s again: exiting at once; runs still executing here are resumed by another worker "
+        "once their leases expire",
+        name,
+    )
+    os._exit(128 + signum)
+
+
 async def _with_app(args: argparse.Namespace) -> int:
-    async with App(args.database_url) as app:
+    # A command's answer is its output or its one-line error; the retries behind it are not.
+    logging.basicConfig(level=logging.ERROR, format="durable: %(message)s")
+    timeout = args.connect_timeout or COMMAND_CONNECT_TIMEOUT
+    async with App(args.database_url, connect_timeout=timeout) as app:
         handlers: dict[str, Callable[[App, argparse.Namespace], Awaitable[int]]] = {
             "migrate": _migrate,
             "runs": _runs,
@@ -159,7 +275,7 @@ async def _with_app(args: argparse.Namespace) -> int:
 
 
 async def _migrate(app: App, args: argparse.Namespace) -> int:
-    print(f"schema up to date in {app.database_url}")
+    print(f"schema up to date in {redact(app.database_url or '')}")
     return 0
 
 
@@ -171,10 +287,11 @@ async def _runs(app: App, args: argparse.Namespace) -> int:
     handle = app.get_run(args.run_id)  # InvalidInput when the text is not a UUID
     run_id = handle.run_id
     if args.runs_command == "resume":
-        if await app.resume_run(run_id):
+        if await app.resume_run(run_id):  # RunNotFound for an unknown id
             print(f"run {run_id} resumed")
             return 0
-        print(f"run {run_id} is not paused", file=sys.stderr)
+        info = await handle.info()
+        print(f"run {run_id} is not paused (it is {info.status})", file=sys.stderr)
         return 1
     if args.runs_command == "export":
         return await _export(handle, args.output)
@@ -292,13 +409,34 @@ def _run_line(info: RunInfo) -> str:
 
 
 async def _events(app: App, args: argparse.Namespace) -> int:
-    try:
-        payload: Any = json.loads(args.payload)
-    except json.JSONDecodeError as exc:
-        raise DurableError(f"--payload is not valid JSON: {exc}") from exc
+    payload = _json_argument(await asyncio.to_thread(_read_payload, args.payload))
     event_id = await app.send_event(args.name, payload, key=args.key)
     print(f"event {event_id} sent: {args.name} key={args.key!r}")
     return 0
+
+
+def _read_payload(text: str) -> str:
+    """The text of ``--payload``: as given, from ``@FILE``, or from standard input (``-``)."""
+    try:
+        if text == "-":
+            return sys.stdin.buffer.read().decode("utf-8", errors="surrogateescape")
+        if text.startswith("@"):
+            return Path(text[1:]).read_bytes().decode("utf-8", errors="surrogateescape")
+    except OSError as exc:
+        raise DurableError(f"--payload {text}: cannot read it: {exc.strerror or exc}") from exc
+    return text
+
+
+def _json_argument(text: str) -> Any:
+    """Parsed JSON, refusing NaN and Infinity (not JSON, though Python's parser takes them)."""
+
+    def refuse(constant: str) -> Any:
+        raise DurableError(f"--payload is not valid JSON: {constant} is not a JSON value")
+
+    try:
+        return json.loads(text, parse_constant=refuse)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise DurableError(f"--payload is not valid JSON: {exc}") from exc
 
 
 def _db(action: str) -> int:

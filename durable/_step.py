@@ -8,7 +8,8 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Any, TypeVar, overload
 
-from engine import POLICY_ATTRIBUTE, Backoff, StepPolicy
+from engine import POLICY_ATTRIBUTE, Backoff, StepPolicy, _limits
+from engine.errors import ConfigurationError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -59,8 +60,8 @@ def step(
         @durable.step(rate_limit="openai", retries=2)
         async def complete(prompt: str) -> str: ...
     """
-    if timeout is not None and not isinstance(timeout, timedelta):
-        timeout = timedelta(seconds=float(timeout))
+    if timeout is not None:
+        timeout = _limits.duration(timeout, "durable.step: timeout", error=ConfigurationError)
     policy = StepPolicy(
         retries=retries,
         backoff=backoff or Backoff(),

@@ -11,15 +11,24 @@ from collections.abc import Callable
 from functools import lru_cache
 from typing import Any
 
-from pydantic import TypeAdapter, ValidationError
+from pydantic import ConfigDict, PydanticUserError, TypeAdapter, ValidationError
 from pydantic_core import PydanticSerializationError
 
+from engine._limits import json_text_ok
 from engine.errors import InvalidInput, PayloadTooLarge, SerializationError
+
+# NaN and Infinity have no JSON form. By default pydantic writes them as null, so a value would
+# come back changed; kept as floats, they make json.dumps(allow_nan=False) refuse the value. A
+# model, dataclass or TypedDict keeps its own config (and keeps floats as floats).
+_KEEP_NAN = ConfigDict(ser_json_inf_nan="constants")
 
 
 @lru_cache(maxsize=1024)
 def adapter(annotation: Any) -> TypeAdapter[Any]:
-    return TypeAdapter(annotation)
+    try:
+        return TypeAdapter(annotation, config=_KEEP_NAN)
+    except PydanticUserError:
+        return TypeAdapter(annotation)
 
 
 _return_types: weakref.WeakKeyDictionary[Callable[..., Any], Any] = weakref.WeakKeyDictionary()
@@ -50,22 +59,25 @@ def _resolve_return_type(fn: Callable[..., Any]) -> Any:
 
 def dump(annotation: Any, value: Any, what: str, max_bytes: int | None = None) -> Any:
     """``value`` as JSON-compatible data, or SerializationError naming ``what``; PayloadTooLarge
-    when its JSON is longer than ``max_bytes``."""
+    when its JSON is longer than ``max_bytes``. NaN and Infinity are refused: they are not JSON."""
     try:
         data = adapter(annotation).dump_python(value, mode="json")
-        encoded = json.dumps(data, separators=(",", ":"))
-    except (PydanticSerializationError, TypeError, ValueError) as exc:
+        encoded = json.dumps(data, separators=(",", ":"), allow_nan=False)
+        # Encoded JSON spells a NUL "\u0000" and a surrogate "\udXXX" (a lone one has no
+        # UTF-8 form); only then is the value worth walking, as that text can also come from
+        # an escaped backslash, and an emoji is a pair of surrogates.
+        text_ok = not ("\\u0000" in encoded or "\\ud" in encoded) or json_text_ok(data)
+    except (PydanticSerializationError, TypeError, ValueError, RecursionError) as exc:
         raise SerializationError(
             f"{what}: a value of type {type(value).__qualname__} cannot be stored as JSON "
-            f"({exc}). Return JSON-compatible data or a pydantic model, and annotate the "
-            f"return type."
+            f"({exc}). Use JSON-compatible data (no NaN or Infinity) or a pydantic model, and "
+            f"annotate the return type."
         ) from exc
-    # Encoded JSON spells a NUL "\u0000"; only then is the value worth walking, as that text can
-    # also come from an escaped backslash.
-    if "\\u0000" in encoded and _has_nul(data):
+    if not text_ok:
         raise SerializationError(
-            f"{what}: a string in the value contains a NUL character (\\u0000), which "
-            f"PostgreSQL cannot store in JSON; remove it or encode the data (base64)"
+            f"{what}: a string in the value contains a NUL character (\\u0000) or a lone "
+            f"surrogate (text that is not valid Unicode), which PostgreSQL cannot store in "
+            f"JSON; remove it or encode the data (base64)"
         )
     size = len(encoded.encode())
     if max_bytes is not None and size > max_bytes:
@@ -74,16 +86,6 @@ def dump(annotation: Any, value: Any, what: str, max_bytes: int | None = None) -
             f"(App(max_payload_bytes=...)); store large data elsewhere and pass a reference"
         )
     return data
-
-
-def _has_nul(data: Any) -> bool:
-    if isinstance(data, str):
-        return "\x00" in data
-    if isinstance(data, dict):
-        return any(_has_nul(k) or _has_nul(v) for k, v in data.items())
-    if isinstance(data, list):
-        return any(_has_nul(item) for item in data)
-    return False
 
 
 def load(annotation: Any, data: Any) -> Any:
@@ -95,7 +97,7 @@ def validate_input(annotation: Any, value: Any, what: str, max_bytes: int | None
     """Validate a run's input and return it as JSON-compatible data, or raise InvalidInput."""
     try:
         validated = adapter(annotation).validate_python(value)
-    except ValidationError as exc:
+    except (ValidationError, RecursionError) as exc:
         raise InvalidInput(f"{what}: input does not validate: {exc}") from exc
     try:
         return dump(annotation, validated, what, max_bytes)

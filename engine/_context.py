@@ -14,11 +14,11 @@ import logging
 import traceback
 import uuid
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from random import Random
 from typing import Any, ParamSpec, TypeVar, overload
 
-from engine import _codec, _tracing
+from engine import _codec, _limits, _tracing
 from engine._children import ChildRun, spec_of, start_child
 from engine._registry import StepPolicy, policy_of
 from engine._run_state import RunState
@@ -88,6 +88,7 @@ class Context:
             if entry.error is not None:
                 raise StepFailed(name, ErrorInfo.from_json(entry.error))
             return _codec.load(annotation, entry.value)
+        _limits.name(name, "ctx.step: the step name")
         await state.checkpoint("before", position, "step", name)
         body = state.stubs.get(name, fn)
         policy = policy_of(fn)
@@ -129,6 +130,10 @@ class Context:
             children = [await ctx.start(resize, image) for image in images]
             sizes = await asyncio.gather(*(c.result() for c in children))
         """
+        if priority is not None:
+            _limits.priority(priority, "ctx.start: the priority")
+        if delay is not None:
+            delay = _limits.duration(delay, "ctx.start: the delay")
         spec = spec_of(self._state, fn)
         return await start_child(self._state, spec, input, priority=priority, delay=delay)
 
@@ -150,16 +155,17 @@ class Context:
         """Sleep durably for ``duration`` (a timedelta or seconds).
 
         The wake time is fixed on the database's clock and journaled once; the run releases its
-        worker slot while it sleeps and resumes by replay when due.
+        worker slot while it sleeps and resumes by replay when due. A duration that is not a
+        finite number (NaN, infinity) or exceeds 100 years raises InvalidInput; a negative
+        one is over at once.
         """
-        if not isinstance(duration, timedelta):
-            duration = timedelta(seconds=float(duration))
-        await self._sleep(f"sleep {duration}", duration=duration)
+        span = _limits.duration(duration, "ctx.sleep: the duration")
+        await self._sleep(f"sleep {span}", duration=span)
 
     async def sleep_until(self, when: datetime) -> None:
-        """Sleep durably until ``when`` (timezone-aware; a naive datetime is taken as UTC)."""
-        if when.tzinfo is None:
-            when = when.replace(tzinfo=UTC)
+        """Sleep durably until ``when`` (timezone-aware; a naive datetime is taken as UTC). A
+        time from the year 9000 on raises InvalidInput."""
+        when = _limits.moment(when, "ctx.sleep_until: the time")
         await self._sleep(f"sleep until {when.isoformat()}", wake_at=when)
 
     async def _sleep(
@@ -205,22 +211,23 @@ class Context:
         Returns ``None`` when ``timeout`` passes first; the deadline is fixed when the wait is
         first reached and survives restarts. An event sent after the run started counts even if
         it arrived before the wait was reached. Each event satisfies a wait once; every run
-        waiting on the same name and key receives it.
+        waiting on the same name and key receives it. A name, key or timeout out of bounds
+        (see ``engine._limits``) raises InvalidInput, the same on replay.
         """
+        _limits.name(name, "wait_for_event: the event name")
+        event_key = "" if key is None else _limits.key(key, "wait_for_event: the event key")
+        span = None if timeout is None else _limits.duration(timeout, "wait_for_event: the timeout")
         state = self._state
         position = state.next_position()
-        event_key = key or ""
         entry = state.recorded(position, "event", name)
         if entry is not None:
             return None if entry.value.get("timeout") else entry.value.get("payload")
-        if timeout is not None and not isinstance(timeout, timedelta):
-            timeout = timedelta(seconds=float(timeout))
         await state.checkpoint("before", position, "event", name)
         while True:
             state.check_alive()
             result = await state.db(
                 state.store.await_event(
-                    state.run_id, state.attempt, position, name, event_key, timeout
+                    state.run_id, state.attempt, position, name, event_key, span
                 )
             )
             state.fence(result.outcome != "fenced")

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, cast
 
+from engine import _limits
 from engine._codec import load, return_type
 from engine._records import NewRun, Strategy
 from engine.errors import ConfigurationError, InvalidInput
@@ -28,6 +29,16 @@ class Backoff:
     factor: float = 2.0
     maximum: timedelta = timedelta(minutes=1)
     jitter: float = 0.2
+
+    def __post_init__(self) -> None:
+        for what in ("initial", "maximum"):
+            _limits.duration(
+                getattr(self, what), f"Backoff: {what}", error=ConfigurationError, negative=False
+            )
+        if not (isinstance(self.factor, int | float) and 1 <= self.factor <= 100):
+            raise ConfigurationError(f"Backoff: factor must be from 1 to 100, got {self.factor!r}")
+        if not (isinstance(self.jitter, int | float) and 0 <= self.jitter <= 1):
+            raise ConfigurationError(f"Backoff: jitter must be from 0 to 1, got {self.jitter!r}")
 
     def delay(self, retry: int, rng: random.Random) -> float:
         base = min(
@@ -51,15 +62,28 @@ class StepPolicy:
     weight: int = 1
 
     def __post_init__(self) -> None:
-        if self.retries < 0:
-            raise ConfigurationError(f"retries must be >= 0, got {self.retries}")
-        if self.weight < 1:
-            raise ConfigurationError(f"a rate limit weight must be >= 1, got {self.weight}")
+        if isinstance(self.retries, bool) or not isinstance(self.retries, int) or self.retries < 0:
+            raise ConfigurationError(
+                f"durable.step: retries must be an integer >= 0, got {self.retries!r}"
+            )
+        _limits.count(self.weight, "durable.step: the rate limit weight", ConfigurationError)
+        if self.timeout is not None:
+            _limits.duration(
+                self.timeout,
+                "durable.step: timeout",
+                error=ConfigurationError,
+                negative=False,
+                zero=False,
+            )
+        if self.rate_limit is not None:
+            _limits.name(self.rate_limit, "durable.step: the rate limit name", ConfigurationError)
+        if isinstance(self.rate_key, str):
+            _limits.key(self.rate_key, "durable.step: the rate key", ConfigurationError)
 
     def budget_key(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
         """The rate limit key this call of the step draws from."""
         if callable(self.rate_key):
-            return str(self.rate_key(*args, **kwargs))
+            return _limits.key(str(self.rate_key(*args, **kwargs)), "ctx.step: the rate key")
         return self.rate_key or ""
 
 
@@ -92,8 +116,7 @@ class Concurrency:
     hold_while_suspended: bool = False
 
     def __post_init__(self) -> None:
-        if self.limit < 1:
-            raise ConfigurationError(f"a concurrency limit must be >= 1, got {self.limit}")
+        _limits.count(self.limit, "Concurrency: the limit", ConfigurationError)
         strategy = self.strategy.replace("-", "_")
         if strategy not in _STRATEGIES:
             raise ConfigurationError(
@@ -176,11 +199,12 @@ class FunctionSpec:
     def _key(self, key: Callable[[Any], object], data: Any, what: str) -> str:
         """A key function's value for the run's input (as the function receives it)."""
         try:
-            return str(key(load(self.input_type, data) if self.takes_input else None))
+            found = str(key(load(self.input_type, data) if self.takes_input else None))
         except Exception as exc:
             raise InvalidInput(
                 f"the {what} key of {self.name!r} failed on this input: {type(exc).__name__}: {exc}"
             ) from exc
+        return _limits.key(found, f"start {self.name!r}: the {what} key")
 
     @classmethod
     def describe(

@@ -14,7 +14,7 @@ import random
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 import asyncpg
 
@@ -32,6 +32,7 @@ from engine._records import (
     ScheduleRow,
     WaitRow,
 )
+from engine._urls import redact
 from engine.errors import ConfigurationError, DatabaseUnavailable, JournalConflict
 
 if TYPE_CHECKING:
@@ -105,7 +106,7 @@ class PostgresStore:
         connect_timeout: float | None = None,
         rng: random.Random | None = None,
         clock: Clock | None = None,
-    ) -> PostgresStore:
+    ) -> Self:
         """Open a pool, retrying an unreachable database with capped exponential backoff.
 
         ``connect_timeout=None`` retries forever (a worker outlives a database restart); a
@@ -132,14 +133,14 @@ class PostgresStore:
                 asyncpg.InvalidCatalogNameError,
                 asyncpg.InvalidAuthorizationSpecificationError,
             ) as exc:
-                raise ConfigurationError(f"cannot use database URL {_redact(dsn)}: {exc}") from exc
+                raise ConfigurationError(f"cannot use database URL {redact(dsn)}: {exc}") from exc
             except TRANSIENT_ERRORS as exc:
                 if deadline is not None and loop.time() + delay > deadline:
                     raise DatabaseUnavailable(
-                        f"database {_redact(dsn)} unreachable after {connect_timeout}s: {exc}"
+                        f"database {redact(dsn)} unreachable after {connect_timeout}s: {exc}"
                     ) from exc
                 log.warning(
-                    "database %s unreachable (%s); retrying in %.1fs", _redact(dsn), exc, delay
+                    "database %s unreachable (%s); retrying in %.1fs", redact(dsn), exc, delay
                 )
                 await asyncio.sleep(delay * (0.5 + rng.random()))
                 delay = min(delay * 2, 10.0)
@@ -624,13 +625,3 @@ def _seconds(span: timedelta | None) -> float | None:
 def _json(value: Any) -> str | None:
     """A value for a text[] parameter of JSON (see durable.start_runs); None stays NULL."""
     return None if value is None else json.dumps(value, separators=(",", ":"))
-
-
-def _redact(dsn: str) -> str:
-    """The URL without its password, for messages."""
-    if "@" not in dsn or "://" not in dsn:
-        return dsn
-    scheme, rest = dsn.split("://", 1)
-    creds, host = rest.rsplit("@", 1)
-    user = creds.split(":", 1)[0]
-    return f"{scheme}://{user}@{host}"

@@ -16,13 +16,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 
-from engine import _lineage
+from engine import _limits, _lineage
 from engine._clock import Clock, DatabaseTime, SystemClock
 from engine._listener import Listener
 from engine._records import Claim, Store
 from engine._registry import FunctionSpec
 from engine._runner import Runner
 from engine._store import TRANSIENT_ERRORS
+from engine.errors import ConfigurationError
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +32,8 @@ _MIN_WAIT = 0.005
 
 @dataclass(frozen=True)
 class WorkerOptions:
-    """How a worker runs. Durations are timedeltas."""
+    """How a worker runs. Durations are timedeltas; a value out of range raises
+    ConfigurationError."""
 
     concurrency: int = 10
     lease: timedelta = timedelta(seconds=30)
@@ -40,6 +42,23 @@ class WorkerOptions:
     shutdown_grace: timedelta = timedelta(seconds=10)
     max_payload_bytes: int | None = None
     worker_id: str = field(default_factory=lambda: f"worker-{uuid.uuid4()}")
+
+    def __post_init__(self) -> None:
+        _limits.count(self.concurrency, "worker: concurrency", ConfigurationError)
+        for what, positive in [
+            ("lease", True),
+            ("poll_interval", True),
+            ("short_wait", False),
+            ("shutdown_grace", False),
+        ]:
+            _limits.duration(
+                getattr(self, what),
+                f"worker: {what}",
+                error=ConfigurationError,
+                negative=False,
+                zero=not positive,
+            )
+        _limits.name(self.worker_id, "worker: the worker id", ConfigurationError)
 
 
 class Worker:
