@@ -327,7 +327,7 @@ async def _execute_step(
                 async with asyncio.timeout(timeout):
                     if inspect.iscoroutinefunction(fn):
                         return await fn(*args, **kwargs), None
-                    result = await asyncio.to_thread(fn, *args, **kwargs)
+                    result = await state.in_thread(fn, args, kwargs)
                     if inspect.isawaitable(result):
                         result = await result
                     return result, None

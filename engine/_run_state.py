@@ -8,6 +8,7 @@ timer), fences writes by the claim, and lets a test's probe see every journal bo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import uuid
 from collections.abc import Callable, Coroutine, Iterator, Mapping
@@ -106,6 +107,9 @@ class RunState:
         self.short_wait = short_wait
         self.rng = rng
         self.tasks: set[asyncio.Task[Any]] = set()
+        # One future per step body running in a thread, resolved when the body returns: a
+        # thread cannot be interrupted, so it may outlive the step that was cancelled.
+        self.threads: set[asyncio.Future[None]] = set()
         self.in_flight = 0
         self.generation = 0
         self.idle = asyncio.Event()
@@ -131,6 +135,32 @@ class RunState:
             task.cancel()
         if self._settler is not None:
             self._settler.cancel()
+
+    async def in_thread(
+        self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        """Run a sync step body in a thread and return its result. Cancelling the caller does
+        not stop the thread: until the body really returns, ``threads`` holds a future for it,
+        so that the worker keeps the run (its lease and fencing) and no other worker starts
+        the same step beside it."""
+        loop = asyncio.get_running_loop()
+        ended: asyncio.Future[None] = loop.create_future()
+        self.threads.add(ended)
+        ended.add_done_callback(self.threads.discard)
+
+        def body() -> Any:
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                with contextlib.suppress(RuntimeError):  # the loop closed before the thread
+                    loop.call_soon_threadsafe(_resolve, ended)
+
+        return await asyncio.to_thread(body)
+
+    async def threads_ended(self) -> None:
+        """Return once no step body of this attempt runs in a thread any more."""
+        while self.threads:
+            await asyncio.wait(list(self.threads))
 
     # -- positions and replay -----------------------------------------------------------------
 
@@ -315,3 +345,8 @@ class RunState:
             else:
                 still.append(b)
         self.blocked = still
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)

@@ -8,7 +8,7 @@ import contextlib
 import logging
 import random
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from engine import _codec, _lineage, _tracing
@@ -59,6 +59,11 @@ class Runner:
         self.lost_because = ""
         self.cancel_requested = False
         self.timed_out = False
+        # Set once the attempt's last store call (suspend, finish, release) has been made:
+        # from then on a lease renewal that no longer finds the run is no sign of a lost claim.
+        self.ending = False
+        self._handing_back = False
+        self._released = False
 
     def cancel(self) -> None:
         """Deliver a cancellation: the run's tasks (its running step included) receive
@@ -90,12 +95,23 @@ class Runner:
         self._interrupt()
 
     def lose(self, reason: str) -> None:
-        """Stop the run's tasks; this attempt writes nothing more (its lease is gone, or the
-        worker is shutting down and will hand the run back)."""
+        """Stop the run's tasks; this attempt writes nothing more (its lease is gone)."""
         self.lost_because = reason
         if self.state is not None:
             self.state.lost = True
         self._stop_tasks()
+
+    def hand_back(self, reason: str) -> None:
+        """Stop the attempt and give the run back to the queue (the worker is shutting down).
+        The run is released only once none of its step bodies still runs in a thread of this
+        process; until then ``execute`` does not return, so the worker keeps its lease."""
+        self._handing_back = True
+        self.lose(reason)
+
+    @property
+    def threads(self) -> int:
+        """Step bodies of this attempt still running in threads."""
+        return 0 if self.state is None else len(self.state.threads)
 
     async def execute(self) -> None:
         claim = self.claim
@@ -142,6 +158,8 @@ class Runner:
         finally:
             if watchdog is not None:
                 watchdog.cancel()
+        if self._handing_back:
+            await self._release()
 
     async def _drive(self, state: RunState) -> None:
         loop = asyncio.get_running_loop()
@@ -186,18 +204,35 @@ class Runner:
         finally:
             state.cancel_tasks()
 
+    async def _end(self, call: Awaitable[bool], outcome: str) -> None:
+        """End the attempt with its last store call. False means the claim was lost meanwhile:
+        another worker holds the run and resumes it, and this attempt's outcome is dropped."""
+        self.ending = True
+        if not await call:
+            log.warning(
+                "run %s: claim %d was lost before the attempt ended (%s not written); the run's "
+                "new holder resumes it",
+                self.claim.run_id,
+                self.claim.attempt,
+                outcome,
+                extra=self.extra,
+            )
+
+    async def _finish(self, status: EndStatus, *, result: Any = None, error: Any = None) -> None:
+        claim = self.claim
+        await self._end(
+            self.store.finish(claim.run_id, claim.attempt, status, result=result, error=error),
+            status,
+        )
+
     async def _end_suspended(self, state: RunState) -> None:
         if state.nondeterminism is not None:
             await self._pause(state.nondeterminism)
             return
-        ok = await self.store.suspend(self.claim.run_id, self.claim.attempt, state.suspend_until)
-        if not ok:
-            log.warning(
-                "run %s: suspend fenced (claim %d lost)",
-                self.claim.run_id,
-                self.claim.attempt,
-                extra=self.extra,
-            )
+        claim = self.claim
+        await self._end(
+            self.store.suspend(claim.run_id, claim.attempt, state.suspend_until), "suspended"
+        )
 
     async def _end_interrupted(self, state: RunState) -> None:
         """End a run that was cancelled, or that passed its deadline, while it executed."""
@@ -215,9 +250,7 @@ class Runner:
                 "durable",
             )
             status = "failed"
-        await self.store.finish(
-            self.claim.run_id, self.claim.attempt, status, error=error.to_json()
-        )
+        await self._finish(status, error=error.to_json())
 
     async def _end_failed(self, state: RunState, exc: BaseException) -> None:
         if state.lost:
@@ -232,9 +265,7 @@ class Runner:
         log.info(
             "run %s failed: %s: %s", self.claim.run_id, error.type, error.message, extra=self.extra
         )
-        await self.store.finish(
-            self.claim.run_id, self.claim.attempt, "failed", error=error.to_json()
-        )
+        await self._finish("failed", error=error.to_json())
 
     async def _end_returned(self, state: RunState, result: Any) -> None:
         if state.lost:
@@ -265,22 +296,32 @@ class Runner:
         except Exception as exc:
             await self._end_failed(state, exc)
             return
-        await self.store.finish(self.claim.run_id, self.claim.attempt, "completed", result=value)
+        await self._finish("completed", result=value)
 
     async def _release(self) -> None:
-        """Hand the run back at once after a database failure, so that it does not wait for
-        its lease to expire; if the database is still away, the lease expiry does it."""
+        """Hand the run back at once (after a database failure, or at shutdown), so that it
+        does not wait for its lease to expire; if the database is away, the lease expiry does
+        it. Not while a step body of the run still runs in a thread here: another worker would
+        run the same step beside it."""
+        if self._released:
+            return
+        self._released = True
+        state = self.state
+        if state is not None and state.threads:
+            log.info(
+                "run %s: waiting for %d step(s) running in threads before handing it back",
+                self.claim.run_id,
+                len(state.threads),
+                extra=self.extra,
+            )
+            await state.threads_ended()
+        self.ending = True
         with contextlib.suppress(*TRANSIENT_ERRORS):
             await self.store.release(self.claim.run_id, self.claim.attempt)
 
     async def _pause(self, error: NonDeterminismError) -> None:
         log.error("%s", error, extra=self.extra)
-        await self.store.finish(
-            self.claim.run_id,
-            self.claim.attempt,
-            "paused",
-            error=ErrorInfo.from_exception(error).to_json(),
-        )
+        await self._finish("paused", error=ErrorInfo.from_exception(error).to_json())
 
 
 async def _call(spec: FunctionSpec, args: tuple[Any, ...]) -> Any:

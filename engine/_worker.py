@@ -112,8 +112,10 @@ class Worker:
         finally:
             unsubscribe()
             stop_cancels()
-            renewer.cancel()
-            await self._shut_down()
+            try:
+                await self._shut_down()  # leases are renewed until every run is handed back
+            finally:
+                renewer.cancel()
 
     async def _claim_due(self) -> float:
         """Claim what is due; returns how long to wait before looking again."""
@@ -188,20 +190,27 @@ class Worker:
         last_ok = self.clock.monotonic()
         while True:
             await asyncio.sleep(interval)
-            held = [(run_id, r.claim.attempt) for run_id, (r, _t) in self.active.items()]
-            try:
-                kept = await self.store.renew_leases(
-                    held, self.options.worker_id, self.options.lease
-                )
-            except TRANSIENT_ERRORS as exc:
-                log.warning("lease renewal failed (%s)", exc)
-                if self.clock.monotonic() - last_ok > self.options.lease.total_seconds():
-                    self._lose([h[0] for h in held])
-                continue
-            last_ok = self.clock.monotonic()
-            self._lose([run_id for run_id, _a in held if run_id not in kept])
-            for run_id in (r for r, cancel in kept.items() if cancel):
-                self._cancel(run_id)
+            if await self.renew_once():
+                last_ok = self.clock.monotonic()
+            elif self.clock.monotonic() - last_ok > self.options.lease.total_seconds():
+                self._lose(list(self.active), "leases not renewed for a whole lease")
+
+    async def renew_once(self) -> bool:
+        """Extend the lease of every run this worker executes; a run whose claim has gone
+        (another worker took it after this one stalled) is abandoned, one asked to cancel is
+        cancelled. False when the database could not be reached."""
+        held = [(run_id, r.claim.attempt) for run_id, (r, _t) in self.active.items()]
+        try:
+            kept = await self.store.renew_leases(held, self.options.worker_id, self.options.lease)
+        except TRANSIENT_ERRORS as exc:
+            log.warning("lease renewal failed (%s)", exc)
+            return False
+        # A run this worker has just ended (its finish or suspend committed before the renewal
+        # read it) is not renewed either; only one that is still executing has lost its claim.
+        self._lose([run_id for run_id, _a in held if run_id not in kept], "lease lost")
+        for run_id in (r for r, cancel in kept.items() if cancel):
+            self._cancel(run_id)
+        return True
 
     def _on_cancel(self, payload: str) -> None:
         with contextlib.suppress(ValueError):
@@ -212,18 +221,22 @@ class Worker:
         if entry is not None:
             entry[0].cancel()
 
-    def _lose(self, run_ids: list[uuid.UUID]) -> None:
+    def _lose(self, run_ids: list[uuid.UUID], reason: str) -> None:
         for run_id in run_ids:
             entry = self.active.get(run_id)
-            if entry is not None:
+            if entry is not None and not entry[0].ending:
                 log.warning(
-                    "run %s: lease lost; abandoning this attempt",
+                    "run %s: %s; abandoning this attempt",
                     run_id,
+                    reason,
                     extra={"run_id": str(run_id)},
                 )
-                entry[0].lose("lease lost")
+                entry[0].lose(reason)
 
     async def _shut_down(self) -> None:
+        """Let the runs in flight finish within the grace period, then hand the others back.
+        A run whose step body still runs in a thread keeps its lease until the body returns
+        (a thread cannot be interrupted), so no other worker runs that step beside it."""
         if not self.active:
             return
         tasks = [t for _r, t in self.active.values()]
@@ -232,13 +245,16 @@ class Worker:
         )
         if not pending:
             return
-        held = [
-            (r.claim.run_id, r.claim.attempt, r) for r, t in self.active.values() if t in pending
-        ]
-        for _run_id, _attempt, runner in held:
-            runner.lose("worker shutting down; the run is handed back")
+        runners = [r for r, t in self.active.values() if t in pending]
+        for runner in runners:
+            runner.hand_back("worker shutting down; the run is handed back")
+        threads = sum(r.threads for r in runners)
+        if threads:
+            log.warning(
+                "worker %s: %d step(s) still running in threads; their runs keep their leases "
+                "until those steps return, then are handed back",
+                self.options.worker_id,
+                threads,
+            )
         await asyncio.gather(*pending, return_exceptions=True)
-        for run_id, attempt, _runner in held:
-            with contextlib.suppress(*TRANSIENT_ERRORS):
-                await self.store.release(run_id, attempt)
-        log.info("worker %s released %d runs at shutdown", self.options.worker_id, len(held))
+        log.info("worker %s handed back %d runs at shutdown", self.options.worker_id, len(runners))

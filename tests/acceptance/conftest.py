@@ -42,10 +42,12 @@ class Workers:
         module: str = "durable",
         app: str = "tests.acceptance.workflows:app",
         concurrency: int = 4,
+        args: tuple[str, ...] = (),
         **extra: str,
     ) -> subprocess.Popen[bytes]:
         """A worker process of ``app``; ``module`` is what runs the CLI
-        (tests.acceptance.skewed for a wrong clock), ``extra`` its environment."""
+        (tests.acceptance.skewed for a wrong clock), ``args`` more arguments for it, ``extra``
+        its environment."""
         log = self.logs / f"worker-{len(self.processes)}.log"
         with log.open("wb") as out:  # the child keeps its own copy of the descriptor
             process = subprocess.Popen(
@@ -57,6 +59,7 @@ class Workers:
                     app,
                     "--concurrency",
                     str(concurrency),
+                    *args,
                 ],
                 cwd=ROOT,
                 env=self.env(**extra),
