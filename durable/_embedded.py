@@ -16,14 +16,22 @@ server's whole lifecycle:
   the last one out stops the server, unless ``durable db start`` pinned it.
 - As root the server runs as an unprivileged user (``$DURABLE_PG_USER``, else ``nobody``): no
   user is created and no directory of the user's is chmodded; a directory that blocks that user
-  is named in the error.
+  is named in the error. Only the OS user who started the server may connect to it.
+- A process that uses the server keeps it alive: ``keep(server)`` notices at once when the
+  postmaster dies (a pidfd read by the event loop), says so once, and restarts it at the same
+  DSN, or attaches to the one another process restarted first.
+
+``durable._pg`` holds the pieces (binaries, user, layout, ``Control``), ``durable._postmaster``
+the process, ``durable._dirs`` the care taken with directories other users could tamper with.
 """
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import contextlib
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -31,20 +39,20 @@ import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import quote
 
+from durable import _dirs, _postmaster
 from durable._pg import (
-    DATABASE,
-    PORT,
     Control,
     Layout,
-    alive,
     default_base_dir,
+    dsn,
     find_binaries,
     identity,
-    locked,
     reachable_binaries,
 )
+from engine.errors import EmbeddedPostgresError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -57,7 +65,12 @@ class Server:
 
     @property
     def dsn(self) -> str:
-        return f"postgresql://postgres@/{DATABASE}?host={quote(str(self.socket_dir))}&port={PORT}"
+        return dsn(self.socket_dir)
+
+    @property
+    def base(self) -> Path:
+        """The base directory (``DURABLE_DATA_DIR``) the data directory is in."""
+        return self.data_dir.parent
 
 
 # -- sharing between processes ---------------------------------------------------------------
@@ -69,15 +82,15 @@ def _started_at(pid: int) -> int | None:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
-        return None if not alive(pid) else 0
+        return None if not _postmaster.alive(pid) else 0
     return int(stat.rsplit(")", 1)[1].split()[19])
 
 
 def _read_users(layout: Layout) -> list[int]:
     """The registered pids that still name the process that registered."""
     try:
-        recorded = json.loads(layout.users_file.read_text())
-    except (OSError, ValueError):
+        recorded = json.loads(_dirs.read_file(layout.users_file) or "{}")
+    except ValueError:
         return []
     if not isinstance(recorded, dict):
         return []
@@ -85,32 +98,42 @@ def _read_users(layout: Layout) -> list[int]:
 
 
 def _write_users(layout: Layout, pids: list[int]) -> None:
-    layout.users_file.write_text(json.dumps({str(p): _started_at(p) for p in sorted(set(pids))}))
+    with _dirs.explained(layout.base):
+        recorded = {str(p): _started_at(p) for p in sorted(set(pids))}
+        _dirs.write_file(layout.users_file, json.dumps(recorded), mode=0o644)
 
 
 def control_for(base: Path | None = None) -> Control:
     binaries = find_binaries()
     who = identity()
-    layout = Layout(base or default_base_dir(), binaries.major)
+    layout = Layout(Path(os.path.abspath(base or default_base_dir())), binaries.major)
     return Control(layout, reachable_binaries(binaries, who), who)
 
 
 def ensure_running(control: Control, *, user_pid: int | None = None) -> Server:
     """Start or attach to the server; register ``user_pid`` as a user of it."""
     layout = control.layout
-    with locked(layout):
+    with control.locked():
         control.prepare_dirs()
         control.initdb()
-        pid = control.running_pid() or control.start()
+        pid = control.running_pid()
+        if pid is None:
+            pid = control.start()
+        else:
+            control.enforce_access(pid)
         if user_pid is not None:
             _write_users(layout, [*_read_users(layout), user_pid])
-        return Server(layout.data_dir, layout.socket_dir, pid)
+        socket_dir = control.socket_dir()
+        assert socket_dir is not None  # a verified server answered there
+        return Server(layout.data_dir, socket_dir, pid)
 
 
 def release(control: Control, user_pid: int) -> bool:
     """Deregister ``user_pid``; stop the server if nobody uses it. Returns True if stopped."""
     layout = control.layout
-    with locked(layout):
+    if not layout.base.is_dir():  # removed meanwhile: nothing to release, nothing to re-create
+        return False
+    with control.locked():
         users = [p for p in _read_users(layout) if p != user_pid]
         _write_users(layout, users)
         if users or layout.pin_file.exists():
@@ -186,16 +209,20 @@ def _release_at_exit() -> None:
 def pin(base: Path | None = None) -> Server:
     """Start the server and keep it running until ``unpin`` (``durable db start``)."""
     control = control_for(base)
-    control.layout.base.mkdir(parents=True, exist_ok=True)
-    control.layout.pin_file.touch()
+    with control.locked(), _dirs.explained(control.layout.base):
+        _dirs.touch(control.layout.pin_file)
     return ensure_running(control)
 
 
 def unpin(base: Path | None = None) -> bool:
-    """Remove the pin and stop the server (``durable db stop``). True if it was running."""
+    """Remove the pin and stop the server (``durable db stop``). True if it was running.
+
+    Processes still using the server restart it (see ``keep``): stopping it under them is
+    taken for a crash."""
     control = control_for(base)
-    control.layout.pin_file.unlink(missing_ok=True)
-    with locked(control.layout):
+    with control.locked():
+        with _dirs.explained(control.layout.base):
+            control.layout.pin_file.unlink(missing_ok=True)
         running = control.running_pid() is not None
         control.stop()
     return running
@@ -208,8 +235,75 @@ def status(base: Path | None = None) -> tuple[Server | None, Path, list[int], bo
     if not layout.data_dir.exists():
         return None, layout.data_dir, [], layout.pin_file.exists()
     pid = control.running_pid()
-    server = None if pid is None else Server(layout.data_dir, layout.socket_dir, pid)
+    socket_dir = control.socket_dir()
+    server = None if pid is None or socket_dir is None else Server(layout.data_dir, socket_dir, pid)
     return server, layout.data_dir, _read_users(layout), layout.pin_file.exists()
+
+
+# -- keeping it running ----------------------------------------------------------------------
+
+
+class Keeper:
+    """Restarts the embedded server when it dies under a process that uses it.
+
+    Without it, a worker whose server was killed retries "connection refused" forever and
+    never says why. ``watch`` learns of the postmaster's exit at once (``_postmaster.exited``),
+    logs one warning, and calls ``ensure_running`` under the data directory's lock: it
+    restarts the server, or attaches to the one that another process's keeper restarted first.
+    The DSN stays the same (the socket directory outlives restarts), so the caller's pool
+    reconnects by itself.
+    """
+
+    def __init__(self, control: Control, *, poll_seconds: float = 1.0) -> None:
+        self._control = control
+        self._poll_seconds = poll_seconds  # used only where pidfds are unavailable
+
+    async def watch(self, server: Server) -> None:
+        """Keep ``server`` running until cancelled. Raises ``EmbeddedPostgresError`` (one line)
+        only when the server exited and could not be brought back."""
+        while True:
+            await _postmaster.exited(server.pid, server.data_dir, self._poll_seconds)
+            # Both at WARNING, so that whoever sees the first also sees the second.
+            log.warning(
+                "the embedded PostgreSQL (pid %d, data dir %s) exited; restarting it",
+                server.pid,
+                server.data_dir,
+            )
+            server = await self._restart(server)
+            log.warning(
+                "the embedded PostgreSQL is running again (pid %d, data dir %s)",
+                server.pid,
+                server.data_dir,
+            )
+
+    async def _restart(self, lost: Server) -> Server:
+        try:
+            back = await asyncio.to_thread(ensure_running, self._control)
+        except (EmbeddedPostgresError, OSError) as exc:
+            raise EmbeddedPostgresError(
+                f"the embedded PostgreSQL (pid {lost.pid}, data dir {lost.data_dir}) exited and "
+                f"could not be restarted: {exc}"
+            ) from exc
+        if back.dsn != lost.dsn:
+            raise EmbeddedPostgresError(
+                f"the embedded PostgreSQL (data dir {lost.data_dir}) was restarted at "
+                f"{back.dsn} instead of {lost.dsn}; restart this process to use it"
+            )
+        return back
+
+
+async def keep(server: Server, *, poll_seconds: float = 1.0) -> None:
+    """Keep the embedded ``server`` running for as long as this coroutine runs (it runs until
+    cancelled); see ``Keeper``. Raises ``EmbeddedPostgresError`` if the server exited and could
+    not be restarted. An app runs it as a task beside its connections::
+
+        server = await asyncio.to_thread(_embedded.acquire)
+        keeper = asyncio.create_task(_embedded.keep(server))
+        ...
+        keeper.cancel()
+    """
+    control = await asyncio.to_thread(control_for, server.base)
+    await Keeper(control, poll_seconds=poll_seconds).watch(server)
 
 
 def _watch(base: str, pid: str) -> None:

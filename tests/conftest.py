@@ -3,12 +3,20 @@
 The server is $DURABLE_TEST_DATABASE_URL when set, else the embedded PostgreSQL started in a
 private temporary directory for this session. DURABLE_* and PG* variables are removed from the
 environment so that nothing on the machine leaks into the tests.
+
+Every embedded server a test starts lives in a directory from ``embedded_base``, which stops
+the server and removes the directory when the test ends, passes, fails or is interrupted
+(pytest tears fixtures down on Ctrl-C too), with an ``atexit`` backstop for a block that never
+reached its end.
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
+import contextlib
 import os
+import shutil
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -40,16 +48,60 @@ def private_dir(prefix: str) -> Path:
     return path
 
 
+_NOT_REMOVED: set[Path] = set()
+
+
+@contextlib.contextmanager
+def embedded_base(prefix: str) -> Iterator[Path]:
+    """A private directory (see ``private_dir``) for embedded servers: when the block ends,
+    however it ends, every server kept anywhere inside it is stopped and it is removed."""
+    path = private_dir(prefix)
+    _NOT_REMOVED.add(path)
+    try:
+        yield path
+    finally:
+        remove_embedded(path)
+
+
+def remove_embedded(path: Path) -> None:
+    """Stop the embedded servers whose base directories are in ``path`` (their socket
+    directories in /tmp go with them), then remove ``path``."""
+    _NOT_REMOVED.discard(path)
+    try:
+        for base in _bases_in(path):
+            _embedded.control_for(base).stop()
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _bases_in(path: Path) -> list[Path]:
+    """The base directories in ``path``: those holding a ``pgdata-N.lock`` (every start
+    makes one). Data directories are not entered."""
+    found = []
+    for folder, subfolders, files in os.walk(path):
+        if any(f.startswith("pgdata-") and f.endswith(".lock") for f in files):
+            found.append(Path(folder))
+        subfolders[:] = [d for d in subfolders if not d.startswith("pgdata-")]
+    return found
+
+
+@atexit.register
+def _remove_the_rest() -> None:
+    """The backstop: whatever an ``embedded_base`` block did not get to remove."""
+    for path in list(_NOT_REMOVED):
+        remove_embedded(path)
+
+
 @pytest.fixture(scope="session")
 def server_url() -> Iterator[str]:
     if _TEST_URL:
         yield _TEST_URL
         return
-    base = private_dir("durable-test-pg-")
-    control = _embedded.control_for(base)
-    server = _embedded.ensure_running(control, user_pid=os.getpid())
-    yield server.dsn
-    _embedded.release(control, os.getpid())
+    with embedded_base("durable-test-pg-") as base:
+        control = _embedded.control_for(base)
+        server = _embedded.ensure_running(control, user_pid=os.getpid())
+        yield server.dsn
+        _embedded.release(control, os.getpid())
 
 
 async def _admin(url: str) -> asyncpg.Connection:

@@ -28,7 +28,7 @@ import durable
 from durable import _embedded
 from durable._pg import Control
 from tests.acceptance.conftest import Workers, counted
-from tests.conftest import private_dir
+from tests.conftest import embedded_base
 from tests.helpers import until
 
 pytestmark = [pytest.mark.postgres, pytest.mark.crash, pytest.mark.slow]
@@ -180,13 +180,15 @@ async def test_runs_under_random_sigkills_complete_exactly_once_with_the_right_r
 
 @contextlib.asynccontextmanager
 async def own_server() -> AsyncIterator[tuple[str, Control]]:
-    """An embedded PostgreSQL of this test's own, so that restarting it disturbs no one."""
-    control = _embedded.control_for(private_dir("durable-restart-"))
-    server = await asyncio.to_thread(_embedded.ensure_running, control, user_pid=os.getpid())
-    try:
-        yield server.dsn, control
-    finally:
-        await asyncio.to_thread(_embedded.release, control, os.getpid())
+    """An embedded PostgreSQL of this test's own, so that restarting it disturbs no one; it
+    is stopped and its directory removed afterwards."""
+    with embedded_base("durable-restart-") as base:
+        control = _embedded.control_for(base)
+        server = await asyncio.to_thread(_embedded.ensure_running, control, user_pid=os.getpid())
+        try:
+            yield server.dsn, control
+        finally:
+            await asyncio.to_thread(_embedded.release, control, os.getpid())
 
 
 async def test_runs_survive_a_restart_of_the_database_server(tmp_path: Path) -> None:

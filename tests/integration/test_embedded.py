@@ -18,8 +18,8 @@ import asyncpg
 import pytest
 
 import durable
-from durable import _embedded, _pg
-from tests.conftest import private_dir
+from durable import _embedded, _pg, _postmaster
+from tests.conftest import embedded_base, private_dir
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
@@ -35,10 +35,9 @@ HOLD = (
 
 @pytest.fixture
 def base() -> Iterator[Path]:
-    path = private_dir("durable-embedded-")
-    yield path
-    control = _embedded.control_for(path)
-    control.stop()
+    """A private base directory; its servers are stopped and it is removed afterwards."""
+    with embedded_base("durable-embedded-") as path:
+        yield path
 
 
 def _env(base: Path, **extra: str) -> dict[str, str]:
@@ -72,7 +71,7 @@ def _finish(process: subprocess.Popen[str]) -> None:
 def _gone(pid: int, timeout: float = 20) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not _pg.alive(pid) or not _pg.cmdline(pid):
+        if not _postmaster.alive(pid) or not _postmaster.cmdline(pid):
             return True
         time.sleep(0.05)
     return False
