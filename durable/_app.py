@@ -34,7 +34,13 @@ from engine import (
     dump,
     validate_input,
 )
-from engine.errors import ConfigurationError, InvalidInput, RunNotFound, SerializationError
+from engine.errors import (
+    ConfigurationError,
+    EmbeddedPostgresError,
+    InvalidInput,
+    RunNotFound,
+    SerializationError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +101,9 @@ class App:
         self._rate_limits: dict[str, tuple[int, timedelta]] = {}
         self._schedules: dict[str, Schedule] = {}
         self._hosted: set[_Hosted] = set()
+        # Watches the embedded server, when the app uses it (see _embedded.keep).
+        self._keeper: asyncio.Task[None] | None = None
+        self._embedded_lost: EmbeddedPostgresError | None = None
 
     # -- registration ---------------------------------------------------------------------------
 
@@ -258,12 +267,14 @@ class App:
             await listener.start()
         except BaseException:
             await store.close()
+            await self._stop_keeper()
             raise
         self._store, self._listener = store, listener
 
     async def close(self) -> None:
         """Stop this app's workers and close its connections."""
         self.stop_workers()
+        await self._stop_keeper()  # first: no restart of the server may race the shutdown
         if self._listener is not None:
             await self._listener.close()
             self._listener = None
@@ -290,7 +301,24 @@ class App:
         server = await asyncio.to_thread(_embedded.acquire)
         _embedded.exit_on_sigterm()
         log.info("using embedded PostgreSQL in %s", server.data_dir)
+        # It is ours: should it die (a kill -9, an OOM kill), say so once and restart it.
+        self._keeper = asyncio.create_task(_embedded.keep(server), name="durable-embedded-keeper")
+        self._keeper.add_done_callback(self._keeper_done)
         return server.dsn
+
+    def _keeper_done(self, task: asyncio.Task[None]) -> None:
+        error = None if task.cancelled() else task.exception()
+        if isinstance(error, EmbeddedPostgresError):
+            self._embedded_lost = error
+            log.error("%s", error)
+            self.stop_workers()
+
+    async def _stop_keeper(self) -> None:
+        keeper, self._keeper = self._keeper, None
+        if keeper is not None:
+            keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError, EmbeddedPostgresError):
+                await keeper
 
     def _store_or_raise(self) -> PostgresStore:
         if self._store is None:
@@ -597,6 +625,8 @@ class App:
             await hosted.serve(worker, scheduler)
         finally:
             self._hosted.discard(hosted)
+        if self._embedded_lost is not None:  # the embedded server died for good
+            raise self._embedded_lost
 
     def stop_workers(self) -> None:
         """Ask this app's workers to finish their runs (within the grace period) and return;

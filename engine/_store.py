@@ -72,6 +72,15 @@ async def _keep_session(conn: asyncpg.Connection[Any]) -> None:
     call, ``durable.fake_now`` set again on every checkout)."""
 
 
+async def _first_connection(pool: asyncpg.Pool[Any]) -> None:
+    try:
+        async with pool.acquire():
+            pass
+    except BaseException:
+        pool.terminate()
+        raise
+
+
 def _time_from(clock: Clock) -> Callable[[asyncpg.Connection[Any]], Awaitable[None]]:
     async def setup(conn: asyncpg.Connection[Any]) -> None:
         await conn.execute(queries()["set_fake_time"], clock.now().isoformat())
@@ -120,14 +129,18 @@ class PostgresStore:
         delay = 0.1
         while True:
             try:
+                # No floor of idle connections: asyncpg would restore it after every outage
+                # with a traceback per failed try. The first connection is opened here, so that
+                # an unreachable database is found (and retried) now.
                 pool = await asyncpg.create_pool(
                     dsn,
-                    min_size=1,
+                    min_size=0,
                     max_size=max_size,
                     init=_init_connection,
                     setup=None if clock is None else _time_from(clock),
                     reset=_keep_session,
                 )
+                await _first_connection(pool)
             except (
                 ValueError,
                 asyncpg.InvalidCatalogNameError,
