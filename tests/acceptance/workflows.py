@@ -88,3 +88,53 @@ async def loaded(tag: str, i: int, n: int) -> int:
 async def ten_steps(ctx: durable.Context, job: dict[str, int | str]) -> list[int]:
     tag, n = str(job["tag"]), int(job["n"])
     return [await ctx.step(f"step-{i}", loaded, tag, i, n) for i in range(10)]
+
+
+# Zombie writes (tests/acceptance/test_fencing.py): each held_* function below reaches one write
+# that durable.hold_claim fences right after `hold`, which every attempt passes, replay included.
+
+
+async def hold(tag: str) -> None:
+    """Record that this process reached this point, then wait for its own gate, `{tag}-<pid>`:
+    a test lets one worker through while another is held here. Called from a function's body,
+    not from a step, so that the next thing a released worker does is the write that follows."""
+    record(f"{tag}-held", os.getpid())
+    await gate(f"{tag}-{os.getpid()}")
+
+
+async def whose(tag: str, what: str) -> int:
+    record(f"{tag}-{what}", os.getpid())
+    return os.getpid()
+
+
+@app.function(name="held_sleeper")
+async def held_sleeper(ctx: durable.Context, tag: str) -> int:
+    await hold(tag)
+    await ctx.sleep(timedelta(milliseconds=500))
+    return await ctx.step("after", whose, tag, "after")
+
+
+@app.function(name="held_waiter")
+async def held_waiter(ctx: durable.Context, tag: str) -> int:
+    await hold(tag)
+    await ctx.wait_for_event("parcel", key=tag)
+    return await ctx.step("after", whose, tag, "after")
+
+
+@app.function(name="kid")
+async def kid(ctx: durable.Context, tag: str) -> int:
+    return await ctx.step("kid", whose, tag, "kid")
+
+
+@app.function(name="held_starter")
+async def held_starter(ctx: durable.Context, tag: str) -> int:
+    await hold(tag)
+    await ctx.start(kid, tag)
+    return await ctx.step("after", whose, tag, "after")
+
+
+@app.function(name="held_joiner")
+async def held_joiner(ctx: durable.Context, tag: str) -> list[int]:
+    child = await ctx.start(kid, tag)
+    await hold(tag)
+    return [await child.result(), await ctx.step("after", whose, tag, "after")]
