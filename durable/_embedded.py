@@ -277,6 +277,13 @@ class Keeper:
             )
 
     async def _restart(self, lost: Server) -> Server:
+        if not (lost.data_dir / "PG_VERSION").is_file():
+            # Removed under us: starting would initdb an empty cluster at the same address,
+            # and the app would carry on against a database that has lost every run.
+            raise EmbeddedPostgresError(
+                f"the embedded PostgreSQL (pid {lost.pid}) exited and its data directory "
+                f"{lost.data_dir} is gone; not starting an empty one in its place"
+            )
         try:
             back = await asyncio.to_thread(ensure_running, self._control)
         except (EmbeddedPostgresError, OSError) as exc:

@@ -63,39 +63,43 @@ async def wait_for_journal(run: durable.RunHandle[list[str]], length: int) -> No
 
 
 async def main() -> None:
-    log = Path(tempfile.mkdtemp(prefix="durable-demo-")) / "executions.log"
-    log.touch()
-    async with app:
-        print(f"database: {app.database_url}")
-        worker = start_worker(log)
-        run = await app.start(fulfil_order, f"order-{int(time.time())}")
-        print(f"started run {run.run_id}")
-        await wait_for_journal(run, 3)
-        worker.kill()
-        worker.wait()
-        print(f"\n*** killed worker {worker.pid} with SIGKILL after step 3 was journaled ***")
-        print(
-            f"    status: {await run.status()}, journal: {[e.name for e in await run.journal()]}\n"
-        )
-        replacement = start_worker(log)
-        print(
-            f"started worker {replacement.pid}; it takes the run over when the lease "
-            f"(3 s) runs out\n"
-        )
-        result = await run.result(timeout=120)
-        replacement.terminate()
-        replacement.wait()
-        print(f"\nresult: {result}\n\njournal:")
-        for entry in await run.journal():
-            print(f"  #{entry.position} {entry.name:<14} attempt {entry.attempt}  {entry.value}")
-        runs = [line.split()[0] for line in log.read_text().splitlines()]
-        print("\nexecutions per step (a step interrupted by the crash runs again):")
-        for step in STEPS:
-            print(f"  {step:<14} {runs.count(step)}")
-        repeated = [s for s in STEPS[:3] if runs.count(s) != 1]
-        print("\nsteps 1-3 ran exactly once" if not repeated else f"\nREPEATED: {repeated}")
-        if repeated:
-            raise SystemExit(1)
+    with tempfile.TemporaryDirectory(prefix="durable-demo-") as scratch:
+        log = Path(scratch) / "executions.log"
+        log.touch()
+        async with app:
+            print(f"database: {app.database_url}")
+            worker = start_worker(log)
+            run = await app.start(fulfil_order, f"order-{int(time.time())}")
+            print(f"started run {run.run_id}")
+            await wait_for_journal(run, 3)
+            worker.kill()
+            worker.wait()
+            print(f"\n*** killed worker {worker.pid} with SIGKILL after step 3 was journaled ***")
+            print(
+                f"    status: {await run.status()}, "
+                f"journal: {[e.name for e in await run.journal()]}\n"
+            )
+            replacement = start_worker(log)
+            print(
+                f"started worker {replacement.pid}; it takes the run over when the lease "
+                f"(3 s) runs out\n"
+            )
+            result = await run.result(timeout=120)
+            replacement.terminate()
+            replacement.wait()
+            print(f"\nresult: {result}\n\njournal:")
+            for entry in await run.journal():
+                print(
+                    f"  #{entry.position} {entry.name:<14} attempt {entry.attempt}  {entry.value}"
+                )
+            runs = [line.split()[0] for line in log.read_text().splitlines()]
+            print("\nexecutions per step (a step interrupted by the crash runs again):")
+            for step in STEPS:
+                print(f"  {step:<14} {runs.count(step)}")
+            repeated = [s for s in STEPS[:3] if runs.count(s) != 1]
+            print("\nsteps 1-3 ran exactly once" if not repeated else f"\nREPEATED: {repeated}")
+            if repeated:
+                raise SystemExit(1)
 
 
 if __name__ == "__main__":

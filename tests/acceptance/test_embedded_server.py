@@ -26,7 +26,9 @@ EXITED = "exited; restarting it"
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[_embedded.Server]:
     """An embedded server of this test's own, used by this process too (so that it is not
-    stopped when the worker is the last one out)."""
+    stopped when the worker is the last one out). Tests ask for it before ``workers``, so that
+    their worker processes are gone before it is stopped and removed (a worker would restart
+    it)."""
     with embedded_base("durable-death-") as base:
         control = _embedded.control_for(base)
         yield _embedded.ensure_running(control, user_pid=os.getpid())
@@ -34,7 +36,7 @@ def server(tmp_path: Path) -> Iterator[_embedded.Server]:
 
 
 async def test_a_worker_restarts_a_killed_embedded_server_once_and_its_run_finishes(
-    workers: Workers, server: _embedded.Server
+    server: _embedded.Server, workers: Workers
 ) -> None:
     worker = workers.start(DURABLE_DATABASE_URL="", DURABLE_DATA_DIR=str(server.base))
     async with durable.App(server.dsn) as app:
@@ -53,7 +55,7 @@ async def test_a_worker_restarts_a_killed_embedded_server_once_and_its_run_finis
 
 
 async def test_a_worker_whose_embedded_server_cannot_come_back_exits_with_one_line(
-    workers: Workers, server: _embedded.Server
+    server: _embedded.Server, workers: Workers
 ) -> None:
     worker = workers.start(DURABLE_DATABASE_URL="", DURABLE_DATA_DIR=str(server.base))
     await until(lambda: "serving" in workers.log_of(worker), timeout=60, what="the worker up")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -124,6 +125,21 @@ async def test_two_keepers_of_one_server_bring_back_one_server(
             keeper.cancel()
         await asyncio.gather(*keepers, return_exceptions=True)
         await asyncio.to_thread(_embedded.release, control, os.getpid())
+
+
+async def test_a_server_whose_data_directory_was_removed_is_not_started_empty(
+    base: Path,
+) -> None:
+    """Starting would initdb a new, empty cluster at the same address, and the app would go on
+    against a database that lost every run: the keeper refuses instead."""
+    control, server = await _start(base)
+    keeper = asyncio.create_task(_embedded.Keeper(control).watch(server))
+    await asyncio.to_thread(shutil.rmtree, server.data_dir)  # removed under the server,
+    os.kill(server.pid, signal.SIGKILL)  # which then dies
+    with pytest.raises(durable.EmbeddedPostgresError, match="is gone") as error:
+        await asyncio.wait_for(keeper, 90)
+    assert str(server.data_dir) in str(error.value)
+    assert not server.data_dir.exists()
 
 
 async def test_a_server_that_cannot_come_back_ends_the_keeper_with_a_one_line_error(
