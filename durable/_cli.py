@@ -217,10 +217,7 @@ def _worker(args: argparse.Namespace) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     app = load_app(args.app)
-    if args.database_url:
-        app._database_url = args.database_url
-    if args.connect_timeout:
-        app._connect_timeout = args.connect_timeout
+    app.configure(database_url=args.database_url, connect_timeout=args.connect_timeout)
 
     async def serve() -> None:
         loop = asyncio.get_running_loop()
@@ -339,8 +336,7 @@ async def _show(app: App, handle: RunHandle[Any]) -> int:
             f"    {entry.created_at:%Y-%m-%d %H:%M:%S.%f}  #{entry.position:<6} "
             f"{entry.kind:<6} {entry.name:<20} {outcome}  (attempt {entry.attempt})"
         )
-    store = app._store_or_raise()
-    for wait in await store.list_waits(run_id):
+    for wait in await handle.waits():
         if wait.name == "durable.child":
             print(f"    waiting at #{wait.position}: child run {wait.key}")
             continue

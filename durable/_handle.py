@@ -5,20 +5,35 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
-from engine import TRANSIENT_ERRORS, JournalEntry, RunRow, RunStatus, load
+from engine import TRANSIENT_ERRORS, JournalEntry, RunRow, RunStatus, WaitRow, load
 from engine.errors import ErrorInfo, ResultTimeout, RunCancelled, RunFailed, RunNotFound
-
-if TYPE_CHECKING:
-    from durable._app import App
 
 T = TypeVar("T")
 
-_NO_TYPE: Any = object()
+NO_TYPE: Any = object()  # the return type is not known here: results come back as stored JSON
+
+
+class RunSource(Protocol):
+    """What a ``RunHandle`` asks of the app it came from (``durable._client.Client``)."""
+
+    async def run_row(self, run_id: uuid.UUID) -> RunRow | None: ...
+
+    async def children(self, run_id: uuid.UUID) -> list[RunRow]: ...
+
+    async def journal(self, run_id: uuid.UUID) -> list[JournalEntry]: ...
+
+    async def waits(self, run_id: uuid.UUID) -> list[WaitRow]: ...
+
+    async def cancel_run(self, run_id: uuid.UUID | str, reason: str) -> str: ...
+
+    def return_type_of(self, function: str) -> Any: ...
+
+    def on_done(self, run_id: uuid.UUID, callback: Callable[[], None]) -> Callable[[], None]: ...
 
 
 @dataclass(frozen=True)
@@ -76,8 +91,8 @@ class RunHandle(Generic[T]):
     outcome = await run.result(timeout=60)
     """
 
-    def __init__(self, app: App, run_id: uuid.UUID, return_type: Any = _NO_TYPE) -> None:
-        self._app = app
+    def __init__(self, source: RunSource, run_id: uuid.UUID, return_type: Any = NO_TYPE) -> None:
+        self._source = source
         self.run_id = run_id
         self._return_type = return_type
 
@@ -86,7 +101,7 @@ class RunHandle(Generic[T]):
 
     async def info(self) -> RunInfo:
         """The run as stored now. Raises RunNotFound for an unknown id."""
-        row = await self._app._store_or_raise().get_run(self.run_id)
+        row = await self._source.run_row(self.run_id)
         if row is None:
             raise RunNotFound(str(self.run_id))
         return RunInfo.from_row(row)
@@ -97,7 +112,7 @@ class RunHandle(Generic[T]):
 
     async def children(self) -> list[RunInfo]:
         """The child runs this run started (``ctx.start``, ``ctx.run``), oldest first."""
-        rows = await self._app._store_or_raise().list_children(self.run_id)
+        rows = await self._source.children(self.run_id)
         return [RunInfo.from_row(r) for r in rows]
 
     async def cancel(self, reason: str = "cancelled") -> str:
@@ -108,11 +123,17 @@ class RunHandle(Generic[T]):
         ``asyncio.CancelledError``, and ends the run as cancelled. Returns ``"cancelled"``,
         ``"requested"``, ``"finished"`` (it had already ended) or ``"not_found"``;
         ``result()`` then raises RunCancelled."""
-        return await self._app.cancel_run(self.run_id, reason)
+        return await self._source.cancel_run(self.run_id, reason)
 
     async def journal(self) -> list[JournalEntry]:
         """The run's journal, in the order it was written."""
-        return await self._app._store_or_raise().load_journal(self.run_id)
+        return await self._source.journal(self.run_id)
+
+    async def waits(self) -> list[WaitRow]:
+        """What the run waits for now: each event wait registered and not yet received (with
+        its deadline), and each child it waits on (name ``durable.child``, key the child's
+        id), by journal position."""
+        return await self._source.waits(self.run_id)
 
     async def result(self, timeout: float | None = None) -> T:
         """Wait for the run to finish and return its result, rehydrated by the function's return
@@ -123,7 +144,7 @@ class RunHandle(Generic[T]):
         deadline = None if timeout is None else loop.time() + timeout
         while True:
             finished = asyncio.Event()
-            unsubscribe = self._app._on_done(self.run_id, finished.set)
+            unsubscribe = self._source.on_done(self.run_id, finished.set)
             try:
                 try:
                     info = await self.info()
@@ -150,9 +171,9 @@ class RunHandle(Generic[T]):
 
     def _rehydrate(self, info: RunInfo) -> T:
         annotation = self._return_type
-        if annotation is _NO_TYPE:
-            annotation = self._app._return_type_of(info.function)
-        if annotation is _NO_TYPE:
+        if annotation is NO_TYPE:
+            annotation = self._source.return_type_of(info.function)
+        if annotation is NO_TYPE:
             result: T = info.result
             return result
         rehydrated: T = load(annotation, info.result)

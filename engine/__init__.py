@@ -30,8 +30,9 @@ from engine._registry import (
     FunctionSpec,
     RunOptions,
     StepPolicy,
+    new_run,
 )
-from engine._run_state import Checkpoint, Decision, Moment, Probe, RunState
+from engine._run_state import Checkpoint, Decision, Execution, Moment, Probe, RunState
 from engine._runner import Runner
 from engine._schedules import CatchUp, Schedule, Scheduler
 from engine._store import TRANSIENT_ERRORS, PostgresStore
@@ -53,6 +54,7 @@ __all__ = [
     "Context",
     "DatabaseTime",
     "Decision",
+    "Execution",
     "FunctionSpec",
     "JournalEntry",
     "Listener",
@@ -79,6 +81,7 @@ __all__ = [
     "current_carrier",
     "dump",
     "load",
+    "new_run",
     "return_type",
     "validate_input",
 ]

@@ -7,7 +7,7 @@ import inspect
 import random
 import typing
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, cast
@@ -241,3 +241,41 @@ class FunctionSpec:
             return_type=return_type(fn),
             options=options or RunOptions(),
         )
+
+
+def new_run(
+    functions: Mapping[str, FunctionSpec],
+    function: str,
+    data: Any,
+    *,
+    run_id: uuid.UUID,
+    idempotency_key: str | None = None,
+    trace_context: dict[str, str] | None = None,
+    priority: int | None = None,
+    delay: timedelta | None = None,
+    start_at: datetime | None = None,
+) -> NewRun:
+    """The one way to build a run to store: ``function`` with ``data`` (its input as stored),
+    with the function's options when ``functions`` registers it (``FunctionSpec.new_run``),
+    else with none (a function that another app's workers serve)."""
+    spec = functions.get(function)
+    if spec is not None:
+        return spec.new_run(
+            data,
+            run_id=run_id,
+            idempotency_key=idempotency_key,
+            trace_context=trace_context,
+            priority=priority,
+            delay=delay,
+            start_at=start_at,
+        )
+    return NewRun(
+        run_id,
+        function,
+        data,
+        idempotency_key,
+        trace_context,
+        priority=priority or 0,
+        available_at=start_at,
+        delay=delay,
+    )

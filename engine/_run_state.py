@@ -13,7 +13,7 @@ import random
 import uuid
 from collections.abc import Callable, Coroutine, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 
@@ -61,6 +61,24 @@ class Probe(Protocol):
 
 
 @dataclass(frozen=True)
+class Execution:
+    """What every attempt of one worker (or one simulation, or one replay) shares: where runs
+    are stored, the app's functions (a run's own, and those it may start as children), the
+    database's time, how short a wait is kept in memory, and, for tests, the probe, step stubs
+    and seed. ``Runner(execution, claim)`` is the one way to execute a claimed attempt."""
+
+    store: Store
+    functions: Mapping[str, FunctionSpec]
+    db_time: DatabaseTime
+    short_wait: float = 0.25
+    rng: random.Random = field(default_factory=random.SystemRandom)
+    max_payload_bytes: int | None = None
+    probe: Probe | None = None
+    stubs: Mapping[str, Callable[..., Any]] = field(default_factory=dict)
+    seed: str | None = None
+
+
+@dataclass(frozen=True)
 class _ChildSnapshot:
     status: dict[uuid.UUID, str]
     waiting_at: set[str]
@@ -77,35 +95,27 @@ class RunState:
 
     def __init__(
         self,
+        execution: Execution,
         *,
-        store: Store,
         run_id: uuid.UUID,
         function: str,
         attempt: int,
         journal: list[JournalEntry],
-        db_time: DatabaseTime,
-        short_wait: float,
-        rng: random.Random,
-        probe: Probe | None = None,
-        max_payload_bytes: int | None = None,
-        stubs: Mapping[str, Callable[..., Any]] | None = None,
-        seed: str | None = None,
-        functions: Mapping[str, FunctionSpec] | None = None,
     ) -> None:
-        self.store = store
-        self.functions = functions or {}
-        self.probe = probe
-        self.max_payload_bytes = max_payload_bytes
-        self.stubs = stubs or {}
-        self.seed = seed
+        self.store = execution.store
+        self.functions = execution.functions
+        self.probe = execution.probe
+        self.max_payload_bytes = execution.max_payload_bytes
+        self.stubs = execution.stubs
+        self.seed = execution.seed
         self.run_id = run_id
         self.function = function
         self.attempt = attempt
         self.journal = {entry.position: entry for entry in journal}
         self.consumed: set[str] = set()
-        self.db_time = db_time
-        self.short_wait = short_wait
-        self.rng = rng
+        self.db_time = execution.db_time
+        self.short_wait = execution.short_wait
+        self.rng = execution.rng
         self.tasks: set[asyncio.Task[Any]] = set()
         # One future per step body running in a thread, resolved when the body returns: a
         # thread cannot be interrupted, so it may outlive the step that was cancelled.

@@ -6,17 +6,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import traceback
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable
 from typing import Any
 
 from engine import _codec, _lineage, _tracing
-from engine._clock import DatabaseTime
 from engine._context import Context
-from engine._records import Claim, EndStatus, Store
+from engine._records import Claim, EndStatus
 from engine._registry import FunctionSpec
-from engine._run_state import Probe, RunState
+from engine._run_state import Execution, RunState
 from engine._signals import Abandon, Suspend
 from engine._store import TRANSIENT_ERRORS
 from engine.errors import ErrorInfo, NonDeterminismError
@@ -25,34 +23,15 @@ log = logging.getLogger(__name__)
 
 
 class Runner:
-    """One attempt of one run, on this worker."""
+    """One attempt of one run (``claim``), executed as ``execution`` says."""
 
-    def __init__(
-        self,
-        store: Store,
-        spec: FunctionSpec,
-        claim: Claim,
-        *,
-        db_time: DatabaseTime,
-        short_wait: float,
-        rng: random.Random,
-        probe: Probe | None = None,
-        max_payload_bytes: int | None = None,
-        stubs: Mapping[str, Callable[..., Any]] | None = None,
-        seed: str | None = None,
-        functions: Mapping[str, FunctionSpec] | None = None,
-    ) -> None:
-        self.store = store
-        self.functions = functions
-        self.probe = probe
-        self.max_payload_bytes = max_payload_bytes
-        self.stubs = stubs
-        self.seed = seed
-        self.spec = spec
+    def __init__(self, execution: Execution, claim: Claim) -> None:
+        self.execution = execution
+        self.store = execution.store
+        self.spec = execution.functions[claim.function]
         self.claim = claim
-        self.db_time = db_time
-        self.short_wait = short_wait
-        self.rng = rng
+        self.db_time = execution.db_time
+        self.max_payload_bytes = execution.max_payload_bytes
         self.state: RunState | None = None
         self._root: asyncio.Task[Any] | None = None
         self.extra = {"run_id": str(claim.run_id)}
@@ -119,19 +98,11 @@ class Runner:
         # A first claim has no journal: entries are written only by a claim's holder.
         journal = [] if claim.attempt == 1 else await self.store.load_journal(claim.run_id)
         state = RunState(
-            store=self.store,
+            self.execution,
             run_id=claim.run_id,
             function=claim.function,
             attempt=claim.attempt,
             journal=journal,
-            db_time=self.db_time,
-            short_wait=self.short_wait,
-            rng=self.rng,
-            probe=self.probe,
-            max_payload_bytes=self.max_payload_bytes,
-            stubs=self.stubs,
-            seed=self.seed,
-            functions=self.functions,
         )
         state.cancelled = self.cancel_requested
         self.state = state

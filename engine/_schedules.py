@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from engine._records import NewRun, ScheduleRow
-from engine._registry import FunctionSpec
+from engine._registry import FunctionSpec, new_run
 from engine._store import TRANSIENT_ERRORS
 from engine.errors import ConfigurationError
 
@@ -166,7 +166,10 @@ class Scheduler:
 
     def _run_for(self, schedule: Schedule, tick: datetime) -> NewRun:
         key = f"schedule:{schedule.name}:{tick.isoformat()}"
-        spec = self.functions.get(schedule.function)
-        if spec is None:
-            return NewRun(uuid.uuid4(), schedule.function, schedule.input, key)
-        return spec.new_run(schedule.input, run_id=uuid.uuid4(), idempotency_key=key)
+        return new_run(
+            self.functions,
+            schedule.function,
+            schedule.input,
+            run_id=uuid.uuid4(),
+            idempotency_key=key,
+        )

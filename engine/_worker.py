@@ -21,6 +21,7 @@ from engine._clock import Clock, DatabaseTime, SystemClock
 from engine._listener import Listener
 from engine._records import Claim, Store
 from engine._registry import FunctionSpec
+from engine._run_state import Execution
 from engine._runner import Runner
 from engine._store import TRANSIENT_ERRORS
 from engine.errors import ConfigurationError
@@ -80,8 +81,15 @@ class Worker:
         self.listener = listener
         self.options = options
         self.clock = clock or SystemClock()
-        self.rng = rng or random.SystemRandom()
         self.db_time = DatabaseTime(self.clock)
+        self.execution = Execution(
+            store,
+            self.registry,
+            self.db_time,
+            short_wait=options.short_wait.total_seconds(),
+            rng=rng or random.SystemRandom(),
+            max_payload_bytes=options.max_payload_bytes,
+        )
         self.active: dict[uuid.UUID, tuple[Runner, asyncio.Task[None]]] = {}
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
@@ -148,17 +156,7 @@ class Worker:
             await asyncio.wait_for(self._wake.wait(), timeout)
 
     def _start(self, claim: Claim) -> None:
-        spec = self.functions[claim.function]
-        runner = Runner(
-            self.store,
-            spec,
-            claim,
-            db_time=self.db_time,
-            short_wait=self.options.short_wait.total_seconds(),
-            rng=self.rng,
-            max_payload_bytes=self.options.max_payload_bytes,
-            functions=self.registry,
-        )
+        runner = Runner(self.execution, claim)
         task = asyncio.get_running_loop().create_task(
             self._execute(runner), context=_lineage.detached_context()
         )

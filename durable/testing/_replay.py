@@ -15,6 +15,7 @@ from durable._handle import RunHandle
 from durable.testing._simulation import _Probe
 from engine import (
     DatabaseTime,
+    Execution,
     JournalEntry,
     MemoryStore,
     Runner,
@@ -122,7 +123,7 @@ async def replay(app: App, recorded: RecordedRun) -> ReplayReport:
         recorded = RecordedRun.from_json(Path("run.json").read_text())
         await replay(app, recorded)
     """
-    spec = app._spec_for(recorded.function)
+    spec = app.spec_for(recorded.function)
     if spec is None:
         raise NonDeterminismError(
             str(recorded.run_id),
@@ -137,16 +138,15 @@ async def replay(app: App, recorded: RecordedRun) -> ReplayReport:
     [claim] = await store.claim([spec.name], 1, "replay", timedelta(days=1))
     probe = _Probe((), None, halt=True)
     _lineage.install(asyncio.get_running_loop())
-    runner = Runner(
+    execution = Execution(
         store,
-        spec,
-        claim,
-        db_time=DatabaseTime(clock),
+        app.functions,
+        DatabaseTime(clock),
         short_wait=0.0,
         rng=random.Random(0),
         probe=probe,
-        functions=app.functions,
     )
+    runner = Runner(execution, claim)
     await runner.execute()
     state = runner.state
     assert state is not None

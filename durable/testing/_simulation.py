@@ -14,8 +14,10 @@ from typing import Any
 from durable._app import App
 from engine import (
     Checkpoint,
+    Claim,
     DatabaseTime,
     Decision,
+    Execution,
     FunctionSpec,
     JournalEntry,
     MemoryStore,
@@ -295,7 +297,7 @@ class Simulation:
         return outcome
 
     def _spec(self, fn: Callable[..., Awaitable[Any]] | str) -> FunctionSpec:
-        spec = self.app._spec_for(fn)
+        spec = self.app.spec_for(fn)
         if spec is None:
             raise SimulationError(f"no durable function named {fn!r} in this app")
         return spec
@@ -327,7 +329,7 @@ class Simulation:
                     raise SimulationError(
                         f"run {run_id} of {spec.name!r} did not end in {self.max_attempts} attempts"
                     )
-                await self._attempt(store, self._spec(claims[0].function), claims[0], probe)
+                await self._attempt(store, claims[0], probe)
                 continue
             due, _now = await store.next_due(names)
             next_event = started + schedule[0][1].at if schedule else None
@@ -337,21 +339,20 @@ class Simulation:
                 due += late.pop(0) if late else timedelta(0)
             self.clock.advance_to(min(t for t in (due, next_event) if t is not None))
 
-    async def _attempt(self, store: Store, spec: FunctionSpec, claim: Any, probe: _Probe) -> None:
+    async def _attempt(self, store: Store, claim: Claim, probe: _Probe) -> None:
         probe.crashed_attempt = False
-        runner = Runner(
+        execution = Execution(
             store,
-            spec,
-            claim,
-            db_time=DatabaseTime(self.clock),
+            self.app.functions,
+            DatabaseTime(self.clock),
             short_wait=0.0,
             rng=random.Random(self.seed),
+            max_payload_bytes=self.app.settings.max_payload_bytes,
             probe=probe,
-            max_payload_bytes=self.app._max_payload_bytes,
             stubs=self.stubs,
             seed=f"{self.seed}/{self._started}",
-            functions=self.app.functions,
         )
+        runner = Runner(execution, claim)
         await runner.execute()
         if probe.crashed_attempt:  # the next attempt starts at once, as if the lease had run out
             await store.release(claim.run_id, claim.attempt)

@@ -85,7 +85,7 @@ def test_settings_in_range_are_kept() -> None:
         short_wait=timedelta(0),
         connect_timeout=0.5,
     )
-    assert app._lease == timedelta(seconds=1)
+    assert app.settings.lease == timedelta(seconds=1)
     assert WorkerOptions(concurrency=1, shutdown_grace=timedelta(0)).concurrency == 1
 
 

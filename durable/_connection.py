@@ -1,0 +1,139 @@
+"""``Connection``: an app's way to its database: the URL (or the embedded server, kept alive),
+the pool, the schema brought up to date, the declared rate limits written, and one LISTEN
+connection for the notifications clients and workers wait on."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import Callable, Mapping
+from datetime import timedelta
+
+from durable._settings import Settings
+from engine import Listener, PostgresStore, _urls
+from engine.errors import ConfigurationError, EmbeddedPostgresError
+
+log = logging.getLogger("durable._app")
+
+
+class Connection:
+    """Opened by ``open`` (``async with app``), closed by ``close``. ``on_lost`` is called
+    when the embedded server died and could not be restarted."""
+
+    def __init__(self, settings: Settings, on_lost: Callable[[], None]) -> None:
+        self.settings = settings
+        self._on_lost = on_lost
+        self._store: PostgresStore | None = None
+        self._listener: Listener | None = None
+        # Watches the embedded server, when the app uses it (see _embedded.keep).
+        self._keeper: asyncio.Task[None] | None = None
+        self.embedded_lost: EmbeddedPostgresError | None = None
+
+    @property
+    def is_open(self) -> bool:
+        return self._store is not None
+
+    @property
+    def store(self) -> PostgresStore:
+        if self._store is None:
+            raise ConfigurationError(
+                "the app is not connected: use `async with app:` or `await app.connect()`"
+            )
+        return self._store
+
+    @property
+    def listener(self) -> Listener:
+        if self._listener is None:
+            raise ConfigurationError(
+                "the app is not connected: use `async with app:` or `await app.connect()`"
+            )
+        return self._listener
+
+    @property
+    def dsn(self) -> str | None:
+        """The URL in use once open (the embedded server's when none was given)."""
+        return self._store.dsn if self._store else self.settings.database_url
+
+    async def open(
+        self,
+        rate_limits: Mapping[str, tuple[int, timedelta]],
+        subscriptions: Mapping[str, Callable[[str], None]],
+    ) -> None:
+        """Connect (starting the embedded server if no URL is set), apply the migrations,
+        write ``rate_limits`` and start listening, with ``subscriptions`` (channel → callback)
+        subscribed before the first notification can arrive."""
+        if self._store is not None:
+            return
+        dsn = await self._resolve_url()
+        try:
+            store = await PostgresStore.connect(
+                dsn,
+                max_size=self.settings.pool_size,
+                connect_timeout=self.settings.connect_timeout,
+            )
+        except BaseException:
+            await self._stop_keeper()
+            raise
+        try:
+            await store.migrate()
+            await declare_rate_limits(store, rate_limits)
+            listener = Listener(store.connect_raw)
+            for channel, callback in subscriptions.items():
+                listener.subscribe(channel, callback)
+            await listener.start()
+        except BaseException:
+            await store.close()
+            await self._stop_keeper()
+            raise
+        self._store, self._listener = store, listener
+
+    async def close(self) -> None:
+        await self._stop_keeper()  # first: no restart of the server may race the shutdown
+        if self._listener is not None:
+            await self._listener.close()
+            self._listener = None
+        if self._store is not None:
+            await self._store.close()
+            self._store = None
+
+    async def _resolve_url(self) -> str:
+        if self.settings.database_url == "":
+            raise ConfigurationError(
+                "database_url is empty: pass a postgresql:// URL, or None for "
+                "$DURABLE_DATABASE_URL or the embedded PostgreSQL"
+            )
+        url = self.settings.database_url or os.environ.get("DURABLE_DATABASE_URL")
+        if url:
+            return _urls.check(url)
+        from durable import _embedded
+
+        server = await asyncio.to_thread(_embedded.acquire)
+        _embedded.exit_on_sigterm()
+        log.info("using embedded PostgreSQL in %s", server.data_dir)
+        # It is ours: should it die (a kill -9, an OOM kill), say so once and restart it.
+        self._keeper = asyncio.create_task(_embedded.keep(server), name="durable-embedded-keeper")
+        self._keeper.add_done_callback(self._keeper_done)
+        return server.dsn
+
+    def _keeper_done(self, task: asyncio.Task[None]) -> None:
+        error = None if task.cancelled() else task.exception()
+        if isinstance(error, EmbeddedPostgresError):
+            self.embedded_lost = error
+            log.error("%s", error)
+            self._on_lost()
+
+    async def _stop_keeper(self) -> None:
+        keeper, self._keeper = self._keeper, None
+        if keeper is not None:
+            keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError, EmbeddedPostgresError):
+                await keeper
+
+
+async def declare_rate_limits(
+    store: PostgresStore, rate_limits: Mapping[str, tuple[int, timedelta]]
+) -> None:
+    for name, (limit, period) in rate_limits.items():
+        await store.define_rate_limit(name, limit, period)

@@ -1,0 +1,52 @@
+"""``Settings``: how an app connects and how its workers run, checked when the app is built."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from engine import _limits, dump
+from engine.errors import ConfigurationError, InvalidInput, SerializationError
+
+
+@dataclass(frozen=True)
+class Settings:
+    """An app's settings (see ``App``): a value out of range is a ConfigurationError here,
+    not a worker that spins or never claims later."""
+
+    database_url: str | None = None
+    lease: timedelta = timedelta(seconds=30)
+    poll_interval: timedelta = timedelta(seconds=2)
+    short_wait: timedelta = timedelta(milliseconds=250)
+    pool_size: int = 10
+    connect_timeout: float | None = None
+    max_payload_bytes: int | None = 1 << 20
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "lease", setting(self.lease, "App: lease", positive=True))
+        object.__setattr__(
+            self, "poll_interval", setting(self.poll_interval, "App: poll_interval", True)
+        )
+        object.__setattr__(self, "short_wait", setting(self.short_wait, "App: short_wait"))
+        _limits.count(self.pool_size, "App: pool_size", ConfigurationError)
+        if self.connect_timeout is not None:
+            setting(self.connect_timeout, "App: connect_timeout", positive=True)
+        if self.max_payload_bytes is not None:
+            _limits.count(self.max_payload_bytes, "App: max_payload_bytes", ConfigurationError)
+
+
+def setting(value: object, what: str, positive: bool = False) -> timedelta:
+    """A duration setting (never negative; with ``positive``, more than zero), or
+    ConfigurationError."""
+    return _limits.duration(
+        value, what, error=ConfigurationError, negative=False, zero=not positive
+    )
+
+
+def json_or_invalid(value: Any, what: str, max_bytes: int | None) -> Any:
+    """``value`` as JSON-compatible data, or InvalidInput naming ``what``."""
+    try:
+        return dump(Any, value, what, max_bytes)
+    except SerializationError as exc:
+        raise InvalidInput(str(exc)) from exc
