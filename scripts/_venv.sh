@@ -10,7 +10,9 @@ fi
 STAMP="$VENV/.durable-installed"
 if [ ! -f "$STAMP" ] || [ "$ROOT/pyproject.toml" -nt "$STAMP" ]; then
     "$VENV/bin/python" -m pip install --quiet --upgrade pip
-    "$VENV/bin/python" -m pip install --quiet -e "$ROOT[test]"
+    # setuptools reminds every editable install that a folder named like the package could
+    # shadow it (ours is the package): nothing a newcomer can act on, so not shown.
+    PYTHONWARNINGS=ignore "$VENV/bin/python" -m pip install --quiet -e "$ROOT[test]"
     touch "$STAMP"
 fi
 export PATH="$VENV/bin:$PATH"
