@@ -41,15 +41,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from durable import _dirs, _postmaster
-from durable._pg import (
-    Control,
-    Layout,
-    default_base_dir,
-    dsn,
-    find_binaries,
-    identity,
-    reachable_binaries,
-)
+from durable._binaries import find_binaries, identity, reachable_binaries
+from durable._pg import Control, Layout, default_base_dir, dsn
 from engine.errors import EmbeddedPostgresError
 
 log = logging.getLogger(__name__)

@@ -17,6 +17,7 @@ signals a pid that ``is_our_postmaster`` vouched for.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import itertools
 import os
@@ -27,6 +28,8 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+
+import asyncpg
 
 from durable import _dirs
 from engine.errors import EmbeddedPostgresError
@@ -266,3 +269,24 @@ def log_tail(log: Path, lines: int = 3) -> str:
 
 def one_line(text: str) -> str:
     return " / ".join(line.strip() for line in text.strip().splitlines()[-3:] if line.strip())
+
+
+def fetch_value(url: str, sql: str) -> object:
+    """``fetchval(sql)`` on a new connection, from synchronous code: in a thread of its own so
+    that it works whether or not the caller's thread runs an event loop."""
+
+    async def ask() -> object:
+        conn = await asyncpg.connect(url, timeout=10)
+        try:
+            return await conn.fetchval(sql)
+        finally:
+            await conn.close()
+
+    def run() -> object:
+        try:
+            return asyncio.run(ask())
+        except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise EmbeddedPostgresError(f"cannot query the embedded PostgreSQL: {exc}") from exc
+
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="durable-pg") as pool:
+        return pool.submit(run).result()

