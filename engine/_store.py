@@ -18,9 +18,10 @@ from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 import asyncpg
 
+from engine import _schema
 from engine._clock import Clock
 from engine._group_commit import GroupCommit, Outcome, PendingEntry, PendingFinish
-from engine._queries import migrations, queries
+from engine._queries import queries
 from engine._records import (
     AwaitOutcome,
     ChildOutcome,
@@ -204,29 +205,10 @@ class PostgresStore:
     # -- schema -------------------------------------------------------------------------------
 
     async def migrate(self) -> list[int]:
-        """Apply every numbered migration not yet applied; returns the versions applied.
-
-        A session advisory lock makes a second process wait instead of migrating twice.
-        """
-        applied_now: list[int] = []
+        """Bring the schema to this code's (``engine._schema.migrate``); returns the versions of
+        the migrations applied now. ConfigurationError for a database it must not touch."""
         async with self._pool.acquire() as conn:
-            await conn.execute(self._q["lock_migrations"])
-            try:
-                await conn.execute(self._q["bootstrap_migrations"])
-                done = {r["version"] for r in await conn.fetch(self._q["applied_migrations"])}
-                for migration in migrations():
-                    if migration.version in done:
-                        continue
-                    async with conn.transaction():
-                        await conn.execute(migration.sql)
-                        await conn.execute(
-                            self._q["record_migration"], migration.version, migration.name
-                        )
-                    applied_now.append(migration.version)
-                    log.info("applied migration %04d_%s", migration.version, migration.name)
-            finally:
-                await conn.execute(self._q["unlock_migrations"])
-        return applied_now
+            return await _schema.migrate(conn)
 
     # -- starting and claiming ----------------------------------------------------------------
 

@@ -35,8 +35,8 @@ CRASHES = "tests/acceptance/test_crashes.py"
 FAULTS = "tests/acceptance/test_faults.py"
 FENCING = "tests/acceptance/test_fencing.py"
 FLOW = "tests/acceptance/test_flow_control.py"
-SCHEMA_FILES = ["engine/sql/schema.sql", "engine/sql/migrations/0001_create_schema.sql"]
-FLOW_FILES = ["engine/sql/schema.sql", "engine/sql/migrations/0007_add_flow_control.sql"]
+# Every SQL function is defined once, in this file: one edit breaks it wherever it is used.
+FUNCTIONS = "engine/sql/functions.sql"
 
 
 @dataclass(frozen=True)
@@ -47,19 +47,17 @@ class Mutation:
     tests: list[str]
 
 
-def everywhere(files: list[str], before: str, after: str) -> list[tuple[str, str, str]]:
-    return [(name, before, after) for name in files]
-
-
 MUTATIONS = [
     Mutation(
         "skip-fencing",
         "every write believes it still holds the claim (hold_claim returns true)",
-        everywhere(
-            SCHEMA_FILES,
-            "       FOR SHARE;\n    RETURN FOUND;",
-            "       FOR SHARE;\n    RETURN true;",
-        ),
+        [
+            (
+                FUNCTIONS,
+                "       FOR SHARE;\n    RETURN FOUND;",
+                "       FOR SHARE;\n    RETURN true;",
+            )
+        ],
         # One zombie write per function that hold_claim fences (sleep, event, child start and
         # join); each catches it alone. Steps are fenced inside append_entries instead.
         [FENCING],
@@ -67,44 +65,32 @@ MUTATIONS = [
     Mutation(
         "no-new-attempt",
         "a claim keeps the attempt number, so the old holder's fencing token stays valid",
-        everywhere(
-            [*FLOW_FILES, "engine/sql/migrations/0002_read_time_from_clock.sql"],
-            "attempt = r.attempt + 1,",
-            "attempt = r.attempt,",
-        ),
+        [(FUNCTIONS, "attempt = r.attempt + 1,", "attempt = r.attempt,")],
         [f"{CRASHES}::test_a_stopped_worker_past_its_lease_cannot_append_after_a_takeover"],
     ),
     Mutation(
         "claim-held-runs",
         "a claim takes runs whose lease has not expired (a live worker's runs)",
-        [
-            ("engine/sql/migrations/0001_create_schema.sql", "AND r.available_at <= now()", ""),
-            (
-                "engine/sql/migrations/0002_read_time_from_clock.sql",
-                "AND r.available_at <= durable.clock()",
-                "",
-            ),
-            *everywhere(FLOW_FILES, "AND r.available_at <= v_now", ""),
-        ],
+        [(FUNCTIONS, "AND r.available_at <= v_now", "")],
         # Three workers with free slots take each other's runs: hundreds of steps run again.
         [f"{FAULTS}::test_runs_under_random_sigkills_complete_exactly_once_with_the_right_result"],
     ),
     Mutation(
         "ignore-concurrency-limits",
         "a claim always finds a free slot for a concurrency key",
-        everywhere(
-            FLOW_FILES, ">= p_limit THEN\n        RETURN false;", ">= 0 THEN\n        NULL;"
-        ),
+        [(FUNCTIONS, ">= p_limit THEN\n        RETURN false;", ">= 0 THEN\n        NULL;")],
         [f"{FLOW}::test_a_global_limit_holds_across_three_worker_processes"],
     ),
     Mutation(
         "early-rate-reservation",
         "a waiter's units are reserved half a period too early",
-        everywhere(
-            FLOW_FILES,
-            "v_grant.granted_at + v_limit.period);",
-            "v_grant.granted_at + v_limit.period / 2);",
-        ),
+        [
+            (
+                FUNCTIONS,
+                "v_grant.granted_at + v_limit.period);",
+                "v_grant.granted_at + v_limit.period / 2);",
+            )
+        ],
         [f"{FLOW}::test_a_rate_limit_of_ten_per_second_is_never_exceeded_in_any_one_second_window"],
     ),
     Mutation(

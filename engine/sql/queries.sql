@@ -1,11 +1,27 @@
--- Named queries, read once by engine._queries and executed only by engine._store.
+-- Named queries, read once by engine._queries and executed only by engine._store (and, for the
+-- schema's bookkeeping, by engine._schema).
 -- Each block starts with "-- name: <name>" and runs until the next one.
+
+-- The schema's bookkeeping (engine._schema): which migrations and which version of
+-- functions.sql a database got, each with the sha256 of the text applied.
+
+-- name: schema_history
+SELECT to_regclass('durable.schema_migrations') IS NOT NULL AS recorded,
+       EXISTS (SELECT 1 FROM pg_attribute a
+                WHERE a.attrelid = to_regclass('durable.schema_migrations')
+                  AND a.attname = 'checksum' AND NOT a.attisdropped) AS checksummed;
 
 -- name: bootstrap_migrations
 CREATE SCHEMA IF NOT EXISTS durable;
 CREATE TABLE IF NOT EXISTS durable.schema_migrations (
     version     integer PRIMARY KEY,
     name        text NOT NULL,
+    checksum    text NOT NULL,
+    applied_at  timestamptz NOT NULL DEFAULT now()
+);
+CREATE TABLE IF NOT EXISTS durable.schema_functions (
+    version     integer PRIMARY KEY,
+    checksum    text NOT NULL,
     applied_at  timestamptz NOT NULL DEFAULT now()
 );
 
@@ -16,10 +32,34 @@ SELECT pg_advisory_lock(hashtextextended('durable.migrations', 0));
 SELECT pg_advisory_unlock(hashtextextended('durable.migrations', 0));
 
 -- name: applied_migrations
-SELECT version FROM durable.schema_migrations ORDER BY version;
+SELECT version, name, checksum FROM durable.schema_migrations ORDER BY version;
 
 -- name: record_migration
-INSERT INTO durable.schema_migrations (version, name) VALUES ($1, $2);
+INSERT INTO durable.schema_migrations (version, name, checksum) VALUES ($1, $2, $3);
+
+-- name: applied_functions
+SELECT version, checksum FROM durable.schema_functions ORDER BY version DESC LIMIT 1;
+
+-- name: record_functions
+INSERT INTO durable.schema_functions (version, checksum) VALUES ($1, $2);
+
+-- name: drop_functions
+-- Every function of schema durable but trigger functions (a table needs those: they belong to
+-- the migrations), so that running functions.sql next leaves exactly the functions it defines.
+-- No CASCADE: should a table ever depend on a function, the drop fails instead of taking the
+-- dependent object with it.
+DO $$
+DECLARE
+    v_routine regprocedure;
+BEGIN
+    FOR v_routine IN SELECT p.oid::regprocedure FROM pg_proc p
+                      WHERE p.pronamespace = 'durable'::regnamespace
+                        AND p.prokind IN ('f', 'p')
+                        AND p.prorettype <> 'trigger'::regtype LOOP
+        EXECUTE format('DROP ROUTINE %s', v_routine);
+    END LOOP;
+END
+$$;
 
 -- name: create_runs
 SELECT run_id, created FROM durable.create_runs($1::text::jsonb);

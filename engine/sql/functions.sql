@@ -1,167 +1,29 @@
--- durable: the complete current schema.
+-- durable: every function of schema durable but the journal's trigger function, which its table
+-- needs and which lives with the tables in migrations/0001_create_tables.sql.
 --
--- Map of the tables
--- -----------------
--- durable.runs        One row per run of a durable function: its input, its state machine
---                     (pending → running → suspended/paused → completed/failed/cancelled), the
---                     lease of the worker that holds it, and its result or error. `available_at`
---                     is the single "look at me again" time: when a pending run may start, when a
---                     suspended run's earliest timer fires, or when a running run's lease expires.
---                     Claiming walks one index over (priority, available_at). Flow control lives
---                     here too: the parent of a child run, the concurrency key whose slot the run
---                     holds or awaits (awaiting runs have no available_at: a freed slot is handed
---                     to them), its start rate limit, its cancel request, its start expiry and its
---                     execution deadline (fixed at its first claim).
--- durable.journal     The append-only history of each run, keyed by (run_id, position). One row per
---                     completed step, sleep (recording its fixed wake time), received event or
---                     timeout, now/uuid/random call, child started and child outcome joined. A
---                     trigger rejects UPDATE and DELETE.
--- durable.events      Every event sent with send_event, in send order per (name, key).
--- durable.waits       The event waits a run has registered and not yet satisfied, with the fixed
---                     deadline of each, and the children a run waits for (name 'durable.child').
---                     Deleted once the wait is journaled.
--- durable.rate_limits The declared rate limits: a budget of units per period.
--- durable.rate_grants The units granted per (limit, key) within the last period, and those
---                     reserved for a waiting holder at a future time: a sliding-window log,
---                     pruned as it is read.
--- durable.schedules   Cron schedules: the function, input, cron expression and time zone of each,
---                     its next tick (moved on by the worker that fires it) and its last run.
--- durable.schema_migrations  Which numbered migrations have been applied.
+-- version: 1
 --
--- Every transition the engine makes is one function call below (claim, append, await_event,
+-- How this file is applied. engine/_schema.py runs it after the migrations, under their advisory
+-- lock, and records the version above with the file's checksum (durable.schema_functions):
+--   - a database with a lower version (or none): every durable function that is not a trigger
+--     function is dropped and this file is run, in the transaction that records it, so a function
+--     taken out of this file disappears from the database too;
+--   - the same version and checksum: nothing to do;
+--   - the same version, another checksum: refused (this file changed without raising its version);
+--   - a higher version: left alone, with a warning (older code during a rolling deploy must not
+--     downgrade the functions newer workers call).
+-- So: raise the version with every change to this file. Each function is defined exactly once
+-- (CREATE FUNCTION, never OR REPLACE), and each is called by a query of queries.sql or by a
+-- function that is (tests/integration/test_migrations.py checks both). SQL-language functions are
+-- checked when created, so they come after the functions they call; plpgsql ones are not.
+--
+-- Every transition the engine makes is one call of a function below (claim, append, await_event,
 -- suspend, complete, send_event), so each is one round trip. Lock order everywhere: the event
 -- advisory lock for (name, key), then the runs row, then journal/waits rows. Every function reads
 -- time from durable.clock(), so a test can move the database's time.
 
-CREATE SCHEMA IF NOT EXISTS durable;
-
-CREATE TABLE durable.runs (
-    id                uuid PRIMARY KEY,
-    function          text NOT NULL,
-    input             jsonb,
-    status            text NOT NULL DEFAULT 'pending'
-                      CHECK (status IN ('pending', 'running', 'suspended', 'paused',
-                                        'completed', 'failed', 'cancelled')),
-    idempotency_key   text UNIQUE,
-    attempt           integer NOT NULL DEFAULT 0,
-    available_at      timestamptz,
-    lease_owner       text,
-    wakeup            boolean NOT NULL DEFAULT false,
-    event_cursor      bigint NOT NULL DEFAULT 0,
-    trace_context     jsonb,
-    result            jsonb,
-    error             jsonb,
-    created_at        timestamptz NOT NULL DEFAULT now(),
-    started_at        timestamptz,
-    updated_at        timestamptz NOT NULL DEFAULT now(),
-    finished_at       timestamptz,
-    priority          integer NOT NULL DEFAULT 0,
-    parent_id         uuid,
-    concurrency_key   text,
-    concurrency_limit integer,
-    slot_while_suspended boolean NOT NULL DEFAULT false,
-    holds_slot        boolean NOT NULL DEFAULT false,
-    awaiting_slot     boolean NOT NULL DEFAULT false,
-    rate_limit        text,
-    rate_key          text,
-    cancel_requested  boolean NOT NULL DEFAULT false,
-    run_timeout       interval,
-    deadline_at       timestamptz,
-    expires_at        timestamptz
-);
-
-CREATE INDEX runs_claimable ON durable.runs (priority DESC, available_at)
-    WHERE status IN ('pending', 'suspended', 'running');
-CREATE INDEX runs_parent ON durable.runs (parent_id) WHERE parent_id IS NOT NULL;
-CREATE INDEX runs_slot_holders ON durable.runs (concurrency_key) WHERE holds_slot;
-CREATE INDEX runs_awaiting_slot ON durable.runs (concurrency_key, priority DESC, created_at)
-    WHERE awaiting_slot;
-CREATE INDEX runs_active_by_key ON durable.runs (concurrency_key, created_at)
-    WHERE concurrency_key IS NOT NULL
-      AND status IN ('pending', 'running', 'suspended', 'paused');
-CREATE INDEX runs_status_created ON durable.runs (status, created_at DESC);
-
-CREATE TABLE durable.journal (
-    run_id      uuid NOT NULL REFERENCES durable.runs (id),
-    position    text NOT NULL,
-    kind        text NOT NULL CHECK (kind IN ('step', 'sleep', 'event', 'now', 'uuid', 'random',
-                                          'start', 'join')),
-    name        text NOT NULL,
-    value       jsonb,
-    error       jsonb,
-    attempt     integer NOT NULL,
-    created_at  timestamptz NOT NULL DEFAULT clock_timestamp(),
-    PRIMARY KEY (run_id, position)
-);
-
-CREATE FUNCTION durable.reject_journal_change() RETURNS trigger
-LANGUAGE plpgsql AS $$
-BEGIN
-    RAISE EXCEPTION 'durable.journal is append-only: % of run % position % rejected',
-        TG_OP, OLD.run_id, OLD.position
-        USING ERRCODE = 'DU001',
-              HINT = 'Journal rows are never changed; retention drops whole partitions.';
-END
-$$;
-
-CREATE TRIGGER journal_append_only
-    BEFORE UPDATE OR DELETE ON durable.journal
-    FOR EACH ROW EXECUTE FUNCTION durable.reject_journal_change();
-
-CREATE TABLE durable.events (
-    id          bigserial PRIMARY KEY,
-    name        text NOT NULL,
-    key         text NOT NULL DEFAULT '',
-    payload     jsonb,
-    created_at  timestamptz NOT NULL DEFAULT now()
-);
-
-CREATE INDEX events_name_key ON durable.events (name, key, id);
-
-CREATE TABLE durable.waits (
-    run_id      uuid NOT NULL REFERENCES durable.runs (id),
-    position    text NOT NULL,
-    name        text NOT NULL,
-    key         text NOT NULL,
-    timeout_at  timestamptz,
-    created_at  timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (run_id, position)
-);
-
-CREATE INDEX waits_name_key ON durable.waits (name, key);
-
-CREATE TABLE durable.rate_limits (
-    name        text PRIMARY KEY,
-    budget      integer NOT NULL CHECK (budget > 0),
-    period      interval NOT NULL CHECK (period > interval '0'),
-    updated_at  timestamptz NOT NULL DEFAULT now()
-);
-
-CREATE TABLE durable.rate_grants (
-    name        text NOT NULL,
-    key         text NOT NULL,
-    granted_at  timestamptz NOT NULL,
-    weight      integer NOT NULL,
-    holder      text NOT NULL,
-    used        boolean NOT NULL
-);
-
-CREATE INDEX rate_grants_window ON durable.rate_grants (name, key, granted_at);
-CREATE INDEX rate_grants_holder ON durable.rate_grants (name, key, holder) WHERE NOT used;
-
-CREATE TABLE durable.schedules (
-    name         text PRIMARY KEY,
-    function     text NOT NULL,
-    cron         text NOT NULL,
-    timezone     text NOT NULL,
-    input        jsonb,
-    catch_up     text NOT NULL CHECK (catch_up IN ('latest', 'all')),
-    next_tick    timestamptz NOT NULL,
-    last_tick    timestamptz,
-    last_run_id  uuid,
-    created_at   timestamptz NOT NULL DEFAULT now(),
-    updated_at   timestamptz NOT NULL DEFAULT now()
-);
+-- The clock and the locks every transition shares
+-- -----------------------------------------------
 
 -- The database's clock, as every function below reads it. Tests move it with
 -- `SET durable.fake_now = '<timestamptz>'` (a session setting; unset or empty: the real clock).
@@ -191,274 +53,11 @@ BEGIN
 END
 $$;
 
--- start_run and start_runs are kept for apps of an earlier release during a rolling deploy;
--- this release starts runs through durable.create_runs.
-CREATE FUNCTION durable.start_run(
-    p_id uuid, p_function text, p_input jsonb, p_idempotency_key text, p_trace jsonb
-) RETURNS TABLE (run_id uuid, created boolean)
-LANGUAGE plpgsql AS $$
-BEGIN
-    INSERT INTO durable.runs (id, function, input, idempotency_key, trace_context,
-                              available_at, event_cursor)
-    VALUES (p_id, p_function, p_input, p_idempotency_key, p_trace, durable.clock(),
-            (SELECT coalesce(max(e.id), 0) FROM durable.events e))
-    ON CONFLICT DO NOTHING;
-    IF FOUND THEN
-        PERFORM pg_notify('durable_work', p_function);
-        RETURN QUERY SELECT p_id, true;
-        RETURN;
-    END IF;
-    RETURN QUERY
-        SELECT r.id, false FROM durable.runs r
-         WHERE r.id = p_id
-            OR (p_idempotency_key IS NOT NULL AND r.idempotency_key = p_idempotency_key)
-         LIMIT 1;
-END
-$$;
-
--- Starts many runs in one statement (App.start_many). Returns one row per given run, in order:
--- its id (an existing run's when the id or idempotency key is taken) and whether it was created.
--- Idempotency keys must be distinct within one call (App.start_many checks). JSON values arrive
--- as text[] here and in append_entries/finish_runs: an array parameter of JSON lists would be
--- read by the driver as a multidimensional array.
-CREATE FUNCTION durable.start_runs(
-    p_ids uuid[], p_functions text[], p_inputs text[], p_keys text[], p_traces text[]
-) RETURNS TABLE (run_id uuid, created boolean)
-LANGUAGE plpgsql AS $$
-DECLARE
-    v_cursor bigint := (SELECT coalesce(max(e.id), 0) FROM durable.events e);
-BEGIN
-    RETURN QUERY
-    WITH given AS (
-        SELECT g.id, g.function, g.input, g.key, g.trace, g.n
-          FROM unnest(p_ids, p_functions, p_inputs, p_keys, p_traces)
-               WITH ORDINALITY AS g (id, function, input, key, trace, n)
-    ), inserted AS (
-        INSERT INTO durable.runs (id, function, input, idempotency_key, trace_context,
-                                  available_at, event_cursor)
-        SELECT g.id, g.function, g.input::jsonb, g.key, g.trace::jsonb, durable.clock(), v_cursor
-          FROM given g ORDER BY g.n
-        ON CONFLICT DO NOTHING
-        RETURNING id
-    )
-    SELECT coalesce(i.id, existing.id), i.id IS NOT NULL
-      FROM given g
-      LEFT JOIN inserted i ON i.id = g.id
-      LEFT JOIN LATERAL (
-          SELECT r.id FROM durable.runs r
-           WHERE i.id IS NULL
-             AND (r.id = g.id OR (g.key IS NOT NULL AND r.idempotency_key = g.key))
-           LIMIT 1
-      ) existing ON true
-     ORDER BY g.n;
-    PERFORM pg_notify('durable_work', '');
-END
-$$;
-
-CREATE FUNCTION durable.renew_leases(
-    p_runs uuid[], p_attempts integer[], p_worker text, p_lease interval
-) RETURNS SETOF uuid
+-- Serialises the slot accounting of one concurrency key (durable.take_slot,
+-- durable.hand_over_slots, the strategies of durable.create_runs).
+CREATE FUNCTION durable.lock_slot_key(p_key text) RETURNS void
 LANGUAGE sql AS $$
-    WITH held AS (
-        SELECT r.id FROM durable.runs r
-          JOIN unnest(p_runs, p_attempts) AS h (id, attempt)
-            ON r.id = h.id AND r.attempt = h.attempt
-         WHERE r.status = 'running' AND r.lease_owner = p_worker
-         ORDER BY r.id
-           FOR UPDATE
-    )
-    UPDATE durable.runs r
-       SET available_at = durable.clock() + p_lease, updated_at = durable.clock()
-      FROM held
-     WHERE r.id = held.id
-    RETURNING r.id;
-$$;
-
--- append_entry is kept for workers of an earlier release during a rolling deploy; this release
--- writes through append_entries (group commit).
-CREATE FUNCTION durable.append_entry(
-    p_run uuid, p_attempt integer, p_position text, p_kind text, p_name text,
-    p_value jsonb, p_error jsonb
-) RETURNS boolean
-LANGUAGE plpgsql AS $$
-BEGIN
-    IF NOT durable.hold_claim(p_run, p_attempt) THEN
-        RETURN false;
-    END IF;
-    INSERT INTO durable.journal (run_id, position, kind, name, value, error, attempt)
-    VALUES (p_run, p_position, p_kind, p_name, p_value, p_error, p_attempt);
-    RETURN true;
-END
-$$;
-
--- Appends the journal entries of many runs in one statement (group commit: engine._group_commit
--- collects the appends that arrive while the previous statement commits). One row per entry, in
--- order: 'written', 'fenced' (the caller no longer holds the claim) or 'conflict' (the position
--- already holds an entry). Run rows are locked FOR SHARE in id order, like every multi-row lock.
-CREATE FUNCTION durable.append_entries(
-    p_runs uuid[], p_attempts integer[], p_positions text[], p_kinds text[], p_names text[],
-    p_values text[], p_errors text[]
-) RETURNS TABLE (outcome text)
-LANGUAGE sql AS $$
-    WITH given AS (
-        SELECT g.* FROM unnest(p_runs, p_attempts, p_positions, p_kinds, p_names, p_values,
-                               p_errors)
-               WITH ORDINALITY AS g (run_id, attempt, position, kind, name, value, error, n)
-    ), held AS (
-        SELECT r.id, r.attempt FROM durable.runs r
-         WHERE r.id = ANY (p_runs) AND r.status = 'running'
-         ORDER BY r.id
-           FOR SHARE
-    ), inserted AS (
-        INSERT INTO durable.journal (run_id, position, kind, name, value, error, attempt)
-        SELECT g.run_id, g.position, g.kind, g.name, g.value::jsonb, g.error::jsonb, g.attempt
-          FROM given g JOIN held h ON h.id = g.run_id AND h.attempt = g.attempt
-         ORDER BY g.n
-        ON CONFLICT DO NOTHING
-        RETURNING run_id, position
-    )
-    SELECT CASE
-               WHEN i.run_id IS NOT NULL THEN 'written'
-               WHEN h.id IS NULL THEN 'fenced'
-               ELSE 'conflict'
-           END
-      FROM given g
-      LEFT JOIN held h ON h.id = g.run_id AND h.attempt = g.attempt
-      LEFT JOIN inserted i ON i.run_id = g.run_id AND i.position = g.position
-     ORDER BY g.n;
-$$;
-
--- Journals a sleep whose wake time is fixed here, once, on the database's clock. Returns NULL
--- when the caller no longer holds the claim.
-CREATE FUNCTION durable.append_sleep(
-    p_run uuid, p_attempt integer, p_position text, p_name text,
-    p_wake_at timestamptz, p_duration interval
-) RETURNS timestamptz
-LANGUAGE plpgsql AS $$
-DECLARE
-    v_wake timestamptz := coalesce(p_wake_at, durable.clock() + p_duration);
-BEGIN
-    IF NOT durable.hold_claim(p_run, p_attempt) THEN
-        RETURN NULL;
-    END IF;
-    INSERT INTO durable.journal (run_id, position, kind, name, value, attempt)
-    VALUES (p_run, p_position, 'sleep', p_name,
-            jsonb_build_object('wake_at', v_wake), p_attempt);
-    RETURN v_wake;
-END
-$$;
-
--- Looks for the next event for this run on (name, key). Outcomes:
---   'event'   an event was found and journaled at p_position; payload returned
---   'timeout' the wait's deadline (fixed at its first registration) has passed; journaled
---   'waiting' registered in durable.waits; timeout_at is the fixed deadline (NULL = none)
---   'fenced'  the caller no longer holds the claim; nothing written
--- The next event is the oldest one on (name, key) sent after the run started and after every
--- event this run already received on (name, key).
-CREATE FUNCTION durable.await_event(
-    p_run uuid, p_attempt integer, p_position text, p_name text, p_key text,
-    p_timeout interval
-) RETURNS TABLE (outcome text, payload jsonb, timeout_at timestamptz)
-LANGUAGE plpgsql AS $$
-DECLARE
-    v_after bigint;
-    v_event durable.events%ROWTYPE;
-    v_deadline timestamptz;
-BEGIN
-    PERFORM durable.lock_event_key(p_name, p_key);
-    IF NOT durable.hold_claim(p_run, p_attempt) THEN
-        RETURN QUERY SELECT 'fenced'::text, NULL::jsonb, NULL::timestamptz;
-        RETURN;
-    END IF;
-    SELECT greatest(r.event_cursor,
-                    (SELECT max((j.value ->> 'event_id')::bigint) FROM durable.journal j
-                      WHERE j.run_id = p_run AND j.kind = 'event' AND j.name = p_name
-                        AND j.value ->> 'key' = p_key))
-      INTO v_after FROM durable.runs r WHERE r.id = p_run;
-    SELECT * INTO v_event FROM durable.events e
-     WHERE e.name = p_name AND e.key = p_key AND e.id > v_after
-     ORDER BY e.id LIMIT 1;
-    IF FOUND THEN
-        INSERT INTO durable.journal (run_id, position, kind, name, value, attempt)
-        VALUES (p_run, p_position, 'event', p_name,
-                jsonb_build_object('event_id', v_event.id, 'key', p_key,
-                                   'payload', v_event.payload),
-                p_attempt);
-        DELETE FROM durable.waits w WHERE w.run_id = p_run AND w.position = p_position;
-        RETURN QUERY SELECT 'event'::text, v_event.payload, NULL::timestamptz;
-        RETURN;
-    END IF;
-    INSERT INTO durable.waits (run_id, position, name, key, timeout_at)
-    VALUES (p_run, p_position, p_name, p_key, durable.clock() + p_timeout)
-    ON CONFLICT DO NOTHING;
-    SELECT w.timeout_at INTO v_deadline FROM durable.waits w
-     WHERE w.run_id = p_run AND w.position = p_position;
-    IF v_deadline IS NOT NULL AND v_deadline <= durable.clock() THEN
-        INSERT INTO durable.journal (run_id, position, kind, name, value, attempt)
-        VALUES (p_run, p_position, 'event', p_name,
-                jsonb_build_object('timeout', true, 'key', p_key), p_attempt);
-        DELETE FROM durable.waits w WHERE w.run_id = p_run AND w.position = p_position;
-        RETURN QUERY SELECT 'timeout'::text, NULL::jsonb, v_deadline;
-        RETURN;
-    END IF;
-    RETURN QUERY SELECT 'waiting'::text, NULL::jsonb, v_deadline;
-END
-$$;
-
-CREATE FUNCTION durable.send_event(p_name text, p_key text, p_payload jsonb) RETURNS bigint
-LANGUAGE plpgsql AS $$
-DECLARE
-    v_id bigint;
-BEGIN
-    PERFORM durable.lock_event_key(p_name, p_key);
-    INSERT INTO durable.events (name, key, payload) VALUES (p_name, p_key, p_payload)
-    RETURNING id INTO v_id;
-    WITH waiting AS (
-        SELECT r.id FROM durable.runs r
-         WHERE r.id IN (SELECT w.run_id FROM durable.waits w
-                         WHERE w.name = p_name AND w.key = p_key)
-         ORDER BY r.id
-           FOR UPDATE
-    )
-    UPDATE durable.runs r
-       SET wakeup = true,
-           available_at = CASE WHEN r.status = 'suspended' THEN durable.clock() ELSE r.available_at END,
-           updated_at = durable.clock()
-      FROM waiting
-     WHERE r.id = waiting.id;
-    IF FOUND THEN
-        PERFORM pg_notify('durable_work', '');
-    END IF;
-    RETURN v_id;
-END
-$$;
-
--- Gives a running run back to the queue at once (graceful shutdown of its worker).
-CREATE FUNCTION durable.release_run(p_run uuid, p_attempt integer) RETURNS boolean
-LANGUAGE plpgsql AS $$
-BEGIN
-    UPDATE durable.runs r
-       SET status = 'pending', lease_owner = NULL, available_at = durable.clock(), updated_at = durable.clock()
-     WHERE r.id = p_run AND r.attempt = p_attempt AND r.status = 'running';
-    IF FOUND THEN
-        PERFORM pg_notify('durable_work', '');
-    END IF;
-    RETURN FOUND;
-END
-$$;
-
--- An operator resumes a paused run (after deploying code that matches its journal).
-CREATE FUNCTION durable.resume_run(p_run uuid) RETURNS boolean
-LANGUAGE plpgsql AS $$
-BEGIN
-    UPDATE durable.runs r
-       SET status = 'pending', error = NULL, available_at = durable.clock(), updated_at = durable.clock()
-     WHERE r.id = p_run AND r.status = 'paused';
-    IF FOUND THEN
-        PERFORM pg_notify('durable_work', '');
-    END IF;
-    RETURN FOUND;
-END
+    SELECT pg_advisory_xact_lock(hashtextextended(p_key, 11));
 $$;
 
 -- The error a cancelled run ends with (RunHandle.result raises RunCancelled from it).
@@ -467,12 +66,8 @@ LANGUAGE sql IMMUTABLE AS $$
     SELECT jsonb_build_object('type', 'RunCancelled', 'message', p_reason, 'module', 'durable');
 $$;
 
--- Serialises the slot accounting of one concurrency key (durable.take_slot,
--- durable.hand_over_slots, the strategies of durable.create_runs).
-CREATE FUNCTION durable.lock_slot_key(p_key text) RETURNS void
-LANGUAGE sql AS $$
-    SELECT pg_advisory_xact_lock(hashtextextended(p_key, 11));
-$$;
+-- Concurrency slots, and what happens when a run ends
+-- ---------------------------------------------------
 
 -- Gives run p_run (row locked by the caller) one of the p_limit slots of its key, if one is free.
 CREATE FUNCTION durable.take_slot(p_run uuid, p_key text, p_limit integer) RETURNS boolean
@@ -579,6 +174,87 @@ BEGIN
 END
 $$;
 
+-- Rate limits
+-- -----------
+
+-- Declares (or redeclares) a rate limit: at most p_budget units granted in any window of length
+-- p_period, per key.
+CREATE FUNCTION durable.define_rate_limit(p_name text, p_budget integer, p_period interval)
+RETURNS void
+LANGUAGE sql AS $$
+    INSERT INTO durable.rate_limits (name, budget, period) VALUES (p_name, p_budget, p_period)
+    ON CONFLICT (name) DO UPDATE
+       SET budget = excluded.budget, period = excluded.period, updated_at = now();
+$$;
+
+-- Takes p_weight units of rate limit p_name for p_key on behalf of p_holder: a sliding-window
+-- log. Units are granted at the earliest time t, no earlier than now (the database's clock, read
+-- under the key's lock) nor than the latest grant, at which the units granted in
+-- (t - period, t] plus p_weight stay within the budget. Granting at the latest grant or later
+-- means every window that holds t was checked, so no window of one period ever holds more than
+-- the budget. When t is now, NULL is returned: go. Otherwise the units are reserved for p_holder
+-- at t and t is returned: the holder waits until then and asks again, and its reservation is
+-- then handed to it (NULL) instead of a second grant. Waiters are so served in turn, each woken
+-- once.
+CREATE FUNCTION durable.take_rate(
+    p_name text, p_key text, p_weight integer, p_holder text
+) RETURNS timestamptz
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_limit durable.rate_limits%ROWTYPE;
+    v_now timestamptz;
+    v_used bigint;
+    v_at timestamptz;
+    v_grant record;
+BEGIN
+    SELECT * INTO v_limit FROM durable.rate_limits l WHERE l.name = p_name;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'rate limit % is not declared', p_name
+            USING ERRCODE = 'DU002',
+                  HINT = 'Declare it with app.rate_limit(name, limit, period).';
+    END IF;
+    IF p_weight > v_limit.budget THEN
+        RAISE EXCEPTION 'weight % exceeds the budget % of rate limit %',
+            p_weight, v_limit.budget, p_name
+            USING ERRCODE = 'DU003';
+    END IF;
+    PERFORM pg_advisory_xact_lock(hashtextextended(p_name || chr(31) || p_key, 13));
+    v_now := durable.clock();
+    SELECT g.granted_at INTO v_at FROM durable.rate_grants g
+     WHERE g.name = p_name AND g.key = p_key AND g.holder = p_holder AND NOT g.used;
+    IF FOUND THEN
+        IF v_at > v_now THEN
+            RETURN v_at;
+        END IF;
+        UPDATE durable.rate_grants g SET used = true
+         WHERE g.name = p_name AND g.key = p_key AND g.holder = p_holder AND NOT g.used;
+        RETURN NULL;
+    END IF;
+    DELETE FROM durable.rate_grants g
+     WHERE g.name = p_name AND g.key = p_key AND g.granted_at <= v_now - v_limit.period;
+    SELECT coalesce(sum(g.weight), 0), max(g.granted_at) INTO v_used, v_at
+      FROM durable.rate_grants g WHERE g.name = p_name AND g.key = p_key;
+    v_at := greatest(v_now, v_at);
+    IF v_used + p_weight > v_limit.budget THEN
+        FOR v_grant IN SELECT g.granted_at, g.weight FROM durable.rate_grants g
+                        WHERE g.name = p_name AND g.key = p_key
+                        ORDER BY g.granted_at LOOP
+            v_used := v_used - v_grant.weight;
+            IF v_used + p_weight <= v_limit.budget THEN
+                v_at := greatest(v_at, v_grant.granted_at + v_limit.period);
+                EXIT;
+            END IF;
+        END LOOP;
+    END IF;
+    INSERT INTO durable.rate_grants (name, key, granted_at, weight, holder, used)
+    VALUES (p_name, p_key, v_at, p_weight, p_holder, v_at <= v_now);
+    RETURN CASE WHEN v_at <= v_now THEN NULL ELSE v_at END;
+END
+$$;
+
+-- Starting and cancelling runs
+-- ----------------------------
+
 -- The runs given to durable.create_runs, one row per JSON object, in order (n). A run starts at
 -- available_at, else after delay seconds, else now; it expires start_timeout seconds after that.
 CREATE FUNCTION durable.given_runs(p_runs jsonb, p_now timestamptz)
@@ -609,7 +285,8 @@ $$;
 -- start_timeout and run_timeout in seconds, parent_id, concurrency_key, concurrency_limit,
 -- concurrency_strategy, slot_while_suspended, rate_limit, rate_key; absent ones take their
 -- defaults). Returns one row per given run, in order: its id (an existing run's when the id or
--- idempotency key is taken) and whether it was created. The strategies act on the active runs of the same concurrency key:
+-- idempotency key is taken) and whether it was created. The strategies act on the active runs
+-- of the same concurrency key:
 -- 'cancel_newest' cancels the new run when its key is already at its limit;
 -- 'cancel_in_progress' cancels the oldest runs of the key so that the newest stay within it.
 CREATE FUNCTION durable.create_runs(p_runs jsonb) RETURNS TABLE (run_id uuid, created boolean)
@@ -732,80 +409,8 @@ BEGIN
 END
 $$;
 
--- Declares (or redeclares) a rate limit: at most p_budget units granted in any window of length
--- p_period, per key.
-CREATE FUNCTION durable.define_rate_limit(p_name text, p_budget integer, p_period interval)
-RETURNS void
-LANGUAGE sql AS $$
-    INSERT INTO durable.rate_limits (name, budget, period) VALUES (p_name, p_budget, p_period)
-    ON CONFLICT (name) DO UPDATE
-       SET budget = excluded.budget, period = excluded.period, updated_at = now();
-$$;
-
--- Takes p_weight units of rate limit p_name for p_key on behalf of p_holder: a sliding-window
--- log. Units are granted at the earliest time t, no earlier than now (the database's clock, read
--- under the key's lock) nor than the latest grant, at which the units granted in
--- (t - period, t] plus p_weight stay within the budget. Granting at the latest grant or later
--- means every window that holds t was checked, so no window of one period ever holds more than
--- the budget. When t is now, NULL is returned: go. Otherwise the units are reserved for p_holder
--- at t and t is returned: the holder waits until then and asks again, and its reservation is
--- then handed to it (NULL) instead of a second grant. Waiters are so served in turn, each woken
--- once.
-CREATE FUNCTION durable.take_rate(
-    p_name text, p_key text, p_weight integer, p_holder text
-) RETURNS timestamptz
-LANGUAGE plpgsql AS $$
-DECLARE
-    v_limit durable.rate_limits%ROWTYPE;
-    v_now timestamptz;
-    v_used bigint;
-    v_at timestamptz;
-    v_grant record;
-BEGIN
-    SELECT * INTO v_limit FROM durable.rate_limits l WHERE l.name = p_name;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'rate limit % is not declared', p_name
-            USING ERRCODE = 'DU002',
-                  HINT = 'Declare it with app.rate_limit(name, limit, period).';
-    END IF;
-    IF p_weight > v_limit.budget THEN
-        RAISE EXCEPTION 'weight % exceeds the budget % of rate limit %',
-            p_weight, v_limit.budget, p_name
-            USING ERRCODE = 'DU003';
-    END IF;
-    PERFORM pg_advisory_xact_lock(hashtextextended(p_name || chr(31) || p_key, 13));
-    v_now := durable.clock();
-    SELECT g.granted_at INTO v_at FROM durable.rate_grants g
-     WHERE g.name = p_name AND g.key = p_key AND g.holder = p_holder AND NOT g.used;
-    IF FOUND THEN
-        IF v_at > v_now THEN
-            RETURN v_at;
-        END IF;
-        UPDATE durable.rate_grants g SET used = true
-         WHERE g.name = p_name AND g.key = p_key AND g.holder = p_holder AND NOT g.used;
-        RETURN NULL;
-    END IF;
-    DELETE FROM durable.rate_grants g
-     WHERE g.name = p_name AND g.key = p_key AND g.granted_at <= v_now - v_limit.period;
-    SELECT coalesce(sum(g.weight), 0), max(g.granted_at) INTO v_used, v_at
-      FROM durable.rate_grants g WHERE g.name = p_name AND g.key = p_key;
-    v_at := greatest(v_now, v_at);
-    IF v_used + p_weight > v_limit.budget THEN
-        FOR v_grant IN SELECT g.granted_at, g.weight FROM durable.rate_grants g
-                        WHERE g.name = p_name AND g.key = p_key
-                        ORDER BY g.granted_at LOOP
-            v_used := v_used - v_grant.weight;
-            IF v_used + p_weight <= v_limit.budget THEN
-                v_at := greatest(v_at, v_grant.granted_at + v_limit.period);
-                EXIT;
-            END IF;
-        END LOOP;
-    END IF;
-    INSERT INTO durable.rate_grants (name, key, granted_at, weight, holder, used)
-    VALUES (p_name, p_key, v_at, p_weight, p_holder, v_at <= v_now);
-    RETURN CASE WHEN v_at <= v_now THEN NULL ELSE v_at END;
-END
-$$;
+-- Claiming runs and keeping them
+-- ------------------------------
 
 -- Claims up to p_limit due runs of p_functions: the highest priority first, then the earliest
 -- due. Each priority present is visited through the index (a loose scan), so runs that are not
@@ -962,6 +567,172 @@ LANGUAGE sql AS $$
     RETURNING r.id, r.cancel_requested;
 $$;
 
+-- Gives a running run back to the queue at once (graceful shutdown of its worker).
+CREATE FUNCTION durable.release_run(p_run uuid, p_attempt integer) RETURNS boolean
+LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE durable.runs r
+       SET status = 'pending', lease_owner = NULL, available_at = durable.clock(), updated_at = durable.clock()
+     WHERE r.id = p_run AND r.attempt = p_attempt AND r.status = 'running';
+    IF FOUND THEN
+        PERFORM pg_notify('durable_work', '');
+    END IF;
+    RETURN FOUND;
+END
+$$;
+
+-- The journal and events
+-- ----------------------
+
+-- Appends the journal entries of many runs in one statement (group commit: engine._group_commit
+-- collects the appends that arrive while the previous statement commits). One row per entry, in
+-- order: 'written', 'fenced' (the caller no longer holds the claim) or 'conflict' (the position
+-- already holds an entry). Run rows are locked FOR SHARE in id order, like every multi-row lock.
+-- JSON values arrive as text[] here and in finish_runs: an array parameter of JSON lists would be
+-- read by the driver as a multidimensional array.
+CREATE FUNCTION durable.append_entries(
+    p_runs uuid[], p_attempts integer[], p_positions text[], p_kinds text[], p_names text[],
+    p_values text[], p_errors text[]
+) RETURNS TABLE (outcome text)
+LANGUAGE sql AS $$
+    WITH given AS (
+        SELECT g.* FROM unnest(p_runs, p_attempts, p_positions, p_kinds, p_names, p_values,
+                               p_errors)
+               WITH ORDINALITY AS g (run_id, attempt, position, kind, name, value, error, n)
+    ), held AS (
+        SELECT r.id, r.attempt FROM durable.runs r
+         WHERE r.id = ANY (p_runs) AND r.status = 'running'
+         ORDER BY r.id
+           FOR SHARE
+    ), inserted AS (
+        INSERT INTO durable.journal (run_id, position, kind, name, value, error, attempt)
+        SELECT g.run_id, g.position, g.kind, g.name, g.value::jsonb, g.error::jsonb, g.attempt
+          FROM given g JOIN held h ON h.id = g.run_id AND h.attempt = g.attempt
+         ORDER BY g.n
+        ON CONFLICT DO NOTHING
+        RETURNING run_id, position
+    )
+    SELECT CASE
+               WHEN i.run_id IS NOT NULL THEN 'written'
+               WHEN h.id IS NULL THEN 'fenced'
+               ELSE 'conflict'
+           END
+      FROM given g
+      LEFT JOIN held h ON h.id = g.run_id AND h.attempt = g.attempt
+      LEFT JOIN inserted i ON i.run_id = g.run_id AND i.position = g.position
+     ORDER BY g.n;
+$$;
+
+-- Journals a sleep whose wake time is fixed here, once, on the database's clock. Returns NULL
+-- when the caller no longer holds the claim.
+CREATE FUNCTION durable.append_sleep(
+    p_run uuid, p_attempt integer, p_position text, p_name text,
+    p_wake_at timestamptz, p_duration interval
+) RETURNS timestamptz
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_wake timestamptz := coalesce(p_wake_at, durable.clock() + p_duration);
+BEGIN
+    IF NOT durable.hold_claim(p_run, p_attempt) THEN
+        RETURN NULL;
+    END IF;
+    INSERT INTO durable.journal (run_id, position, kind, name, value, attempt)
+    VALUES (p_run, p_position, 'sleep', p_name,
+            jsonb_build_object('wake_at', v_wake), p_attempt);
+    RETURN v_wake;
+END
+$$;
+
+-- Looks for the next event for this run on (name, key). Outcomes:
+--   'event'   an event was found and journaled at p_position; payload returned
+--   'timeout' the wait's deadline (fixed at its first registration) has passed; journaled
+--   'waiting' registered in durable.waits; timeout_at is the fixed deadline (NULL = none)
+--   'fenced'  the caller no longer holds the claim; nothing written
+-- The next event is the oldest one on (name, key) sent after the run started and after every
+-- event this run already received on (name, key).
+CREATE FUNCTION durable.await_event(
+    p_run uuid, p_attempt integer, p_position text, p_name text, p_key text,
+    p_timeout interval
+) RETURNS TABLE (outcome text, payload jsonb, timeout_at timestamptz)
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_after bigint;
+    v_event durable.events%ROWTYPE;
+    v_deadline timestamptz;
+BEGIN
+    PERFORM durable.lock_event_key(p_name, p_key);
+    IF NOT durable.hold_claim(p_run, p_attempt) THEN
+        RETURN QUERY SELECT 'fenced'::text, NULL::jsonb, NULL::timestamptz;
+        RETURN;
+    END IF;
+    SELECT greatest(r.event_cursor,
+                    (SELECT max((j.value ->> 'event_id')::bigint) FROM durable.journal j
+                      WHERE j.run_id = p_run AND j.kind = 'event' AND j.name = p_name
+                        AND j.value ->> 'key' = p_key))
+      INTO v_after FROM durable.runs r WHERE r.id = p_run;
+    SELECT * INTO v_event FROM durable.events e
+     WHERE e.name = p_name AND e.key = p_key AND e.id > v_after
+     ORDER BY e.id LIMIT 1;
+    IF FOUND THEN
+        INSERT INTO durable.journal (run_id, position, kind, name, value, attempt)
+        VALUES (p_run, p_position, 'event', p_name,
+                jsonb_build_object('event_id', v_event.id, 'key', p_key,
+                                   'payload', v_event.payload),
+                p_attempt);
+        DELETE FROM durable.waits w WHERE w.run_id = p_run AND w.position = p_position;
+        RETURN QUERY SELECT 'event'::text, v_event.payload, NULL::timestamptz;
+        RETURN;
+    END IF;
+    INSERT INTO durable.waits (run_id, position, name, key, timeout_at)
+    VALUES (p_run, p_position, p_name, p_key, durable.clock() + p_timeout)
+    ON CONFLICT DO NOTHING;
+    SELECT w.timeout_at INTO v_deadline FROM durable.waits w
+     WHERE w.run_id = p_run AND w.position = p_position;
+    IF v_deadline IS NOT NULL AND v_deadline <= durable.clock() THEN
+        INSERT INTO durable.journal (run_id, position, kind, name, value, attempt)
+        VALUES (p_run, p_position, 'event', p_name,
+                jsonb_build_object('timeout', true, 'key', p_key), p_attempt);
+        DELETE FROM durable.waits w WHERE w.run_id = p_run AND w.position = p_position;
+        RETURN QUERY SELECT 'timeout'::text, NULL::jsonb, v_deadline;
+        RETURN;
+    END IF;
+    RETURN QUERY SELECT 'waiting'::text, NULL::jsonb, v_deadline;
+END
+$$;
+
+-- Stores an event on (name, key) and returns its id. Runs waiting on (name, key) get wakeup,
+-- and a suspended one among them is due at once: it finds the event when it claims again.
+CREATE FUNCTION durable.send_event(p_name text, p_key text, p_payload jsonb) RETURNS bigint
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_id bigint;
+BEGIN
+    PERFORM durable.lock_event_key(p_name, p_key);
+    INSERT INTO durable.events (name, key, payload) VALUES (p_name, p_key, p_payload)
+    RETURNING id INTO v_id;
+    WITH waiting AS (
+        SELECT r.id FROM durable.runs r
+         WHERE r.id IN (SELECT w.run_id FROM durable.waits w
+                         WHERE w.name = p_name AND w.key = p_key)
+         ORDER BY r.id
+           FOR UPDATE
+    )
+    UPDATE durable.runs r
+       SET wakeup = true,
+           available_at = CASE WHEN r.status = 'suspended' THEN durable.clock() ELSE r.available_at END,
+           updated_at = durable.clock()
+      FROM waiting
+     WHERE r.id = waiting.id;
+    IF FOUND THEN
+        PERFORM pg_notify('durable_work', '');
+    END IF;
+    RETURN v_id;
+END
+$$;
+
+-- Suspending, ending and resuming runs
+-- ------------------------------------
+
 -- Suspends a running run until p_available_at (NULL: until an event or a child wakes it), or
 -- until its deadline if that comes first. An event that arrived while the run was still running
 -- (wakeup) makes it available at once. Its concurrency slot is freed unless the run keeps it
@@ -1055,6 +826,23 @@ BEGIN
 END
 $$;
 
+-- An operator resumes a paused run (after deploying code that matches its journal).
+CREATE FUNCTION durable.resume_run(p_run uuid) RETURNS boolean
+LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE durable.runs r
+       SET status = 'pending', error = NULL, available_at = durable.clock(), updated_at = durable.clock()
+     WHERE r.id = p_run AND r.status = 'paused';
+    IF FOUND THEN
+        PERFORM pg_notify('durable_work', '');
+    END IF;
+    RETURN FOUND;
+END
+$$;
+
+-- Child runs
+-- ----------
+
 -- Starts a child run of p_run at journal position p_position and journals it ('start': the
 -- child's id), in one transaction. The child's id is derived from the parent and the position,
 -- so a parent re-executed after a crash finds the same child instead of starting another.
@@ -1106,6 +894,9 @@ BEGIN
     RETURN QUERY SELECT 'waiting'::text, v_child.status, NULL::jsonb, NULL::jsonb;
 END
 $$;
+
+-- Schedules
+-- ---------
 
 -- Declares (or redeclares) a schedule. Its next tick is kept unless its cron expression or its
 -- time zone changed, so a restart or a second worker neither skips nor repeats a tick.
