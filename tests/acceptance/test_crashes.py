@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 from datetime import datetime
 
 import asyncpg
@@ -43,12 +44,17 @@ async def test_a_two_second_sleep_survives_a_worker_restart_never_early_and_prom
         await until(lambda: status_is(run, "suspended"), timeout=30, what="asleep")
         first.kill()
         first.wait()
-        workers.start()
+        second = workers.start()
+        await until(lambda: "serving" in workers.log_of(second), timeout=30, what="a new worker")
+        serving = time.time()  # no earlier than the new worker began to claim
         woke = await run.result(timeout=60)
         [sleep] = [e for e in await run.journal() if e.kind == "sleep"]
     wake_at = datetime.fromisoformat(sleep.value["wake_at"]).timestamp()
     assert woke >= wake_at, "the sleep fired early"
-    assert woke - wake_at < 1.5, f"the sleep fired {woke - wake_at:.2f}s late"
+    # Promptly once it could fire: at its wake time, or when the new worker was up if that
+    # came later (on a busy machine a worker can take longer than the sleep to start).
+    could = max(wake_at, serving)
+    assert woke - could < 1.5, f"the sleep fired {woke - could:.2f}s after it could"
 
 
 async def test_a_stopped_worker_past_its_lease_cannot_append_after_a_takeover(

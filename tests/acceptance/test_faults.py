@@ -36,6 +36,8 @@ pytestmark = [pytest.mark.postgres, pytest.mark.crash, pytest.mark.slow]
 RUNS = int(os.environ.get("SOAK_RUNS", "200"))
 STEPS = 10
 EXAMPLES = int(os.environ.get("SOAK_EXAMPLES", "1"))
+ROUNDS = 5  # of terminated connections
+HELD = 2  # runs of that load held in their last step until the rounds are over
 LOG = Path(os.environ.get("SOAK_LOG", os.devnull))
 LONG = settings(
     max_examples=EXAMPLES,
@@ -63,8 +65,13 @@ class Tally:
         assert (self.lost, self.wrong, self.duplicate_positions, self.excess) == (0, 0, 0, 0), self
 
 
-async def start_load(app: durable.App, prefix: str, runs: int) -> list[uuid.UUID]:
-    handles = [await app.start("ten_steps", {"tag": f"{prefix}/{k}", "n": k}) for k in range(runs)]
+async def start_load(app: durable.App, prefix: str, runs: int, held: int = 0) -> list[uuid.UUID]:
+    """Start ``runs`` runs of ten_steps; the first ``held`` of them wait in their last step for
+    the gate `<prefix>-go` (workflows.py)."""
+    handles = [
+        await app.start("ten_steps", {"tag": f"{prefix}/{k}", "n": k, "held": k < held})
+        for k in range(runs)
+    ]
     return [h.run_id for h in handles]
 
 
@@ -216,32 +223,65 @@ async def test_runs_survive_a_restart_of_the_database_server(tmp_path: Path) -> 
     assert figures.reexecutions <= 2 * 8, figures
 
 
+async def terminate_workers_connections(admin: asyncpg.Connection) -> int:
+    """Terminate every client connection to the test's database but ``admin``'s; returns how
+    many were terminated. With the test's own app closed, they are the workers'."""
+    terminated: int = await admin.fetchval(
+        "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity "
+        "WHERE datname = current_database() AND pid <> pg_backend_pid() "
+        "AND backend_type = 'client backend'"
+    )
+    return terminated
+
+
 async def test_runs_survive_connections_terminated_again_and_again(
     workers: Workers, database_url: str
 ) -> None:
+    """Five times during the load, every connection the workers have is terminated: no run is
+    lost, wrong or journaled twice, and a step runs again at most once per round and slot.
+
+    No round can come after the load has ended: the load's first runs wait in their last step
+    for a gate that opens only after the last round. Between rounds the load makes progress it
+    is sure to make: every step executes at least once while the gate is shut, so RUNS * STEPS
+    executions come whatever the drops make run again, and no wait asks for more."""
     for _ in range(2):
         workers.start(concurrency=8)
-    rounds = 0
     async with durable.App(database_url) as app:
-        run_ids = await start_load(app, "dropped", RUNS)
-        admin = await asyncpg.connect(database_url)
-        try:
-            for _ in range(5):
-                floor = workers.count("dropped-executions") + RUNS
-                await until(counted(workers, "dropped-executions", floor), timeout=60)
-                terminated = await admin.fetchval(
-                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                    "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        run_ids = await start_load(app, "dropped", RUNS, held=HELD)
+    unfinished: list[int] = []  # runs not completed, counted after each round
+    admin = await asyncpg.connect(database_url)
+    try:
+        for _ in range(ROUNDS):
+            floor = min(workers.count("dropped-executions") + RUNS, RUNS * STEPS)
+            await until(
+                counted(workers, "dropped-executions", floor),
+                timeout=60,
+                what=f"{floor} step executions",
+            )
+            # A worker between connections has none to terminate: it is back at once (its
+            # LISTEN connection reconnects without a pause).
+            await until(
+                lambda: terminate_workers_connections(admin),
+                timeout=30,
+                what="a worker's connection to terminate",
+            )
+            unfinished.append(
+                await admin.fetchval(
+                    "SELECT count(*) FROM durable.runs WHERE status <> 'completed'"
                 )
-                assert terminated > 0
-                rounds += 1
-        finally:
-            await admin.close()
-        await wait_finished(database_url, run_ids)
+            )
+    finally:
+        await admin.close()
+    workers.open_gate("dropped-go")
+    await wait_finished(database_url, run_ids)
     figures = await tally(database_url, workers, "dropped", killed=set())
-    report("terminated connections", {"rounds": rounds, **vars(figures)})
+    report("terminated connections", {"rounds": ROUNDS, "unfinished": unfinished, **vars(figures)})
+    # A run never leaves "completed", so each count held at its round's moment too: every
+    # round came before the load had ended.
+    assert min(unfinished) >= HELD, unfinished
     assert (figures.lost, figures.wrong, figures.duplicate_positions) == (0, 0, 0), figures
-    assert figures.reexecutions <= rounds * 2 * 8, figures
+    assert figures.runs == RUNS
+    assert figures.reexecutions <= ROUNDS * 2 * 8, figures
 
 
 async def test_workers_with_skewed_clocks_neither_wake_timers_early_nor_steal_leases(

@@ -77,17 +77,23 @@ async def drifting(ctx: durable.Context, key: str) -> str:
     return VARIANT
 
 
-async def loaded(tag: str, i: int, n: int) -> int:
+async def loaded(tag: str, i: int, n: int, held: bool) -> int:
+    load = tag.split("/")[0]
     # One line per execution, appended in one write (atomic for a short line with O_APPEND).
-    record(f"{tag.split('/')[0]}-executions", f"{tag} {i} {os.getpid()}")
+    record(f"{load}-executions", f"{tag} {i} {os.getpid()}")
     await asyncio.sleep(0.002)  # a window in which a kill lands between running and journaling
+    if held:
+        await gate(f"{load}-go")
     return i * n
 
 
 @app.function(name="ten_steps")
-async def ten_steps(ctx: durable.Context, job: dict[str, int | str]) -> list[int]:
-    tag, n = str(job["tag"]), int(job["n"])
-    return [await ctx.step(f"step-{i}", loaded, tag, i, n) for i in range(10)]
+async def ten_steps(ctx: durable.Context, job: dict[str, int | str | bool]) -> list[int]:
+    """Ten steps, each recording its execution in `<load>-executions` (the load is the tag up to
+    its first "/"). A job with "held" true waits in its last step, once that execution is
+    recorded, for the gate `<load>-go`: its load cannot finish before the test opens it."""
+    tag, n, held = str(job["tag"]), int(job["n"]), bool(job.get("held", False))
+    return [await ctx.step(f"step-{i}", loaded, tag, i, n, held and i == 9) for i in range(10)]
 
 
 # Zombie writes (tests/acceptance/test_fencing.py): each held_* function below reaches one write
