@@ -32,7 +32,7 @@ async def send_reminder(ctx: durable.Context, user: str) -> str:
     return f"reminded {user} at {await ctx.now():%H:%M:%S}"
 
 
-async def main() -> list[str]:
+async def main() -> list[datetime]:
     async with app:
         worker = asyncio.create_task(app.run_worker())
         asked = datetime.now(UTC)
@@ -46,10 +46,17 @@ async def main() -> list[str]:
         print(f"schedule {schedule.name} ({schedule.cron}): next tick {schedule.next_tick}")
         app.stop_workers()
         await worker
-    synced = sorted(str(t.result) for t in ticks if t.function == "sync_inventory")
-    for line in synced:
-        print(line)
-    return synced
+    synced = sorted((tick_of(t), str(t.result)) for t in ticks if t.function == "sync_inventory")
+    for tick, line in synced:
+        print(f"tick {tick:%H:%M:%S}: {line}")
+    return [tick for tick, _line in synced]
+
+
+def tick_of(run: durable.RunInfo) -> datetime:
+    """The tick a scheduled run was started for: its idempotency key is
+    ``schedule:<name>:<tick>``, the same for every worker that fires the tick."""
+    assert run.idempotency_key is not None
+    return datetime.fromisoformat(run.idempotency_key.split(":", 2)[2])
 
 
 if __name__ == "__main__":

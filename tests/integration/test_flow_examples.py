@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-from datetime import datetime
 
 import pytest
 
@@ -27,10 +26,9 @@ async def test_a_fan_out_completes_and_a_cancelled_album_cancels_its_children() 
 
 
 async def test_the_schedule_ticks_every_two_seconds_and_delayed_starts_run() -> None:
-    synced = await schedules.main()
-    times = [datetime.strptime(line.rsplit(" ", 1)[1], "%H:%M:%S") for line in synced]
-    assert len(times) >= 3
-    for earlier, later in itertools.pairwise(times):
+    ticks = await schedules.main()  # the ticks themselves, not when their runs happened to run
+    assert len(ticks) >= 3
+    for earlier, later in itertools.pairwise(ticks):
         assert (later - earlier).total_seconds() == 2
 
 
