@@ -28,6 +28,7 @@ from durable._step import step
 from engine import Backoff, ChildRun, Concurrency, Context, JournalEntry, RunStatus, StepPolicy
 from engine.errors import (
     ConfigurationError,
+    DatabaseError,
     DatabaseUnavailable,
     DurableError,
     EmbeddedPostgresError,
@@ -51,6 +52,7 @@ __all__ = [
     "Concurrency",
     "ConfigurationError",
     "Context",
+    "DatabaseError",
     "DatabaseUnavailable",
     "DurableError",
     "EmbeddedPostgresError",

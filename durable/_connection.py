@@ -79,7 +79,7 @@ class Connection:
         try:
             await store.migrate()
             await declare_rate_limits(store, rate_limits)
-            listener = Listener(store.connect_raw)
+            listener = Listener(store.listen)
             for channel, callback in subscriptions.items():
                 listener.subscribe(channel, callback)
             await listener.start()

@@ -10,8 +10,15 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Generic, Protocol, TypeVar
 
-from engine import TRANSIENT_ERRORS, JournalEntry, RunRow, RunStatus, WaitRow, load
-from engine.errors import ErrorInfo, ResultTimeout, RunCancelled, RunFailed, RunNotFound
+from engine import JournalEntry, RunRow, RunStatus, WaitRow, load
+from engine.errors import (
+    DatabaseUnavailable,
+    ErrorInfo,
+    ResultTimeout,
+    RunCancelled,
+    RunFailed,
+    RunNotFound,
+)
 
 T = TypeVar("T")
 
@@ -148,7 +155,7 @@ class RunHandle(Generic[T]):
             try:
                 try:
                     info = await self.info()
-                except TRANSIENT_ERRORS:
+                except DatabaseUnavailable:
                     # The database is away (restarting); keep waiting until the deadline.
                     await _wait(finished.wait(), 0.5)
                     continue

@@ -35,14 +35,13 @@ from engine._registry import (
 from engine._run_state import Checkpoint, Decision, Execution, Moment, Probe, RunState
 from engine._runner import Runner
 from engine._schedules import CatchUp, Schedule, Scheduler
-from engine._store import TRANSIENT_ERRORS, PostgresStore
+from engine._store import PostgresStore
 from engine._tracing import current_carrier
 from engine._worker import Worker, WorkerOptions
 
 __all__ = [
     "FINAL_STATUSES",
     "POLICY_ATTRIBUTE",
-    "TRANSIENT_ERRORS",
     "Backoff",
     "CatchUp",
     "Checkpoint",

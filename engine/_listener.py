@@ -10,23 +10,26 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
 
-import asyncpg
-
-from engine._store import TRANSIENT_ERRORS
+from engine.errors import DatabaseUnavailable
 
 log = logging.getLogger(__name__)
 
 CHANNELS = ("durable_work", "durable_done", "durable_cancel")
 
 Callback = Callable[[str], None]
+# The store's ``listen``: LISTEN on channels, calling on_notify(channel, payload) and, when the
+# connection ends, on_lost(); returns the function that closes it.
+Listen = Callable[
+    [Sequence[str], Callable[[str, str], None], Callable[[], None]],
+    Awaitable[Callable[[], None]],
+]
 
 
 class Listener:
-    def __init__(self, connect: Callable[[], Awaitable[asyncpg.Connection[Any]]]) -> None:
-        self._connect = connect
+    def __init__(self, listen: Listen) -> None:
+        self._listen = listen
         self._subscribers: dict[str, set[Callback]] = {c: set() for c in CHANNELS}
         self._task: asyncio.Task[None] | None = None
         self._connected = asyncio.Event()
@@ -50,7 +53,7 @@ class Listener:
                 await self._task
             self._task = None
 
-    def _dispatch(self, conn: Any, pid: int, channel: str, payload: str) -> None:
+    def _dispatch(self, channel: str, payload: str) -> None:
         for callback in list(self._subscribers.get(channel, ())):
             callback(payload)
 
@@ -63,18 +66,15 @@ class Listener:
         delay = 0.1
         first = True
         while True:
+            lost = asyncio.Event()
             try:
-                conn = await self._connect()
-            except TRANSIENT_ERRORS as exc:
+                close = await self._listen(CHANNELS, self._dispatch, lost.set)
+            except DatabaseUnavailable as exc:
                 log.warning("LISTEN connection failed (%s); retrying in %.1fs", exc, delay)
                 await asyncio.sleep(delay * (0.5 + self._rng.random()))
                 delay = min(delay * 2, 5.0)
                 continue
-            lost = asyncio.Event()
-            conn.add_termination_listener(_setter(lost))
             try:
-                for channel in CHANNELS:
-                    await conn.add_listener(channel, self._dispatch)
                 delay = 0.1
                 self._connected.set()
                 if not first:
@@ -82,12 +82,6 @@ class Listener:
                 first = False
                 await lost.wait()
                 log.warning("LISTEN connection lost; reconnecting")
-            except TRANSIENT_ERRORS as exc:
-                log.warning("LISTEN connection lost (%s); reconnecting", exc)
             finally:
-                conn.terminate()
+                close()
             self._notify_all()
-
-
-def _setter(event: asyncio.Event) -> Callable[[Any], None]:
-    return lambda _conn: event.set()

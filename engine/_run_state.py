@@ -17,14 +17,16 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 
-import asyncpg
-
 from engine import _lineage
 from engine._clock import DatabaseTime
 from engine._records import JournalEntry, Store
 from engine._signals import abandon, suspend
-from engine._store import TRANSIENT_ERRORS
-from engine.errors import JournalConflict, NonDeterminismError, SerializationError
+from engine.errors import (
+    DatabaseError,
+    DatabaseUnavailable,
+    JournalConflict,
+    NonDeterminismError,
+)
 
 if TYPE_CHECKING:
     from engine._registry import FunctionSpec
@@ -229,18 +231,16 @@ class RunState:
 
     async def db(self, call: Coroutine[Any, Any, T]) -> T:
         """Await a store call as live work. A database failure cannot be caught by the user's
-        ``except Exception``: it abandons this attempt, which is resumed by replay."""
+        ``except Exception``: it abandons this attempt, which is resumed by replay. A value the
+        database refused (``SerializationError``) is the value's fault, not the database's: it
+        is raised into the function, since retrying would not help."""
         if self.lost:  # a crashed or fenced attempt writes nothing more
             call.close()
             self.check_alive()
         with self.live():
             try:
                 return await call
-            except asyncpg.DataError as exc:  # the value, not the database: retrying won't help
-                raise SerializationError(
-                    f"run {self.run_id}: the database refused a value ({exc})"
-                ) from exc
-            except (*TRANSIENT_ERRORS, asyncpg.PostgresError, JournalConflict) as exc:
+            except (DatabaseUnavailable, DatabaseError, JournalConflict) as exc:
                 self.interrupted = exc
                 raise abandon(f"run {self.run_id}: database call failed ({exc!r})") from exc
 

@@ -16,8 +16,7 @@ from engine._records import Claim, EndStatus
 from engine._registry import FunctionSpec
 from engine._run_state import Execution, RunState
 from engine._signals import Abandon, Suspend
-from engine._store import TRANSIENT_ERRORS
-from engine.errors import ErrorInfo, NonDeterminismError
+from engine.errors import DatabaseUnavailable, ErrorInfo, NonDeterminismError
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +151,7 @@ class Runner:
             # After a connection failure the run is handed back at once; after any other
             # database error it waits for its lease to expire, so a fault that repeats
             # cannot spin the run through claims.
-            if isinstance(state.interrupted, TRANSIENT_ERRORS) and not state.lost:
+            if isinstance(state.interrupted, DatabaseUnavailable) and not state.lost:
                 await self._release()
         except asyncio.CancelledError as exc:
             current = asyncio.current_task()
@@ -287,7 +286,7 @@ class Runner:
             )
             await state.threads_ended()
         self.ending = True
-        with contextlib.suppress(*TRANSIENT_ERRORS):
+        with contextlib.suppress(DatabaseUnavailable):
             await self.store.release(self.claim.run_id, self.claim.attempt)
 
     async def _pause(self, error: NonDeterminismError) -> None:

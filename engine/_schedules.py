@@ -24,8 +24,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from engine._records import NewRun, ScheduleRow
 from engine._registry import FunctionSpec, new_run
-from engine._store import TRANSIENT_ERRORS
-from engine.errors import ConfigurationError
+from engine.errors import ConfigurationError, DatabaseUnavailable
 
 if TYPE_CHECKING:
     from croniter import croniter
@@ -84,11 +83,25 @@ class Schedule:
         tick: datetime = self._ticks(moment + timedelta(microseconds=1)).get_prev(datetime)
         return tick
 
+    def row(self, next_tick: datetime) -> ScheduleRow:
+        """This schedule as the store keeps it, due next at ``next_tick``."""
+        return ScheduleRow(
+            self.name,
+            self.function,
+            self.cron,
+            self.timezone,
+            self.input,
+            self.catch_up,
+            next_tick,
+            last_tick=None,
+            last_run_id=None,
+        )
+
 
 class ScheduleStore(Protocol):
     """What a scheduler needs of its store (PostgresStore keeps it)."""
 
-    async def define_schedule(self, schedule: Schedule, next_tick: datetime) -> None: ...
+    async def define_schedule(self, row: ScheduleRow) -> None: ...
 
     async def list_schedules(
         self, names: Sequence[str] | None = None
@@ -124,17 +137,17 @@ class Scheduler:
         while True:
             try:
                 wait = await self._fire_due()
-            except TRANSIENT_ERRORS as exc:
+            except DatabaseUnavailable as exc:
                 log.warning("schedules: database unreachable (%s); retrying", exc)
                 wait = min(self.poll, 1.0)
             await asyncio.sleep(wait)
 
     async def _declare(self) -> None:
         while True:
-            with contextlib.suppress(*TRANSIENT_ERRORS):
+            with contextlib.suppress(DatabaseUnavailable):
                 _rows, now = await self.store.list_schedules([])
                 for schedule in self.schedules.values():
-                    await self.store.define_schedule(schedule, schedule.tick_after(now))
+                    await self.store.define_schedule(schedule.row(schedule.tick_after(now)))
                 return
             await asyncio.sleep(min(self.poll, 1.0))
 

@@ -2,7 +2,12 @@
 
 It keeps the contract of ``engine._records.Store``: every method that changes a run takes the
 claim (``attempt``) its caller holds and writes nothing when that claim is gone, so a worker that
-lost its lease cannot append, suspend or finish.
+lost its lease cannot append, suspend or finish. Every public method surfaces the driver's
+errors as the engine's (``engine._driver``): ``DatabaseUnavailable``, ``SerializationError``,
+``DatabaseError``.
+
+Over 400 lines: every statement the engine runs is a method here, by design (one module holds
+the SQL calls, STYLE 5), each a few lines of typed wrapper around one named query.
 """
 
 from __future__ import annotations
@@ -14,12 +19,13 @@ import random
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, Self, TypeVar
+from typing import Any, Self, TypeVar
 
 import asyncpg
 
 from engine import _schema
 from engine._clock import Clock
+from engine._driver import TRANSIENT, open_pool, surfaced, surfacing_methods
 from engine._group_commit import GroupCommit, Outcome, PendingEntry, PendingFinish
 from engine._queries import queries
 from engine._records import (
@@ -36,58 +42,11 @@ from engine._records import (
 from engine._urls import redact
 from engine.errors import ConfigurationError, DatabaseUnavailable, JournalConflict
 
-if TYPE_CHECKING:
-    from engine._schedules import Schedule
-
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 W = TypeVar("W")
 R = TypeVar("R")
-
-TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
-    OSError,
-    asyncio.TimeoutError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,
-    asyncpg.CannotConnectNowError,
-    asyncpg.TooManyConnectionsError,
-    asyncpg.AdminShutdownError,
-    asyncpg.CrashShutdownError,
-    # A connection whose server went away mid-protocol can be left in a state asyncpg refuses
-    # to use ("another operation is in progress"); it is as broken as a closed one.
-    asyncpg.InternalClientError,
-)
-
-
-async def _init_connection(conn: asyncpg.Connection[Any]) -> None:
-    for name in ("json", "jsonb"):
-        await conn.set_type_codec(
-            name, encoder=json.dumps, decoder=json.loads, schema="pg_catalog", format="text"
-        )
-
-
-async def _keep_session(conn: asyncpg.Connection[Any]) -> None:
-    """Skip asyncpg's reset query on release (a round trip per call): the store leaves no
-    session state behind (no LISTEN, no open cursor, advisory locks released by the same
-    call, ``durable.fake_now`` set again on every checkout)."""
-
-
-async def _first_connection(pool: asyncpg.Pool[Any]) -> None:
-    try:
-        async with pool.acquire():
-            pass
-    except BaseException:
-        pool.terminate()
-        raise
-
-
-def _time_from(clock: Clock) -> Callable[[asyncpg.Connection[Any]], Awaitable[None]]:
-    async def setup(conn: asyncpg.Connection[Any]) -> None:
-        await conn.execute(queries()["set_fake_time"], clock.now().isoformat())
-
-    return setup
-
 
 _RETRY_DELAYS = (0.05, 0.2, 0.5)
 
@@ -96,6 +55,7 @@ def _run_row(record: asyncpg.Record) -> RunRow:
     return RunRow(**dict(record.items()))
 
 
+@surfacing_methods
 class PostgresStore:
     """A connection pool and the engine's transitions (``engine._records.Store``), one round
     trip each."""
@@ -122,7 +82,7 @@ class PostgresStore:
         ``connect_timeout=None`` retries forever (a worker outlives a database restart); a
         malformed URL fails at once with ConfigurationError. With a ``clock`` (a test's virtual
         clock), the database reads its time from that clock instead of its own: every call sets
-        ``durable.fake_now``, which ``durable.current_time()`` honours.
+        ``durable.fake_now``, which ``durable.clock()`` honours.
         """
         rng = rng or random.Random()
         loop = asyncio.get_running_loop()
@@ -130,25 +90,14 @@ class PostgresStore:
         delay = 0.1
         while True:
             try:
-                # No floor of idle connections: asyncpg would restore it after every outage
-                # with a traceback per failed try. The first connection is opened here, so that
-                # an unreachable database is found (and retried) now.
-                pool = await asyncpg.create_pool(
-                    dsn,
-                    min_size=0,
-                    max_size=max_size,
-                    init=_init_connection,
-                    setup=None if clock is None else _time_from(clock),
-                    reset=_keep_session,
-                )
-                await _first_connection(pool)
+                pool = await open_pool(dsn, max_size, clock)
             except (
                 ValueError,
                 asyncpg.InvalidCatalogNameError,
                 asyncpg.InvalidAuthorizationSpecificationError,
             ) as exc:
                 raise ConfigurationError(f"cannot use database URL {redact(dsn)}: {exc}") from exc
-            except TRANSIENT_ERRORS as exc:
+            except TRANSIENT as exc:
                 if deadline is not None and loop.time() + delay > deadline:
                     raise DatabaseUnavailable(
                         f"database {redact(dsn)} unreachable after {connect_timeout}s: {exc}"
@@ -159,7 +108,8 @@ class PostgresStore:
                 await asyncio.sleep(delay * (0.5 + rng.random()))
                 delay = min(delay * 2, 10.0)
                 continue
-            assert pool is not None
+            except asyncpg.PostgresError as exc:  # refused for good, not out of reach
+                raise surfaced(exc) from exc
             return cls(pool, dsn)
 
     async def close(self) -> None:
@@ -171,7 +121,7 @@ class PostgresStore:
         goes to the caller, which knows whether the write may have happened."""
         try:
             return await call()
-        except TRANSIENT_ERRORS:
+        except TRANSIENT:
             await self._pool.expire_connections()
             raise
 
@@ -192,15 +142,33 @@ class PostgresStore:
         for delay in _RETRY_DELAYS:
             try:
                 return await call()
-            except TRANSIENT_ERRORS as exc:
+            except TRANSIENT as exc:
                 log.debug("retrying after a connection failure: %s", exc)
                 await self._pool.expire_connections()
                 await asyncio.sleep(delay)
         return await self._once(call)
 
-    async def connect_raw(self) -> asyncpg.Connection[Any]:
-        """A dedicated connection outside the pool (for LISTEN)."""
-        return await asyncpg.connect(self.dsn)
+    async def listen(
+        self,
+        channels: Sequence[str],
+        on_notify: Callable[[str, str], None],
+        on_lost: Callable[[], None],
+    ) -> Callable[[], None]:
+        """LISTEN on ``channels`` on a connection of its own, outside the pool: each
+        notification calls ``on_notify(channel, payload)``, and ``on_lost()`` is called when
+        that connection ends. Returns the function that closes it."""
+        conn = await asyncpg.connect(self.dsn)
+        try:
+            conn.add_termination_listener(lambda _conn: on_lost())
+            for channel in channels:
+                await conn.add_listener(
+                    channel, lambda _c, _pid, ch, payload: on_notify(ch, payload)
+                )
+        except BaseException:
+            conn.terminate()
+            raise
+        close: Callable[[], None] = conn.terminate
+        return close
 
     # -- schema -------------------------------------------------------------------------------
 
@@ -370,7 +338,7 @@ class PostgresStore:
         key: str,
         timeout: timedelta | None,
     ) -> AwaitOutcome:
-        """Receive the next event on (name, key) or register the wait (see schema.sql)."""
+        """Receive the next event on (name, key) or register the wait (see functions.sql)."""
         row = await self._journaling(
             run_id,
             position,
@@ -462,7 +430,7 @@ class PostgresStore:
     async def await_child(
         self, run_id: uuid.UUID, attempt: int, position: str, name: str, child: uuid.UUID
     ) -> ChildOutcome:
-        """Journal the child's end at ``position``, or register the wait (see schema.sql)."""
+        """Journal the child's end at ``position``, or register the wait (see functions.sql)."""
         row = await self._journaling(
             run_id,
             position,
@@ -500,17 +468,19 @@ class PostgresStore:
 
     # -- schedules ----------------------------------------------------------------------------
 
-    async def define_schedule(self, schedule: Schedule, next_tick: datetime) -> None:
+    async def define_schedule(self, row: ScheduleRow) -> None:
+        """Store a schedule's declaration and its ``next_tick`` (the ``last_*`` fields of
+        ``row`` are not written: a tick sets them)."""
         await self._retrying(
             lambda: self._pool.execute(
                 self._q["define_schedule"],
-                schedule.name,
-                schedule.function,
-                schedule.cron,
-                schedule.timezone,
-                _json(schedule.input),
-                schedule.catch_up,
-                next_tick,
+                row.name,
+                row.function,
+                row.cron,
+                row.timezone,
+                _json(row.input),
+                row.catch_up,
+                row.next_tick,
             )
         )
 
@@ -618,5 +588,5 @@ def _seconds(span: timedelta | None) -> float | None:
 
 
 def _json(value: Any) -> str | None:
-    """A value for a text[] parameter of JSON (see durable.start_runs); None stays NULL."""
+    """A value for a text[] parameter of JSON (see durable.append_entries); None stays NULL."""
     return None if value is None else json.dumps(value, separators=(",", ":"))

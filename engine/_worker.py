@@ -23,8 +23,7 @@ from engine._records import Claim, Store
 from engine._registry import FunctionSpec
 from engine._run_state import Execution
 from engine._runner import Runner
-from engine._store import TRANSIENT_ERRORS
-from engine.errors import ConfigurationError
+from engine.errors import ConfigurationError, DatabaseUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +139,7 @@ class Worker:
                     self._start(claim)
                 if len(claims) < free:
                     break
-        except TRANSIENT_ERRORS as exc:
+        except DatabaseUnavailable as exc:
             log.warning("claiming failed (%s); retrying", exc)
             return min(poll, 1.0)
         if len(self.active) >= self.options.concurrency or due is None or db_now is None:
@@ -168,7 +167,7 @@ class Worker:
             await runner.execute()
         except asyncio.CancelledError:
             raise
-        except TRANSIENT_ERRORS as exc:
+        except DatabaseUnavailable as exc:
             log.warning(
                 "run %s: database unreachable during attempt %d (%s); the lease will expire "
                 "and the run will be resumed",
@@ -200,7 +199,7 @@ class Worker:
         held = [(run_id, r.claim.attempt) for run_id, (r, _t) in self.active.items()]
         try:
             kept = await self.store.renew_leases(held, self.options.worker_id, self.options.lease)
-        except TRANSIENT_ERRORS as exc:
+        except DatabaseUnavailable as exc:
             log.warning("lease renewal failed (%s)", exc)
             return False
         # A run this worker has just ended (its finish or suspend committed before the renewal

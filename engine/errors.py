@@ -5,7 +5,8 @@
     DurableError
     ├── ConfigurationError            bad URL, unknown function, unusable embedded Postgres
     │   └── EmbeddedPostgresError     the embedded server could not be found or started
-    ├── DatabaseUnavailable           the database could not be reached in the time allowed
+    ├── DatabaseUnavailable           the database could not be reached (now, or in time)
+    ├── DatabaseError                 the database refused a statement (``sqlstate`` says why)
     ├── InvalidInput                  a run's input or an event payload failed validation
     │   └── PayloadTooLarge           a value's JSON exceeds the app's ``max_payload_bytes``
     ├── SerializationError            a value could not be stored as JSON
@@ -17,8 +18,10 @@
     ├── RunNotFound                   no run has that id
     └── ResultTimeout                 ``RunHandle.result(timeout=...)`` elapsed; a TimeoutError
 
-Driver errors are wrapped with the asyncpg error kept as ``__cause__``. The signals the engine
-uses to unwind a run when it suspends or loses its lease are not errors: they derive from
+Driver errors never reach callers as they are: the store turns them into these (the
+``DatabaseUnavailable``, ``SerializationError`` or ``DatabaseError`` each stands for,
+``engine._driver``), with the asyncpg error kept as ``__cause__``. The signals the engine uses to
+unwind a run when it suspends or loses its lease are not errors: they derive from
 ``BaseException`` (see ``engine._signals``) so that ``except Exception`` cannot swallow them.
 """
 
@@ -80,7 +83,17 @@ class EmbeddedPostgresError(ConfigurationError):
 
 
 class DatabaseUnavailable(DurableError):
-    """The database could not be reached within the time allowed."""
+    """The database could not be reached: a connection refused or dropped, a server restarting
+    (a call may succeed later), or no connection within the time allowed."""
+
+
+class DatabaseError(DurableError):
+    """The database refused a statement for a reason other than a value it cannot store: an
+    engine fault, or a database that is not durable's. ``sqlstate`` is PostgreSQL's code."""
+
+    def __init__(self, message: str, sqlstate: str | None = None) -> None:
+        self.sqlstate = sqlstate
+        super().__init__(message if sqlstate is None else f"{message} (SQLSTATE {sqlstate})")
 
 
 class InvalidInput(DurableError):

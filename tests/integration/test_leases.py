@@ -56,7 +56,7 @@ async def test_a_renewal_that_races_a_completion_is_not_reported_as_a_lost_lease
     racing: RacingStore, caplog: pytest.LogCaptureFixture
 ) -> None:
     spec = FunctionSpec.describe(noop, "noop")
-    listener = Listener(racing.connect_raw)
+    listener = Listener(racing.listen)
     await listener.start()
     options = WorkerOptions(concurrency=1, lease=timedelta(milliseconds=300))
     worker = Worker(racing, {"noop": spec}, listener, options)
@@ -98,7 +98,7 @@ async def test_a_run_handed_back_at_shutdown_waits_for_its_step_thread_and_keeps
 
     spec = FunctionSpec.describe(sleeper, "sleeper")
     store = await PostgresStore.connect(database_url, max_size=4)
-    listener = Listener(store.connect_raw)
+    listener = Listener(store.listen)
     await listener.start()
     lease = timedelta(milliseconds=600)
     options = WorkerOptions(concurrency=1, lease=lease, shutdown_grace=timedelta(0))
