@@ -10,7 +10,6 @@ from engine._clock import Clock, DatabaseTime, SystemClock, VirtualClock
 from engine._codec import dump, load, return_type, validate_input
 from engine._context import Context
 from engine._listener import Listener
-from engine._memory import MemoryStore
 from engine._records import (
     FINAL_STATUSES,
     ChildOutcome,
@@ -32,6 +31,7 @@ from engine._registry import (
     StepPolicy,
     new_run,
 )
+from engine._replay import JournalStore, ReplayResult, replay_journal
 from engine._run_state import Checkpoint, Decision, Execution, Moment, Probe, RunState
 from engine._runner import Runner
 from engine._schedules import CatchUp, Schedule, Scheduler
@@ -56,12 +56,13 @@ __all__ = [
     "Execution",
     "FunctionSpec",
     "JournalEntry",
+    "JournalStore",
     "Listener",
-    "MemoryStore",
     "Moment",
     "NewRun",
     "PostgresStore",
     "Probe",
+    "ReplayResult",
     "RunOptions",
     "RunRow",
     "RunState",
@@ -81,6 +82,7 @@ __all__ = [
     "dump",
     "load",
     "new_run",
+    "replay_journal",
     "return_type",
     "validate_input",
 ]

@@ -28,6 +28,10 @@ class Clock(Protocol):
         """Wait ``seconds`` on this clock (a step's retry backoff, a short timer wait)."""
         ...
 
+    async def sleep_until(self, moment: datetime) -> None:
+        """Wait until ``moment`` on this clock, however long (a reservation that must come)."""
+        ...
+
 
 class SystemClock:
     """The real clock."""
@@ -40,6 +44,9 @@ class SystemClock:
 
     async def sleep(self, seconds: float) -> None:
         await asyncio.sleep(max(0.0, seconds))
+
+    async def sleep_until(self, moment: datetime) -> None:
+        await self.sleep((moment - self.now()).total_seconds())
 
 
 class DatabaseTime:
@@ -62,13 +69,20 @@ class DatabaseTime:
     async def sleep(self, seconds: float) -> None:
         await self._clock.sleep(seconds)
 
+    async def sleep_until(self, moment: datetime) -> None:
+        """Wait until the database's clock reads ``moment``."""
+        await self._clock.sleep_until(moment - self._offset)
+
 
 class VirtualClock:
     """A clock that moves only when told to (``durable.testing``).
 
     ``sleep`` yields to the event loop without moving time: in a simulation time passes
-    between attempts, when the simulation advances to the next timer or event, never while
-    a run executes. ``monotonic`` follows ``now``.
+    between attempts, when the simulation advances to the next timer or event, so a retry's
+    backoff takes no virtual time. ``sleep_until`` is the exception: a wait for a moment that
+    must come before the run can go on (a retried step's rate-limit reservation: the run
+    cannot suspend in the middle of a step) moves time to it, as the real clock would; it
+    would otherwise never come. ``monotonic`` follows ``now``.
     """
 
     def __init__(self, start: datetime | None = None) -> None:
@@ -84,6 +98,10 @@ class VirtualClock:
         return (self._now - self._origin).total_seconds()
 
     async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(0)
+
+    async def sleep_until(self, moment: datetime) -> None:
+        self.advance_to(moment)
         await asyncio.sleep(0)
 
     def advance(self, delta: timedelta) -> None:

@@ -302,7 +302,7 @@ async def _take_budget(
             extra={"run_id": str(state.run_id)},
         )
         if attempt > 1:  # a retry is live work: the run cannot suspend
-            await state.db_time.sleep(max(0.0, state.db_time.seconds_until(retry)))
+            await state.db_time.sleep_until(retry)
         else:
             await state.block(retry)
 

@@ -1,8 +1,11 @@
-"""What the engine stores, and the contract every store keeps.
+"""What the engine stores, and the contract its store keeps.
 
-Two stores keep it: ``PostgresStore`` (production) and ``MemoryStore`` (fast tests and
-``durable.testing``). One contract suite (tests/contract) runs against both. The contract, in
-short:
+``PostgresStore`` keeps it, each transition one call of one plpgsql function
+(``engine/sql/functions.sql``): the rules are defined there and nowhere else, with no Python copy
+kept equal by tests. The contract suite (tests/contract) runs every case on PostgreSQL with the
+database's clock moved (``durable.fake_now``), and ``durable.testing`` simulates on PostgreSQL
+too. (``engine._replay.JournalStore`` answers a replay from a journal in memory and refuses
+everything else.) The contract, in short:
 
 - Every write that changes a run takes the claim (``attempt``) its caller holds and writes
   nothing when that claim is gone (another worker claimed the run since): it returns False, None
@@ -156,20 +159,10 @@ class Store(Protocol):
 
     async def close(self) -> None: ...
 
-    async def start_run(
-        self,
-        run_id: uuid.UUID,
-        function: str,
-        input: Any,
-        idempotency_key: str | None,
-        trace_context: dict[str, str] | None,
-    ) -> tuple[uuid.UUID, bool]:
-        """Insert a pending run; returns (id, created). An existing id or idempotency key wins."""
-        ...
-
     async def start_runs(self, runs: Sequence[NewRun]) -> list[tuple[uuid.UUID, bool]]:
-        """``start_run`` for many runs at once (one round trip), in order. Idempotency keys
-        must be distinct within one call."""
+        """Insert pending runs, with their options (build each with ``engine.new_run``), in one
+        round trip; returns (id, created) for each, in order: an existing id or idempotency key
+        wins. Idempotency keys must be distinct within one call."""
         ...
 
     async def claim(

@@ -178,21 +178,12 @@ class PostgresStore:
         async with self._pool.acquire() as conn:
             return await _schema.migrate(conn)
 
-    # -- starting and claiming ----------------------------------------------------------------
+    async def empty(self) -> None:
+        """Delete every run, journal entry, event, wait, grant, rate limit and schedule (the
+        schema stays): for ``durable.testing``, on the databases it made for simulations."""
+        await self._once(lambda: self._pool.execute(self._q["empty_database"]))
 
-    async def start_run(
-        self,
-        run_id: uuid.UUID,
-        function: str,
-        input: Any,
-        idempotency_key: str | None,
-        trace_context: dict[str, str] | None,
-    ) -> tuple[uuid.UUID, bool]:
-        """Insert a pending run; returns (id, created). An existing id or idempotency key wins."""
-        [started] = await self.start_runs(
-            [NewRun(run_id, function, input, idempotency_key, trace_context)]
-        )
-        return started
+    # -- starting and claiming ----------------------------------------------------------------
 
     async def start_runs_on(
         self, conn: asyncpg.Connection[Any], runs: Sequence[NewRun]

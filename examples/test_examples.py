@@ -2,7 +2,9 @@
 
     python -m pytest examples/test_examples.py
 
-Every test runs in memory on a virtual clock: the three-day trial takes no time.
+Every test runs on a virtual clock, so the three-day trial takes no time, on PostgreSQL: each
+simulation in a database of its own, on the embedded server (or on the server of
+$DURABLE_TEST_DATABASE_URL when it is set). Nothing to set up.
 """
 
 from __future__ import annotations

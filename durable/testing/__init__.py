@@ -1,8 +1,10 @@
 """Test durable functions: crash them anywhere, move time, vary event order, stub steps, and
 replay recorded journals against new code.
 
-Everything runs in one process on a virtual clock and an in-memory store that keeps the same
-contract as Postgres (or on a real Postgres database when given a URL)::
+Runs execute in this process, on a virtual clock, on PostgreSQL: in a database of each
+simulation's own, on the embedded server unless a URL says otherwise (``Simulation``). The
+database's own functions apply every rule of a deployment (rate limits, concurrency keys,
+priorities, timeouts, delays, children), so a simulation honours every declaration of the app::
 
     from durable.testing import Send, Simulation, crash_at_every_point
 
@@ -15,6 +17,7 @@ contract as Postgres (or on a real Postgres database when given a URL)::
         assert outcome.result == "cancelled"
         assert outcome.elapsed == timedelta(days=1)
 
+``replay`` needs no database: it replays a recorded journal in memory, running nothing live.
 Hypothesis strategies for crash schedules, event orders, timer lateness and the completion
 order of parallel steps are in ``durable.testing.strategies``.
 """
@@ -22,16 +25,16 @@ order of parallel steps are in ``durable.testing.strategies``.
 from __future__ import annotations
 
 from durable.testing._crashes import CrashCheckFailed, CrashReport, crash_at_every_point
+from durable.testing._outcome import Outcome, describe
 from durable.testing._replay import RecordedRun, ReplayReport, replay
-from durable.testing._simulation import Outcome, Send, Simulation, SimulationError, describe
+from durable.testing._simulation import Send, Simulation, SimulationError
 from durable.testing._stubs import failing
-from engine import Checkpoint, MemoryStore, VirtualClock
+from engine import Checkpoint, VirtualClock
 
 __all__ = [
     "Checkpoint",
     "CrashCheckFailed",
     "CrashReport",
-    "MemoryStore",
     "Outcome",
     "RecordedRun",
     "ReplayReport",

@@ -2,28 +2,15 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
-import random
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from durable._app import App
 from durable._handle import RunHandle
-from durable.testing._simulation import _Probe
-from engine import (
-    DatabaseTime,
-    Execution,
-    JournalEntry,
-    MemoryStore,
-    Runner,
-    RunStatus,
-    VirtualClock,
-    _lineage,
-    dump,
-)
+from engine import JournalEntry, RunStatus, dump, replay_journal
 from engine.errors import NonDeterminismError
 
 FORMAT = "durable.run/1"
@@ -122,65 +109,31 @@ async def replay(app: App, recorded: RecordedRun) -> ReplayReport:
 
         recorded = RecordedRun.from_json(Path("run.json").read_text())
         await replay(app, recorded)
+
+    It needs no database: the journal is replayed in memory (``engine.replay_journal``).
     """
-    spec = app.spec_for(recorded.function)
-    if spec is None:
-        raise NonDeterminismError(
-            str(recorded.run_id),
-            "function",
-            recorded=f"function {recorded.function!r}",
-            requested="nothing: no such function in this app",
-        )
-    clock = VirtualClock(_after(recorded.journal))
-    store = MemoryStore(clock)
-    await store.start_run(recorded.run_id, spec.name, recorded.input, None, None)
-    store.import_journal(recorded.run_id, recorded.journal)
-    [claim] = await store.claim([spec.name], 1, "replay", timedelta(days=1))
-    probe = _Probe((), None, halt=True)
-    _lineage.install(asyncio.get_running_loop())
-    execution = Execution(
-        store,
-        app.functions,
-        DatabaseTime(clock),
-        short_wait=0.0,
-        rng=random.Random(0),
-        probe=probe,
+    replayed = await replay_journal(
+        app.functions, recorded.run_id, recorded.function, recorded.input, recorded.journal
     )
-    runner = Runner(execution, claim)
-    await runner.execute()
-    state = runner.state
-    assert state is not None
-    if state.nondeterminism is not None:
-        raise state.nondeterminism
-    row = await store.get_run(recorded.run_id)
-    assert row is not None
-    leftover = state.unconsumed()
-    if leftover:
-        first = leftover[0]
+    if replayed.nondeterminism is not None:
+        raise replayed.nondeterminism
+    if replayed.unconsumed:
+        first = replayed.unconsumed[0]
         raise NonDeterminismError(
             str(recorded.run_id),
             first.position,
             recorded=f"{first.kind} {first.name!r}",
             requested="nothing (the code never reached it)",
         )
-    if recorded.status == "completed" and row.status == "completed":
+    if recorded.status == "completed" and replayed.status == "completed":
         expected = dump(Any, recorded.result, "recorded result")
-        if row.result != expected:
+        if replayed.result != expected:
             raise NonDeterminismError(
                 str(recorded.run_id),
                 "result",
                 recorded=f"result {expected!r}",
-                requested=f"result {row.result!r}",
+                requested=f"result {replayed.result!r}",
             )
-    halted = [p.position for p in probe.passed if p.moment == "before"]
-    return ReplayReport(replayed=len(state.consumed), status=row.status, live_at=halted)
-
-
-def _after(journal: list[JournalEntry]) -> datetime:
-    """A moment after everything recorded, so every journaled timer has fired."""
-    moments = [datetime(2000, 1, 1, tzinfo=UTC)]
-    for entry in journal:
-        moments.append(entry.created_at)
-        if entry.kind == "sleep":
-            moments.append(datetime.fromisoformat(entry.value["wake_at"]))
-    return max(moments) + timedelta(seconds=1)
+    return ReplayReport(
+        replayed=replayed.consumed, status=replayed.status, live_at=replayed.live_at
+    )

@@ -1,41 +1,41 @@
-"""``Simulation``: runs a durable function on a virtual clock, with crashes and events on cue."""
+"""``Simulation``: runs durable functions on PostgreSQL on a virtual clock, with crashes and
+events on cue."""
 
 from __future__ import annotations
 
 import asyncio
 import random
 import uuid
-from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
 from durable._app import App
+from durable._connection import declare_rate_limits
+from durable.testing import _databases
+from durable.testing._outcome import Outcome
+from durable.testing._probe import Probe
 from engine import (
-    Checkpoint,
     Claim,
     DatabaseTime,
-    Decision,
     Execution,
     FunctionSpec,
-    JournalEntry,
-    MemoryStore,
     PostgresStore,
     Runner,
-    RunStatus,
-    Store,
     VirtualClock,
-    WaitRow,
     _lineage,
     dump,
     load,
+    new_run,
     validate_input,
 )
 from engine.errors import ErrorInfo
 
 _WORKER = "simulation"
 _LEASE = timedelta(seconds=30)
+# Claims in a row that find nothing although a run is due: the database would be looping.
+_MAX_IDLE_ROUNDS = 1000
 
 
 class SimulationError(AssertionError):
@@ -55,163 +55,53 @@ class Send:
     at: timedelta = timedelta(0)
 
 
-def describe(point: Checkpoint) -> str:
-    """A crash at ``point`` in words: ``crash after position 4 (step 'charge') was journaled``."""
-    what = f"{point.kind} {point.name!r}"
-    if point.moment == "before":
-        return f"crash before position {point.position} ({what}) ran"
-    if point.moment == "ran":
-        return f"crash after {what} at position {point.position} ran, before it was journaled"
-    return f"crash after position {point.position} ({what}) was journaled"
+class _SimulationTime:
+    """The simulation's clock as its database reads it (``durable.fake_now``, set on every
+    connection checkout): whichever ``VirtualClock`` the simulation has now."""
 
+    def __init__(self, simulation: Simulation) -> None:
+        self._simulation = simulation
 
-@dataclass
-class Outcome:
-    """What a simulated run did, for assertions.
+    def now(self) -> datetime:
+        return self._simulation.clock.now()
 
-    ``checkpoints`` lists every journal boundary the run passed, in order, replays included:
-    crash schedules count in it. ``executions`` counts the live runs of each step position;
-    ``reruns`` lists step positions that ran again after their result was journaled (never,
-    unless the engine is broken).
-    """
+    def monotonic(self) -> float:
+        return self._simulation.clock.monotonic()
 
-    run_id: uuid.UUID
-    status: RunStatus
-    result: Any
-    error: ErrorInfo | None
-    journal: list[JournalEntry]
-    waits: list[WaitRow]
-    checkpoints: list[Checkpoint]
-    crashes: list[Checkpoint]
-    executions: Counter[str]
-    reruns: list[str]
-    attempts: int
-    elapsed: timedelta
+    async def sleep(self, seconds: float) -> None:
+        await self._simulation.clock.sleep(seconds)
 
-    def explain(self) -> str:
-        """The crashes injected, in words (for assertion messages)."""
-        return "; ".join(describe(p) for p in self.crashes) or "no crash"
-
-    def differences(self, baseline: Outcome) -> list[str]:
-        """How this outcome departs from ``baseline`` (an uninterrupted run of the same
-        function and input), in words; empty when it is the same run."""
-        found: list[str] = []
-        if (self.status, self.result) != (baseline.status, baseline.result):
-            found.append(
-                f"the run ended {self.status} with {self._ending()} where the uninterrupted "
-                f"run ended {baseline.status} with {baseline._ending()}"
-            )
-        journal_difference = _journal_difference(baseline.journal, self.journal)
-        if journal_difference:
-            found.append(journal_difference)
-        names = {e.position: e.name for e in self.journal if e.kind == "step"}
-        for position in self.reruns:
-            found.append(
-                f"step {names.get(position, '?')!r} at position {position} ran again after "
-                f"its result was journaled"
-            )
-        for position, name in names.items():
-            if self.executions[position] == 0:
-                found.append(f"step {name!r} at position {position} is journaled but never ran")
-        return found
-
-    def _ending(self) -> str:
-        if self.error is not None:
-            return f"{self.error.type}: {self.error.message}"
-        return repr(self.result)
-
-
-def _journal_difference(expected: list[JournalEntry], actual: list[JournalEntry]) -> str | None:
-    want = {e.position: _comparable(e) for e in expected}
-    got = {e.position: _comparable(e) for e in actual}
-    for position in sorted(want.keys() | got.keys(), key=_position_key):
-        if want.get(position) != got.get(position):
-            return (
-                f"the journal differs at position {position}: the uninterrupted run has "
-                f"{_show(want.get(position))}, this one {_show(got.get(position))}"
-            )
-    return None
-
-
-def _comparable(entry: JournalEntry) -> tuple[Any, ...]:
-    error = entry.error or {}
-    return (entry.kind, entry.name, entry.value, error.get("type"), error.get("message"))
-
-
-def _show(entry: tuple[Any, ...] | None) -> str:
-    if entry is None:
-        return "nothing"
-    kind, name, value, error_type, message = entry
-    shown = f"{kind} {name!r} = {value!r}"
-    return f"{shown} ({error_type}: {message})" if error_type else shown
-
-
-def _position_key(position: str) -> list[tuple[int, ...]]:
-    return [tuple(int(p) for p in part.split(".")) for part in position.split(":")]
-
-
-class _Probe:
-    """Counts checkpoints, crashes on cue, halts at live work, shuffles completion order."""
-
-    def __init__(self, crashes: Iterable[int], shuffle: random.Random | None, halt: bool) -> None:
-        self.crash_at = set(crashes)
-        self.shuffle = shuffle
-        self.halt = halt
-        self.passed: list[Checkpoint] = []
-        self.crashed: list[Checkpoint] = []
-        self.executions: Counter[str] = Counter()
-        self.journaled: set[str] = set()
-        self.reruns: list[str] = []
-        self.crashed_attempt = False
-        self.root: uuid.UUID | None = None
-
-    def _key(self, point: Checkpoint) -> str:
-        """The position, for the run under test; ``run@position`` for its child runs."""
-        if self.root is None or point.run_id == self.root:
-            return point.position
-        return f"{point.run_id}@{point.position}"
-
-    async def __call__(self, point: Checkpoint) -> Decision:
-        index = len(self.passed)
-        self.passed.append(point)
-        if self.shuffle is not None:  # let other branches overtake this one
-            for _ in range(self.shuffle.randrange(4)):
-                await asyncio.sleep(0)
-        key = self._key(point)
-        if point.moment == "journaled":
-            self.journaled.add(key)
-        if index in self.crash_at:
-            self.crashed.append(point)
-            self.crashed_attempt = True
-            return "crash"
-        if point.moment == "before":
-            if self.halt:
-                return "halt"
-            if point.kind == "step":
-                if key in self.journaled:
-                    self.reruns.append(key)
-                self.executions[key] += 1
-        return "continue"
+    async def sleep_until(self, moment: datetime) -> None:
+        await self._simulation.clock.sleep_until(moment)
 
 
 class Simulation:
-    """Runs durable functions of ``app`` in one process on a virtual clock.
+    """Runs durable functions of ``app`` in this process, on PostgreSQL, on a virtual clock.
 
-    Time moves only between attempts: to the next timer, the next scheduled event, or the
-    next deadline, so a function that sleeps for a week finishes in milliseconds. Runs execute
-    on a ``MemoryStore`` unless a ``database_url`` is given (then on that Postgres database,
-    whose clock follows the virtual one). ``stubs`` replace step bodies by step name; the
-    function under test is not touched::
+    Every rule of a deployment applies, because the database's own functions apply them:
+    claims, events and timers, children, concurrency keys and their strategies, rate limits
+    (the app's declarations are written to the simulation's database), priorities, execution
+    and start timeouts, delays. Time moves only between attempts: to when the database says the
+    next run falls due (a timer, a rate-limit reservation, a delayed start, a deadline) or to the
+    next scheduled event, so a function that sleeps for a week finishes in milliseconds.
+    ``stubs`` replace step bodies by step name; the function under test is not touched::
 
         sim = Simulation(app, stubs={"charge": failing(CardDeclined("no funds"))})
         outcome = await sim.run(order, Order(id="o1", amount=30),
                                 events=[Send("shipped", key="o1", at=timedelta(days=2))])
         assert outcome.status == "completed"
 
-    ``seed`` fixes everything random: ``ctx.uuid()``/``ctx.random()`` (drawn per run and
-    journal position, so a crash cannot shift them) and, in memory, run ids. On Postgres run
-    ids are fresh, so that simulations can share a database; use ``async with`` there, so the
-    connections are closed, and a database no worker serves, so that none takes the runs.
+    Each simulation has a database of its own while it is open (see
+    ``durable.testing._databases``): created by this process on ``database_url``'s server when
+    given, else on ``$DURABLE_TEST_DATABASE_URL``'s, else on the embedded PostgreSQL; the
+    database the URL names is left untouched, and the role needs CREATEDB. ``await
+    Simulation(app).run(...)`` opens it for that run; ``async with Simulation(app) as sim``
+    keeps it open, so that several runs share it (``start`` several, then ``run`` drives them
+    all: they compete for the same concurrency slots and rate limits).
+
+    ``seed`` fixes everything random: run ids, and ``ctx.uuid()``/``ctx.random()`` (drawn per
+    run and journal position, so a crash cannot shift them). Cron schedules are not fired:
+    start the scheduled function yourself.
     """
 
     def __init__(
@@ -229,10 +119,17 @@ class Simulation:
         self.stubs = dict(stubs or {})
         self.seed = seed
         self.max_attempts = max_attempts
+        self._start = start
         self._database_url = database_url
-        self._store: Store | None = None
-        self._ids = random.Random(seed)
-        self._started = 0
+        self._database: _databases.Database | None = None
+        self._store: PostgresStore | None = None
+        self._forget()
+
+    def _forget(self) -> None:
+        self._ids = random.Random(self.seed)
+        self._origins: dict[uuid.UUID, datetime] = {}
+        self._claimed_at: dict[tuple[uuid.UUID, int], datetime] = {}
+        self._probe = Probe((), None)
 
     async def __aenter__(self) -> Simulation:
         await self.store()
@@ -241,60 +138,121 @@ class Simulation:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def close(self) -> None:
-        if self._store is not None:
-            await self._store.close()
-            self._store = None
-
-    async def store(self) -> Store:
-        """The store runs execute on (created on first use)."""
+    async def store(self) -> PostgresStore:
+        """The store of the simulation's database, opened on first use (``close`` closes it)."""
         if self._store is None:
-            if self._database_url is None:
-                self._store = MemoryStore(self.clock)
-            else:
-                postgres = await PostgresStore.connect(
-                    self._database_url, max_size=2, connect_timeout=10, clock=self.clock
+            database = await _databases.lease(self._database_url)
+            try:
+                store = await PostgresStore.connect(
+                    database.url, max_size=4, connect_timeout=10, clock=_SimulationTime(self)
                 )
-                await postgres.migrate()
-                self._store = postgres
+                try:
+                    if not database.fresh:
+                        await store.empty()  # what the simulation before this one left
+                    await declare_rate_limits(store, self.app.rate_limits)
+                except BaseException:
+                    await store.close()
+                    raise
+            except BaseException:
+                database.release()
+                raise
+            self._database, self._store = database, store
         return self._store
+
+    async def close(self) -> None:
+        """Close the store and hand the database back (its runs are gone for good)."""
+        store, database = self._store, self._database
+        self._store = self._database = None
+        try:
+            if store is not None:
+                await store.close()
+        finally:
+            if database is not None:
+                database.release()
+
+    async def reset(self) -> None:
+        """Start over in the same open simulation: an empty database (the app's rate limits
+        declared again), the clock back at ``start``, run ids drawn from the seed again."""
+        store = await self.store()
+        await store.empty()
+        await declare_rate_limits(store, self.app.rate_limits)
+        self.clock = VirtualClock(self._start)
+        self._forget()
+
+    async def start(
+        self,
+        fn: Callable[..., Awaitable[Any]] | str,
+        input: Any = None,
+        *,
+        priority: int | None = None,
+        delay: timedelta | None = None,
+        start_at: datetime | None = None,
+    ) -> uuid.UUID:
+        """Start a run of ``fn`` with ``input`` (as ``app.start`` would, with the function's
+        options) without driving it: the next ``run`` drives it with the rest. Only in an
+        open simulation (``async with``), whose database outlives this call."""
+        if self._store is None:
+            raise SimulationError(
+                "Simulation.start needs an open simulation: `async with Simulation(app) as sim`"
+            )
+        spec = self._spec(fn)
+        what = f"simulate {spec.name!r}"
+        limit = self.app.settings.max_payload_bytes
+        data = validate_input(spec.input_type, input, what, limit) if spec.takes_input else None
+        run_id = uuid.UUID(int=self._ids.getrandbits(128), version=4)
+        run = new_run(
+            self.app.functions,
+            spec.name,
+            data,
+            run_id=run_id,
+            priority=priority,
+            delay=delay,
+            start_at=start_at,
+        )
+        await self._store.start_runs([run])
+        self._origins[run_id] = self.clock.now()
+        return run_id
 
     async def run(
         self,
-        fn: Callable[..., Awaitable[Any]],
+        fn: Callable[..., Awaitable[Any]] | str,
         input: Any = None,
         *,
         events: Sequence[Send] = (),
         crashes: Iterable[int] = (),
         shuffle: int | None = None,
         lateness: Sequence[timedelta] = (),
+        priority: int | None = None,
+        delay: timedelta | None = None,
+        start_at: datetime | None = None,
     ) -> Outcome:
-        """Start a run of ``fn`` and drive it until it ends or waits for good.
+        """Start a run of ``fn`` and drive every run of the simulation until none is due and no
+        event is left to send; return this run's ``Outcome``.
 
-        ``crashes`` are indexes into the checkpoints the run passes (``Outcome.checkpoints``
-        of an uninterrupted run names them): at each, the attempt dies as under SIGKILL and
-        the next attempt resumes by replay. ``shuffle`` (a seed) varies the order in which
-        parallel branches start and finish. ``lateness`` delays the wake-ups of timers in
-        turn, as a busy or restarted worker would.
+        ``events`` are sent at their times after this run's start. ``crashes`` are indexes
+        into the checkpoints passed (``Outcome.checkpoints`` of an uninterrupted run names
+        them): at each, the attempt dies as under SIGKILL and the next attempt resumes by
+        replay. ``shuffle`` (a seed) varies the order in which parallel branches start and
+        finish. ``lateness`` delays the next due times in turn (timers picked up late, as by a
+        busy or restarted worker). ``priority``, ``delay`` and ``start_at`` are ``start``'s.
         """
-        spec = self._spec(fn)
-        store = await self.store()
-        data = (
-            validate_input(spec.input_type, input, f"simulate {spec.name!r}")
-            if spec.takes_input
-            else None
-        )
-        self._started += 1
-        drawn = uuid.UUID(int=self._ids.getrandbits(128), version=4)
-        run_id = drawn if self._database_url is None else uuid.uuid4()
-        await store.start_run(run_id, spec.name, data, None, None)
-        probe = _Probe(crashes, None if shuffle is None else random.Random(shuffle), halt=False)
-        probe.root = run_id
-        started = self.clock.now()
-        attempts = await self._drive(store, spec, run_id, probe, events, lateness)
-        outcome = await self._outcome(store, spec, run_id, probe, attempts)
-        outcome.elapsed = self.clock.now() - started
-        return outcome
+        if self._store is None:
+            async with self:
+                return await self.run(
+                    fn,
+                    input,
+                    events=events,
+                    crashes=crashes,
+                    shuffle=shuffle,
+                    lateness=lateness,
+                    priority=priority,
+                    delay=delay,
+                    start_at=start_at,
+                )
+        run_id = await self.start(fn, input, priority=priority, delay=delay, start_at=start_at)
+        self._probe = Probe(crashes, None if shuffle is None else random.Random(shuffle))
+        await self._drive(self._origins[run_id], events, lateness)
+        return await self.outcome(run_id)
 
     def _spec(self, fn: Callable[..., Awaitable[Any]] | str) -> FunctionSpec:
         spec = self.app.spec_for(fn)
@@ -303,44 +261,46 @@ class Simulation:
         return spec
 
     async def _drive(
-        self,
-        store: Store,
-        spec: FunctionSpec,
-        run_id: uuid.UUID,
-        probe: _Probe,
-        events: Sequence[Send],
-        lateness: Sequence[timedelta],
-    ) -> int:
+        self, origin: datetime, events: Sequence[Send], lateness: Sequence[timedelta]
+    ) -> None:
+        """Claim and execute one attempt at a time, with every function of the app, moving the
+        clock when nothing is due: to the database's next due time or the next event."""
+        store = await self.store()
         _lineage.install(asyncio.get_running_loop())
-        started = self.clock.now()
         schedule = sorted(enumerate(events), key=lambda item: (item[1].at, item[0]))
         late = list(lateness)
-        attempts = 0
+        names = list(self.app.functions)
+        idle = 0
         while True:
-            while schedule and started + schedule[0][1].at <= self.clock.now():
+            while schedule and origin + schedule[0][1].at <= self.clock.now():
                 event = schedule.pop(0)[1]
                 await store.send_event(event.name, event.key or "", dump(Any, event.payload, ""))
-            # Child runs (ctx.start, ctx.run) are driven too, one attempt at a time.
-            names = list(self.app.functions)
-            claims = await store.claim(names, 1, _WORKER, _LEASE)
+            claims, due, _now = await store.claim_due(names, 1, _WORKER, _LEASE)
             if claims:
-                attempts += 1
-                if attempts > self.max_attempts:
-                    raise SimulationError(
-                        f"run {run_id} of {spec.name!r} did not end in {self.max_attempts} attempts"
-                    )
-                await self._attempt(store, claims[0], probe)
+                idle = 0
+                await self._attempt(store, claims[0])
                 continue
-            due, _now = await store.next_due(names)
-            next_event = started + schedule[0][1].at if schedule else None
+            next_event = origin + schedule[0][1].at if schedule else None
             if due is None and next_event is None:
-                return attempts
+                return
             if due is not None and (next_event is None or due <= next_event):
                 due += late.pop(0) if late else timedelta(0)
-            self.clock.advance_to(min(t for t in (due, next_event) if t is not None))
+            moment = min(t for t in (due, next_event) if t is not None)
+            idle = idle + 1 if moment <= self.clock.now() else 0
+            if idle > _MAX_IDLE_ROUNDS:
+                raise SimulationError(f"a run is due at {moment} but no claim takes it")
+            self.clock.advance_to(moment)
 
-    async def _attempt(self, store: Store, claim: Claim, probe: _Probe) -> None:
+    async def _attempt(self, store: PostgresStore, claim: Claim) -> None:
+        probe = self._probe
+        probe.attempts += 1
+        if probe.attempts > self.max_attempts:
+            raise SimulationError(
+                f"the runs did not settle in {self.max_attempts} attempts (last: run "
+                f"{claim.run_id} of {claim.function!r}, attempt {claim.attempt})"
+            )
         probe.crashed_attempt = False
+        self._claimed_at[(claim.run_id, claim.attempt)] = claim.db_now
         execution = Execution(
             store,
             self.app.functions,
@@ -350,32 +310,40 @@ class Simulation:
             max_payload_bytes=self.app.settings.max_payload_bytes,
             probe=probe,
             stubs=self.stubs,
-            seed=f"{self.seed}/{self._started}",
+            seed=f"{self.seed}/{claim.run_id}",
         )
-        runner = Runner(execution, claim)
-        await runner.execute()
+        await Runner(execution, claim).execute()
         if probe.crashed_attempt:  # the next attempt starts at once, as if the lease had run out
             await store.release(claim.run_id, claim.attempt)
 
-    async def _outcome(
-        self, store: Store, spec: FunctionSpec, run_id: uuid.UUID, probe: _Probe, attempts: int
-    ) -> Outcome:
+    async def outcome(self, run_id: uuid.UUID) -> Outcome:
+        """The ``Outcome`` of any run of this open simulation as it stands (one started with
+        ``start``, or a child), with what the last ``run`` saw while driving it."""
+        store = await self.store()
         row = await store.get_run(run_id)
-        assert row is not None
-        result = None
-        if row.status == "completed":
+        if row is None:
+            raise SimulationError(f"no run {run_id} in this simulation")
+        spec = self.app.functions.get(row.function)
+        result = row.result
+        if row.status == "completed" and spec is not None:
             result = load(spec.return_type, row.result)
+        journal = [
+            replace(e, created_at=self._claimed_at.get((run_id, e.attempt), e.created_at))
+            for e in await store.load_journal(run_id)
+        ]
+        origin = self._origins.get(run_id) or row.started_at or self.clock.now()
+        probe = self._probe
         return Outcome(
             run_id=run_id,
             status=row.status,
             result=result,
             error=ErrorInfo.from_json(row.error) if row.error else None,
-            journal=await store.load_journal(run_id),
+            journal=journal,
             waits=await store.list_waits(run_id),
             checkpoints=list(probe.passed),
             crashes=list(probe.crashed),
-            executions=probe.executions,
-            reruns=list(probe.reruns),
-            attempts=attempts,
-            elapsed=timedelta(0),
+            executions=probe.executions_seen_from(run_id),
+            reruns=probe.reruns_seen_from(run_id),
+            attempts=probe.attempts,
+            elapsed=(row.finished_at or self.clock.now()) - origin,
         )

@@ -21,7 +21,9 @@ def failing(
         nonlocal calls
         calls += 1
         if times is None or calls <= times:
-            raise error
+            # The same instance every time: without a fresh traceback, each raise would add
+            # its frames to the last one's, and a retried step's journaled error would grow.
+            raise error.with_traceback(None)
         return None if then is None else then(*args, **kwargs)
 
     return body

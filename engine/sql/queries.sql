@@ -169,3 +169,45 @@ SELECT set_config('durable.fake_now', $1, false);
 -- create_runs (which takes its JSON as text too): the caller's connection has no codec of ours.
 -- name: send_event_on
 SELECT durable.send_event($1, $2, $3::text::jsonb);
+
+-- The databases of a server whose names match $1 (a LIKE pattern): the simulation databases
+-- durable.testing made (engine._server).
+-- name: list_databases
+SELECT datname FROM pg_database WHERE datname LIKE $1 ORDER BY datname;
+
+-- Empties a database of durable's, for a simulation to start over, in one round trip, whatever
+-- tables the migrations made: every row of every table of schema durable but the schema's own
+-- records (schema_migrations, schema_functions) is deleted, referencing tables first; a table
+-- whose trigger refuses DELETE (the append-only journal) is truncated instead; every sequence
+-- starts again at 1, so that event ids repeat from one simulation to the next. DELETE, not
+-- TRUNCATE, for the rest: the tables are small, and a TRUNCATE makes new files for each table
+-- and index (4-9 ms this way, 15-60 ms truncating every table, on PostgreSQL 15 and 18 alike).
+-- Only durable.testing calls it (PostgresStore.empty), on databases it made.
+-- name: empty_database
+DO $$
+DECLARE
+    v_table regclass;
+    v_sequence regclass;
+BEGIN
+    FOR v_table IN
+        SELECT c.oid::regclass FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+         WHERE n.nspname = 'durable' AND c.relkind IN ('r', 'p') AND NOT c.relispartition
+           AND c.relname NOT LIKE 'schema\_%'
+         ORDER BY EXISTS (SELECT 1 FROM pg_constraint f
+                           WHERE f.conrelid = c.oid AND f.contype = 'f') DESC
+    LOOP
+        IF EXISTS (SELECT 1 FROM pg_trigger g WHERE g.tgrelid = v_table AND NOT g.tgisinternal)
+        THEN
+            EXECUTE format('TRUNCATE %s', v_table);
+        ELSE
+            EXECUTE format('DELETE FROM %s', v_table);
+        END IF;
+    END LOOP;
+    FOR v_sequence IN
+        SELECT c.oid::regclass FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+         WHERE n.nspname = 'durable' AND c.relkind = 'S'
+    LOOP
+        PERFORM setval(v_sequence, 1, false);
+    END LOOP;
+END
+$$;

@@ -1,4 +1,4 @@
-"""The flow-control rules of the store contract, on both stores: claim order by priority,
+"""The flow-control rules of the store contract, on PostgreSQL: claim order by priority,
 concurrency slots and their strategies, rate limits, child runs, cancellation, delayed starts,
 start expiry and execution deadlines."""
 
@@ -12,6 +12,8 @@ import pytest
 from engine import NewRun, Store
 from engine.errors import ConfigurationError
 from tests.contract.conftest import Subject
+
+pytestmark = pytest.mark.postgres
 
 LEASE = timedelta(seconds=30)
 

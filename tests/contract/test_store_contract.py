@@ -1,8 +1,8 @@
-"""The store contract (engine._records.Store), run against both stores.
+"""The store contract (engine._records.Store), on PostgreSQL: the SQL functions themselves.
 
-Every test runs on ``MemoryStore`` and on ``PostgresStore``, each reading time from one
-``VirtualClock`` (Postgres through ``durable.clock()`` and the ``durable.fake_now`` setting), so
-leases lapse and timers fall due by moving the clock, never by sleeping.
+Every test reads time from one ``VirtualClock`` (through ``durable.clock()`` and the
+``durable.fake_now`` setting), so leases lapse and timers fall due by moving the clock, never
+by sleeping.
 """
 
 from __future__ import annotations
@@ -16,11 +16,20 @@ from engine import NewRun, Store
 from engine.errors import JournalConflict
 from tests.contract.conftest import Subject
 
+pytestmark = pytest.mark.postgres
+
 LEASE = timedelta(seconds=30)
 
 
+async def _start(
+    store: Store, run_id: uuid.UUID, function: str, input: object, key: str | None = None
+) -> tuple[uuid.UUID, bool]:
+    [started] = await store.start_runs([NewRun(run_id, function, input, idempotency_key=key)])
+    return started
+
+
 async def _started(store: Store, function: str = "f") -> uuid.UUID:
-    run_id, created = await store.start_run(uuid.uuid4(), function, {"n": 1}, None, None)
+    run_id, created = await _start(store, uuid.uuid4(), function, {"n": 1})
     assert created
     return run_id
 
@@ -113,10 +122,10 @@ async def test_an_existing_id_or_idempotency_key_returns_the_existing_run(
     subject: Subject,
 ) -> None:
     store = subject.store
-    first, created = await store.start_run(uuid.uuid4(), "f", None, "order-1", None)
+    first, created = await _start(store, uuid.uuid4(), "f", None, "order-1")
     assert created
-    assert await store.start_run(uuid.uuid4(), "f", None, "order-1", None) == (first, False)
-    assert await store.start_run(first, "f", None, None, None) == (first, False)
+    assert await _start(store, uuid.uuid4(), "f", None, "order-1") == (first, False)
+    assert await _start(store, first, "f", None) == (first, False)
     assert len(await store.list_runs(None, 10)) == 1
 
 
@@ -230,7 +239,7 @@ async def test_many_runs_start_in_one_call_and_existing_ones_are_returned(
     subject: Subject,
 ) -> None:
     store = subject.store
-    existing, _ = await store.start_run(uuid.uuid4(), "f", None, "key-1", None)
+    existing, _ = await _start(store, uuid.uuid4(), "f", None, "key-1")
     fresh = [uuid.uuid4() for _ in range(3)]
     started = await store.start_runs(
         [

@@ -81,3 +81,63 @@ def test_control_flow_signals_cannot_be_swallowed_by_except_exception() -> None:
 def test_control_flow_signals_cannot_be_constructed_by_users() -> None:
     with pytest.raises(TypeError, match="engine only"):
         _signals.Suspend(object(), "mine")
+
+
+def _imports(path: Path, package_root: Path) -> set[str]:
+    """The durable/engine modules ``path`` imports, TYPE_CHECKING imports included (an import
+    only for types is still an edge of a circle to read through)."""
+    module = ".".join(path.relative_to(package_root).with_suffix("").parts)
+    module = module.removesuffix(".__init__")
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: resolve against this module's package
+                parent = module.rsplit(".", node.level)[0]
+                base = f"{parent}.{base}" if base else parent
+            found.add(base)
+            found.update(f"{base}.{a.name}" for a in node.names)
+    return {name for name in found if name.split(".")[0] in ("durable", "engine")}
+
+
+def test_no_module_of_durable_or_engine_is_in_an_import_circle() -> None:
+    modules = {
+        ".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p
+        for package in ("durable", "engine")
+        for p in (ROOT / package).rglob("*.py")
+    }
+    # A package's __init__ re-exports its modules; an edge to it is an edge to those modules
+    # only through the names it re-exports, so package-to-module edges are left out.
+    edges = {
+        name: {
+            target
+            for target in _imports(path, ROOT)
+            if target in modules and target != name and target not in ("durable", "engine")
+        }
+        for name, path in modules.items()
+        if path.name != "__init__.py"
+    }
+    for name in edges:
+        stack, seen = [(name, [name])], set()
+        while stack:
+            current, trail = stack.pop()
+            for target in edges.get(current, ()):
+                if target == name:
+                    pytest.fail(f"import circle: {' -> '.join([*trail, target])}")
+                if target not in seen:
+                    seen.add(target)
+                    stack.append((target, [*trail, target]))
+
+
+def test_a_module_over_400_lines_says_why_at_its_top() -> None:
+    for package in ("durable", "engine"):
+        for path in (ROOT / package).rglob("*.py"):
+            lines = path.read_text().splitlines()
+            if len(lines) > 400:
+                docstring = ast.get_docstring(ast.parse("\n".join(lines))) or ""
+                assert "Over 400 lines" in docstring, (
+                    f"{path.relative_to(ROOT)} has {len(lines)} lines and its docstring does "
+                    f"not say why (a paragraph starting 'Over 400 lines')"
+                )

@@ -1,18 +1,17 @@
 """Bounds and settings, checked before anything reaches the database: nonsense settings are
-refused when the app is built, bad durations and non-JSON values are InvalidInput, and a
-password never reaches a message."""
+refused when the app is built, bad values are InvalidInput, and a password never reaches a
+message. (Bad durations inside a run: tests/integration/test_durations.py.)"""
 
 from __future__ import annotations
 
 import asyncio
 import math
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 import pytest
 
 import durable
-from durable.testing import Simulation, crash_at_every_point
 from engine import WorkerOptions, _codec, _limits
 from engine._urls import redact
 
@@ -134,61 +133,6 @@ def test_priorities_are_32_bit_integers() -> None:
     for bad in (2**31, -(2**31) - 1, 2**40, True, 1.0):
         with pytest.raises(durable.InvalidInput):
             _limits.priority(bad, "start 'f': the priority")
-
-
-# -- durations (item 12) ------------------------------------------------------------------------
-
-app = durable.App()
-
-
-def _waits(call: Any) -> Any:
-    async def fn(ctx: durable.Context) -> str:
-        try:
-            await call(ctx)
-        except durable.InvalidInput as refused:
-            return str(refused)
-        return "accepted"
-
-    return fn
-
-
-BAD_WAITS = {
-    "sleep-nan": (lambda ctx: ctx.sleep(float("nan")), "ctx.sleep: the duration"),
-    "sleep-inf": (lambda ctx: ctx.sleep(float("inf")), "ctx.sleep: the duration"),
-    "sleep-max": (lambda ctx: ctx.sleep(timedelta.max), "ctx.sleep: the duration"),
-    "sleep-str": (lambda ctx: ctx.sleep("5"), "ctx.sleep: the duration"),
-    "until-max": (lambda ctx: ctx.sleep_until(datetime.max), "ctx.sleep_until: the time"),
-    "until-max-aware": (
-        lambda ctx: ctx.sleep_until(datetime.max.replace(tzinfo=UTC)),
-        "ctx.sleep_until: the time",
-    ),
-    "wait-inf": (
-        lambda ctx: ctx.wait_for_event("x", timeout=float("inf")),
-        "wait_for_event: the timeout",
-    ),
-    "wait-nan": (
-        lambda ctx: ctx.wait_for_event("x", timeout=float("nan")),
-        "wait_for_event: the timeout",
-    ),
-    "wait-name": (lambda ctx: ctx.wait_for_event("x" * 300), "wait_for_event: the event name"),
-    "wait-key": (
-        lambda ctx: ctx.wait_for_event("x", key="\udcff"),
-        "wait_for_event: the event key",
-    ),
-}
-WAITING = {name: app.function(name=name)(_waits(call)) for name, (call, _m) in BAD_WAITS.items()}
-
-
-@pytest.mark.parametrize("name", list(BAD_WAITS))
-async def test_a_bad_duration_or_wait_is_invalid_input_naming_the_call_on_replay_too(
-    name: str,
-) -> None:
-    """The function catches the refusal, then crashes are injected at every point: the replayed
-    runs see the same refusal at the same place (crash_at_every_point compares them)."""
-    outcome = await Simulation(app).run(WAITING[name])
-    assert outcome.status == "completed"
-    assert outcome.result.startswith(BAD_WAITS[name][1]), outcome.result
-    await crash_at_every_point(app, WAITING[name])
 
 
 # -- secrets (item 1) ---------------------------------------------------------------------------

@@ -1,4 +1,7 @@
-"""durable.testing: simulation on a virtual clock, crash at every point, strategies, replay."""
+"""durable.testing: simulation on a virtual clock, crash at every point, strategies, replay.
+
+Simulations run on the session's server (tests/integration/conftest.py), in a database of
+their own; replay needs none."""
 
 from __future__ import annotations
 
@@ -23,6 +26,8 @@ from durable.testing import (
     replay,
 )
 from durable.testing.strategies import completion_orders, crash_schedules, event_orders
+
+pytestmark = pytest.mark.postgres
 
 app = durable.App("postgresql://unused")
 CASES = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
