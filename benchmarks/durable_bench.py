@@ -306,7 +306,6 @@ def _count_queries() -> Callable[[], dict[str, int]]:
 
 
 _STORE_CALLS = [
-    "start_run",
     "start_runs",
     "claim",
     "claim_due",
