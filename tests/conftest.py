@@ -85,6 +85,11 @@ def _bases_in(path: Path) -> list[Path]:
     return found
 
 
+# SIGTERM (a CI job's timeout, `kill`) ends pytest through SystemExit, so that the backstop
+# below runs; Python's default would skip it and leave a server running.
+_embedded.exit_on_sigterm()
+
+
 @atexit.register
 def _remove_the_rest() -> None:
     """The backstop: whatever an ``embedded_base`` block did not get to remove."""
