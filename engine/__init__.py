@@ -25,6 +25,7 @@ from engine._records import (
 from engine._registry import (
     POLICY_ATTRIBUTE,
     Backoff,
+    CodeVersions,
     Concurrency,
     FunctionSpec,
     RunOptions,
@@ -49,6 +50,7 @@ __all__ = [
     "ChildRun",
     "Claim",
     "Clock",
+    "CodeVersions",
     "Concurrency",
     "Context",
     "DatabaseTime",

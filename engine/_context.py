@@ -18,7 +18,7 @@ from datetime import datetime, timedelta
 from random import Random
 from typing import Any, ParamSpec, TypeVar, overload
 
-from engine import _codec, _limits, _tracing
+from engine import _codec, _limits, _patches, _tracing
 from engine._children import ChildRun, spec_of, start_child
 from engine._registry import StepPolicy, policy_of
 from engine._run_state import RunState
@@ -241,6 +241,30 @@ class Context:
                 await state.checkpoint("journaled", position, "event", name)
                 return None
             await state.block(result.timeout_at)
+
+    async def patched(self, name: str) -> bool:
+        """Whether this run takes the new branch of patch ``name``: a change of the function's
+        code that runs already in flight must not see::
+
+            if await ctx.patched("charge-with-tax"):
+                total = await ctx.step("tax", add_tax, order)
+            else:
+                total = order.total
+
+        A run that reaches this point live takes the new branch, and the choice is journaled.
+        A run whose journal already went past this point without it (it ran there on the code
+        before the patch) takes the old branch, on every replay. The marker takes no journal
+        position, so the calls after the patch keep theirs, for old runs and new. Once no run
+        needs the old branch (``durable check``, ``durable versions``), delete it and write
+        ``await ctx.deprecate_patch(name)`` in place of the ``if``."""
+        return await _patches.patched(self._state, name)
+
+    async def deprecate_patch(self, name: str) -> None:
+        """Mark where patch ``name`` was, once its old branch is deleted: runs that took the
+        new branch (or reach this point live) replay cleanly, and a run that would need the old
+        branch, which no longer exists, pauses with a ``NonDeterminismError`` naming the patch
+        instead of replaying the new code as if it had run it."""
+        await _patches.deprecate_patch(self._state, name)
 
     async def now(self) -> datetime:
         """The current time (UTC, on the database's clock like every timer), journaled: a

@@ -33,8 +33,13 @@ class Node:
         self.children = 0
 
     def next_position(self) -> str:
-        n = self.calls
+        position = self.peek_position()
         self.calls += 1
+        return position
+
+    def peek_position(self) -> str:
+        """The position the task's next call will take, without taking it."""
+        n = self.calls
         return f"{self.lineage}:{n}" if self.lineage else str(n)
 
     def child(self) -> Node:

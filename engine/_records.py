@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal, Protocol
 
 RunStatus = Literal["pending", "running", "suspended", "paused", "completed", "failed", "cancelled"]
 EndStatus = Literal["completed", "failed", "paused", "cancelled"]
 Strategy = Literal["queue", "cancel_in_progress", "cancel_newest"]
+Versioning = Literal["replay", "pinned"]
 FINAL_STATUSES: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
 
 
@@ -76,6 +77,8 @@ class Claim:
     trace_context: dict[str, str] | None
     db_now: datetime
     deadline_at: datetime | None = None
+    # A fork (durable runs fork/retry) has journal entries before its first claim.
+    forked: bool = False
 
 
 @dataclass(frozen=True)
@@ -118,6 +121,11 @@ class RunRow:
     cancel_requested: bool = False
     deadline_at: datetime | None = None
     expires_at: datetime | None = None
+    # The version of the code of each attempt (versions[0] is the one it started on).
+    versions: list[str] = field(default_factory=list)
+    pinned: bool = False
+    forked_from: uuid.UUID | None = None
+    fork_position: str | None = None
 
 
 @dataclass(frozen=True)
@@ -166,21 +174,43 @@ class Store(Protocol):
         ...
 
     async def claim(
-        self, functions: Sequence[str], limit: int, worker: str, lease: timedelta
+        self,
+        functions: Sequence[str],
+        limit: int,
+        worker: str,
+        lease: timedelta,
+        versions: Sequence[str] | None = None,
+        pinned: Sequence[str] = (),
     ) -> list[Claim]:
         """Claim up to ``limit`` due runs of ``functions`` (pending, timers due, woken by an
-        event, leases expired), oldest due first; each claim bumps the run's attempt."""
+        event, leases expired), oldest due first; each claim bumps the run's attempt and
+        records the version of the code it runs on (``versions``, aligned with
+        ``functions``). A first claim pins a run of a function in ``pinned``: later claims
+        are only those of workers of the same version."""
         ...
 
     async def claim_due(
-        self, functions: Sequence[str], limit: int, worker: str, lease: timedelta
+        self,
+        functions: Sequence[str],
+        limit: int,
+        worker: str,
+        lease: timedelta,
+        versions: Sequence[str] | None = None,
+        pinned: Sequence[str] = (),
     ) -> tuple[list[Claim], datetime | None, datetime]:
         """``claim``, then ``next_due``, in one round trip: the claims, when the next run
         falls due (counting these claims' leases), and the store's now."""
         ...
 
-    async def next_due(self, functions: Sequence[str]) -> tuple[datetime | None, datetime]:
+    async def next_due(
+        self, functions: Sequence[str], versions: Sequence[str] | None = None
+    ) -> tuple[datetime | None, datetime]:
         """The earliest time a run of ``functions`` becomes claimable, and the store's now."""
+        ...
+
+    async def retry_paused(self, functions: Sequence[str], versions: Sequence[str]) -> int:
+        """Make pending the runs of ``functions`` paused by a non-determinism on versions other
+        than ``versions`` (once per version); returns how many."""
         ...
 
     async def renew_leases(

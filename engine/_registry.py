@@ -3,8 +3,12 @@ concurrency, rate limit, timeouts) and of a step's policy (retries, timeout, rat
 
 from __future__ import annotations
 
+import ast
+import hashlib
 import inspect
 import random
+import textwrap
+import types
 import typing
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
@@ -14,7 +18,7 @@ from typing import Any, cast
 
 from engine import _limits
 from engine._codec import load, return_type
-from engine._records import NewRun, Strategy
+from engine._records import NewRun, Strategy, Versioning
 from engine.errors import ConfigurationError, InvalidInput
 
 POLICY_ATTRIBUTE = "__durable_step_policy__"
@@ -136,17 +140,29 @@ class RunOptions:
     rate_key: Callable[[Any], object] | None = None
     timeout: timedelta | None = None
     start_timeout: timedelta | None = None
+    versioning: Versioning = "replay"
+
+    def __post_init__(self) -> None:
+        if self.versioning not in ("replay", "pinned"):
+            raise ConfigurationError(
+                f"@app.function: versioning must be 'replay' or 'pinned', got {self.versioning!r}"
+            )
 
 
 @dataclass(frozen=True)
 class FunctionSpec:
-    """A registered durable function: ``fn(ctx)`` or ``fn(ctx, input)``."""
+    """A registered durable function: ``fn(ctx)`` or ``fn(ctx, input)``.
+
+    ``version`` names its code: the app's ``version`` when given, else a digest of the
+    function's own source (its syntax tree: comments and layout do not count), so an unchanged
+    function keeps its version across deploys and a changed one gets another."""
 
     name: str
     fn: Callable[..., Awaitable[Any]]
     input_type: Any
     return_type: Any
     options: RunOptions = field(default_factory=RunOptions)
+    version: str = ""
 
     @property
     def takes_input(self) -> bool:
@@ -212,6 +228,7 @@ class FunctionSpec:
         fn: Callable[..., Awaitable[Any]],
         name: str | None,
         options: RunOptions | None = None,
+        version: str | None = None,
     ) -> FunctionSpec:
         if not inspect.iscoroutinefunction(fn):
             raise ConfigurationError(
@@ -240,6 +257,46 @@ class FunctionSpec:
             input_type=input_type,
             return_type=return_type(fn),
             options=options or RunOptions(),
+            version=version or code_version(fn),
+        )
+
+
+def code_version(fn: Callable[..., Any]) -> str:
+    """A digest of ``fn``'s source as a syntax tree (comments, blank lines and indentation do
+    not count), or of its bytecode when its source cannot be read (a function made by exec)."""
+    target = inspect.unwrap(fn)
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(target)))
+        text = ast.dump(tree, annotate_fields=False)
+    except (OSError, TypeError, SyntaxError):
+        code = getattr(target, "__code__", None)
+        text = _bytecode(code) if isinstance(code, types.CodeType) else repr(target)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _bytecode(code: types.CodeType) -> str:
+    """``code`` as text that is the same for the same code compiled again (a nested function's
+    code object is spelled out, not shown with its address)."""
+    consts = [_bytecode(c) if isinstance(c, types.CodeType) else repr(c) for c in code.co_consts]
+    return repr((code.co_code, consts, code.co_names, code.co_varnames))
+
+
+@dataclass(frozen=True)
+class CodeVersions:
+    """What a worker tells a claim about its code: its functions, the version of each (aligned),
+    and those declared ``versioning="pinned"``."""
+
+    names: list[str]
+    versions: list[str]
+    pinned: list[str]
+
+    @classmethod
+    def of(cls, functions: Mapping[str, FunctionSpec]) -> CodeVersions:
+        specs = list(functions.values())
+        return cls(
+            [s.name for s in specs],
+            [s.version for s in specs],
+            [s.name for s in specs if s.options.versioning == "pinned"],
         )
 
 

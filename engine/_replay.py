@@ -82,10 +82,17 @@ class JournalStore:
     ``engine._records.Store`` raises NotImplementedError: those are transitions of the SQL
     functions, which have no copy here."""
 
-    def __init__(self, run_id: uuid.UUID, attempt: int, journal: Sequence[JournalEntry]) -> None:
+    def __init__(
+        self,
+        run_id: uuid.UUID,
+        attempt: int,
+        journal: Sequence[JournalEntry],
+        waits: Sequence[WaitRow] = (),
+    ) -> None:
         self.run_id = run_id
         self.attempt = attempt
         self._journal = list(journal)
+        self._waits = list(waits)
         self.status: EndStatus | Literal["suspended"] | None = None
         self.result: Any = None
         self.error: Any = None
@@ -124,17 +131,34 @@ class JournalStore:
         _refuse("start_runs")
 
     async def claim(
-        self, functions: Sequence[str], limit: int, worker: str, lease: timedelta
+        self,
+        functions: Sequence[str],
+        limit: int,
+        worker: str,
+        lease: timedelta,
+        versions: Sequence[str] | None = None,
+        pinned: Sequence[str] = (),
     ) -> list[Claim]:
         _refuse("claim")
 
     async def claim_due(
-        self, functions: Sequence[str], limit: int, worker: str, lease: timedelta
+        self,
+        functions: Sequence[str],
+        limit: int,
+        worker: str,
+        lease: timedelta,
+        versions: Sequence[str] | None = None,
+        pinned: Sequence[str] = (),
     ) -> tuple[list[Claim], datetime | None, datetime]:
         _refuse("claim_due")
 
-    async def next_due(self, functions: Sequence[str]) -> tuple[datetime | None, datetime]:
+    async def next_due(
+        self, functions: Sequence[str], versions: Sequence[str] | None = None
+    ) -> tuple[datetime | None, datetime]:
         _refuse("next_due")
+
+    async def retry_paused(self, functions: Sequence[str], versions: Sequence[str]) -> int:
+        _refuse("retry_paused")
 
     async def renew_leases(
         self, held: Sequence[tuple[uuid.UUID, int]], worker: str, lease: timedelta
@@ -214,7 +238,7 @@ class JournalStore:
         _refuse("list_runs")
 
     async def list_waits(self, run_id: uuid.UUID) -> list[WaitRow]:
-        _refuse("list_waits")
+        return list(self._waits) if run_id == self.run_id else []
 
 
 class _Halt:
@@ -236,9 +260,12 @@ async def replay_journal(
     function: str,
     input: Any,
     journal: Sequence[JournalEntry],
+    waits: Sequence[WaitRow] = (),
 ) -> ReplayResult:
     """Replay ``journal`` (run ``run_id`` of ``function`` with ``input``, as stored) against
-    ``functions`` as they are now, running nothing live; see the module's docstring.
+    ``functions`` as they are now, running nothing live; see the module's docstring. ``waits``
+    are the run's registered waits (a run suspended on an event has no journal entry at its
+    wait): a patch point just before one is one the run went past.
 
     The attempt starts after the last recorded one, on a clock past every recorded moment and
     wake time, so that every journaled timer has fired. A ``function`` that ``functions`` lacks
@@ -251,14 +278,22 @@ async def replay_journal(
             requested="nothing: no such function in this app",
         )
     clock = VirtualClock(moment_after(journal))
-    attempt = max((e.attempt for e in journal), default=0) + 1
-    store = JournalStore(run_id, attempt, journal)
+    # A run with a wait registered had an attempt, even with nothing journaled.
+    attempt = max((e.attempt for e in journal), default=1 if waits else 0) + 1
+    store = JournalStore(run_id, attempt, journal, waits)
     probe = _Halt()
     _lineage.install(asyncio.get_running_loop())
     execution = Execution(
-        store, functions, DatabaseTime(clock), short_wait=0.0, rng=random.Random(0), probe=probe
+        store,
+        functions,
+        DatabaseTime(clock),
+        short_wait=0.0,
+        rng=random.Random(0),
+        probe=probe,
+        replay_only=True,
     )
-    runner = Runner(execution, Claim(run_id, function, input, attempt, None, clock.now()))
+    claim = Claim(run_id, function, input, attempt, None, clock.now(), forked=bool(journal))
+    runner = Runner(execution, claim)
     await runner.execute()
     state = runner.state
     assert state is not None
@@ -268,7 +303,7 @@ async def replay_journal(
         result=store.result,
         error=store.error,
         consumed=len(state.consumed),
-        unconsumed=[e for e in journal if e.position not in state.consumed],
+        unconsumed=state.unconsumed(),
         live_at=probe.live_at,
         nondeterminism=state.nondeterminism,
     )

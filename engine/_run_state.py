@@ -36,6 +36,8 @@ T = TypeVar("T")
 # Loop iterations a run must stay idle before it is considered blocked as a whole: enough for
 # a result to travel up through nested gathers and for the next call to be made.
 _SETTLE_TICKS = 20
+# Between a position and a patch's name in the position of its marker: no call's position has it.
+PATCH_MARK = "~"
 
 
 Moment = Literal["before", "ran", "journaled"]
@@ -67,7 +69,9 @@ class Execution:
     """What every attempt of one worker (or one simulation, or one replay) shares: where runs
     are stored, the app's functions (a run's own, and those it may start as children), the
     database's time, how short a wait is kept in memory, and, for tests, the probe, step stubs
-    and seed. ``Runner(execution, claim)`` is the one way to execute a claimed attempt."""
+    and seed. ``Runner(execution, claim)`` is the one way to execute a claimed attempt. A
+    ``replay_only`` execution (``replay_journal``) writes nothing: a pause is its result, which
+    its caller reports, so it is not logged as an error."""
 
     store: Store
     functions: Mapping[str, FunctionSpec]
@@ -78,6 +82,7 @@ class Execution:
     probe: Probe | None = None
     stubs: Mapping[str, Callable[..., Any]] = field(default_factory=dict)
     seed: str | None = None
+    replay_only: bool = False
 
 
 @dataclass(frozen=True)
@@ -134,6 +139,7 @@ class RunState:
         self.interrupted: BaseException | None = None
         self.cancelled = False
         self.children: _ChildSnapshot | None = None
+        self._registered_waits: set[str] | None = None  # read by passed(), when a patch asks
         self._settler: asyncio.Task[None] | None = None
 
     # -- task bookkeeping ----------------------------------------------------------------------
@@ -177,14 +183,24 @@ class RunState:
     # -- positions and replay -----------------------------------------------------------------
 
     def next_position(self) -> str:
+        node = self._node()
+        self.generation += 1
+        return node.next_position()
+
+    def patch_position(self, name: str) -> tuple[str, str]:
+        """Where patch ``name`` is marked (``<next position>~<name>``) and the next position
+        itself, which the marker does not take: a patch shifts no position after it."""
+        following = self._node().peek_position()
+        return f"{following}{PATCH_MARK}{name}", following
+
+    def _node(self) -> _lineage.Node:
         node = _lineage.current()
         if node is None or node.owner is not self:
             raise RuntimeError(
                 "a Context method was called outside its run (from another run, a thread, or "
                 "a task created with an explicit context)"
             )
-        self.generation += 1
-        return node.next_position()
+        return node
 
     def recorded(self, position: str, kind: str, name: str) -> JournalEntry | None:
         """The journaled entry at ``position``, checked against the call; None when live."""
@@ -227,7 +243,23 @@ class RunState:
         return self.children
 
     def unconsumed(self) -> list[JournalEntry]:
-        return [e for p, e in self.journal.items() if p not in self.consumed]
+        """Journal entries the code did not ask for again. Patch markers do not count: once a
+        patch's old branch is gone, its ``patched`` call may go too."""
+        return [e for p, e in self.journal.items() if p not in self.consumed and e.kind != "patch"]
+
+    async def passed(self, position: str) -> bool:
+        """Whether the run got to ``position`` on an earlier attempt: the journal holds an entry
+        there, or a wait is registered there (a run suspended on an event or a child run has
+        no journal entry at its wait yet). The waits are read once per attempt, and not on a
+        first attempt, which can have none."""
+        if position in self.journal:
+            return True
+        if self.attempt <= 1:
+            return False
+        if self._registered_waits is None:
+            waits = await self.db(self.store.list_waits(self.run_id))
+            self._registered_waits = {w.position for w in waits}
+        return position in self._registered_waits
 
     async def db(self, call: Coroutine[Any, Any, T]) -> T:
         """Await a store call as live work. A database failure cannot be caught by the user's

@@ -94,8 +94,10 @@ class Runner:
     async def execute(self) -> None:
         claim = self.claim
         self.db_time.observe(claim.db_now)
-        # A first claim has no journal: entries are written only by a claim's holder.
-        journal = [] if claim.attempt == 1 else await self.store.load_journal(claim.run_id)
+        # A first claim has no journal (entries are written only by a claim's holder), unless
+        # the run is a fork, which starts with a copy of another run's.
+        fresh = claim.attempt == 1 and not claim.forked
+        journal = [] if fresh else await self.store.load_journal(claim.run_id)
         state = RunState(
             self.execution,
             run_id=claim.run_id,
@@ -290,7 +292,8 @@ class Runner:
             await self.store.release(self.claim.run_id, self.claim.attempt)
 
     async def _pause(self, error: NonDeterminismError) -> None:
-        log.error("%s", error, extra=self.extra)
+        level = logging.DEBUG if self.execution.replay_only else logging.ERROR
+        log.log(level, "%s", error, extra=self.extra)
         await self._finish("paused", error=ErrorInfo.from_exception(error).to_json())
 
 

@@ -51,6 +51,15 @@ R = TypeVar("R")
 _RETRY_DELAYS = (0.05, 0.2, 0.5)
 
 
+def _by_run(rows: Sequence[asyncpg.Record], make: Callable[..., R]) -> dict[uuid.UUID, list[R]]:
+    """Rows of many runs (each with a run_id column first), as ``make(**rest)`` grouped by run."""
+    grouped: dict[uuid.UUID, list[R]] = {}
+    for row in rows:
+        fields = dict(row.items())
+        grouped.setdefault(fields.pop("run_id"), []).append(make(**fields))
+    return grouped
+
+
 def _run_row(record: asyncpg.Record) -> RunRow:
     return RunRow(**dict(record.items()))
 
@@ -212,31 +221,61 @@ class PostgresStore:
         return [(row["run_id"], row["created"]) for row in rows]
 
     async def claim(
-        self, functions: Sequence[str], limit: int, worker: str, lease: timedelta
+        self,
+        functions: Sequence[str],
+        limit: int,
+        worker: str,
+        lease: timedelta,
+        versions: Sequence[str] | None = None,
+        pinned: Sequence[str] = (),
     ) -> list[Claim]:
-        """Claim up to ``limit`` due runs of ``functions`` (pending, timers due, leases expired)."""
+        """Claim up to ``limit`` due runs of ``functions`` (pending, timers due, leases expired),
+        which this worker runs at ``versions`` (aligned with ``functions``: each claim records
+        the version of its attempt). A run's first claim pins it when its function is one of
+        ``pinned``; a pinned run that started on another version is left to that version's
+        workers."""
+        names, at, pins = list(functions), _versions(functions, versions), list(pinned)
         rows = await self._once(
-            lambda: self._pool.fetch(self._q["claim_runs"], list(functions), limit, worker, lease)
+            lambda: self._pool.fetch(self._q["claim_runs"], names, limit, worker, lease, at, pins)
         )
         return [_claim(r) for r in rows]
 
     async def claim_due(
-        self, functions: Sequence[str], limit: int, worker: str, lease: timedelta
+        self,
+        functions: Sequence[str],
+        limit: int,
+        worker: str,
+        lease: timedelta,
+        versions: Sequence[str] | None = None,
+        pinned: Sequence[str] = (),
     ) -> tuple[list[Claim], datetime | None, datetime]:
         """``claim`` and ``next_due`` in one statement (a worker's every wake-up)."""
+        names, at, pins = list(functions), _versions(functions, versions), list(pinned)
         rows = await self._once(
-            lambda: self._pool.fetch(self._q["claim_due"], list(functions), limit, worker, lease)
+            lambda: self._pool.fetch(self._q["claim_due"], names, limit, worker, lease, at, pins)
         )
         *claimed, last = rows
         return [_claim(r) for r in claimed], last["next_due"], last["db_now"]
 
-    async def next_due(self, functions: Sequence[str]) -> tuple[datetime | None, datetime]:
-        """The earliest time a run of ``functions`` becomes claimable, and the database's now."""
-        row = await self._retrying(
-            lambda: self._pool.fetchrow(self._q["next_due"], list(functions))
-        )
+    async def next_due(
+        self, functions: Sequence[str], versions: Sequence[str] | None = None
+    ) -> tuple[datetime | None, datetime]:
+        """The earliest time a run of ``functions`` becomes claimable (by a worker of
+        ``versions``), and the database's now."""
+        names, at = list(functions), _versions(functions, versions)
+        row = await self._retrying(lambda: self._pool.fetchrow(self._q["next_due"], names, at))
         assert row is not None
         return row[0], row[1]
+
+    async def retry_paused(self, functions: Sequence[str], versions: Sequence[str]) -> int:
+        """Make pending again, once per version, the runs of ``functions`` that a
+        non-determinism paused on versions other than ``versions`` (a worker's, at its start);
+        returns how many."""
+        names, at = list(functions), _versions(functions, versions)
+        count: int = await self._once(
+            lambda: self._pool.fetchval(self._q["retry_paused"], names, at)
+        )
+        return count
 
     async def renew_leases(
         self, held: Sequence[tuple[uuid.UUID, int]], worker: str, lease: timedelta
@@ -518,6 +557,93 @@ class PostgresStore:
         rows = await self._retrying(lambda: self._pool.fetch(self._q["list_waits"], run_id))
         return [WaitRow(**dict(r.items())) for r in rows]
 
+    async def load_journals(
+        self, run_ids: Sequence[uuid.UUID]
+    ) -> dict[uuid.UUID, list[JournalEntry]]:
+        """The journals of many runs in one query, each in the order it was written (a run
+        with no entries is absent)."""
+        ids = list(run_ids)
+        rows = await self._retrying(lambda: self._pool.fetch(self._q["load_journals"], ids))
+        return _by_run(rows, JournalEntry)
+
+    async def select_runs(
+        self,
+        statuses: Sequence[str],
+        *,
+        function: str | None = None,
+        within: timedelta | None = None,
+        forked: bool | None = None,
+        limit: int = 1000,
+        after: uuid.UUID | None = None,
+    ) -> list[RunRow]:
+        """Runs of ``statuses`` (of ``function``, created within ``within`` of the database's
+        now, forked from by some run or not), in id order after ``after``: one page of at most
+        ``limit`` (bulk retries)."""
+        wanted = list(statuses)
+        query = self._q["select_runs"]
+        rows = await self._retrying(
+            lambda: self._pool.fetch(query, wanted, function, within, limit, after, forked)
+        )
+        return [_run_row(r) for r in rows]
+
+    async def load_waits(self, run_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, list[WaitRow]]:
+        """The registered waits of many runs in one query (a run with none is absent)."""
+        ids = list(run_ids)
+        rows = await self._retrying(lambda: self._pool.fetch(self._q["load_waits"], ids))
+        return _by_run(rows, WaitRow)
+
+    async def runs_to_check(
+        self, statuses: Sequence[str], *, limit: int, after: uuid.UUID | None = None
+    ) -> list[RunRow]:
+        """Runs of ``statuses`` in id order after ``after``, one page of at most ``limit``, with
+        the columns of the first migration only (``durable check`` reads a database before the
+        code that migrates it is deployed)."""
+        wanted = list(statuses)
+        rows = await self._retrying(
+            lambda: self._pool.fetch(self._q["runs_to_check"], wanted, after, limit)
+        )
+        return [_run_row(r) for r in rows]
+
+    async def recent_completed(self, limit: int, skip: int = 0) -> list[RunRow]:
+        """The runs that completed last, as ``runs_to_check``: at most ``limit`` after the
+        first ``skip``."""
+        rows = await self._retrying(
+            lambda: self._pool.fetch(self._q["recent_completed"], limit, skip)
+        )
+        return [_run_row(r) for r in rows]
+
+    async def fork(
+        self,
+        source: uuid.UUID,
+        new: uuid.UUID,
+        keep: Sequence[str],
+        position: str | None,
+        *,
+        input: Any = None,
+        replace_input: bool = False,
+    ) -> bool:
+        """Start run ``new`` as a fork of ``source``: its options, its input (or ``input``),
+        and a copy of its journal entries at positions ``keep`` (durable.fork_run). False when
+        there is no run ``source``."""
+        keep_list = list(keep)
+        outcome = await self._once(
+            lambda: self._pool.fetchval(
+                self._q["fork_run"],
+                source,
+                new,
+                keep_list,
+                position,
+                _json(input),
+                replace_input,
+            )
+        )
+        return bool(outcome == "forked")
+
+    async def list_versions(self) -> list[dict[str, Any]]:
+        """Runs by function, the version they started on (None: not started) and status."""
+        rows = await self._retrying(lambda: self._pool.fetch(self._q["list_versions"]))
+        return [dict(r.items()) for r in rows]
+
 
 async def _isolating(
     statement: Callable[[Sequence[W]], Awaitable[list[R]]], writes: Sequence[W]
@@ -547,7 +673,17 @@ def _claim(row: asyncpg.Record) -> Claim:
         trace_context=row["trace_context"],
         db_now=row["db_now"],
         deadline_at=row["deadline_at"],
+        forked=bool(row["forked"]),
     )
+
+
+def _versions(functions: Sequence[str], versions: Sequence[str] | None) -> list[str]:
+    """``versions`` as the claim reads them: one per function (empty: not known)."""
+    if versions is None:
+        return [""] * len(functions)
+    if len(versions) != len(functions):
+        raise ValueError(f"{len(functions)} functions but {len(versions)} versions")
+    return list(versions)
 
 
 def _run_doc(run: NewRun) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from engine import _limits, _lineage
 from engine._clock import Clock, DatabaseTime, SystemClock
 from engine._listener import Listener
 from engine._records import Claim, Store
-from engine._registry import FunctionSpec
+from engine._registry import CodeVersions, FunctionSpec
 from engine._run_state import Execution
 from engine._runner import Runner
 from engine.errors import ConfigurationError, DatabaseUnavailable
@@ -75,6 +75,7 @@ class Worker:
     ) -> None:
         self.store = store
         self.functions = dict(functions)
+        self.code = CodeVersions.of(self.functions)
         # Every function of the app, served here or not: what a run may start as a child.
         self.registry = dict(registry or functions)
         self.listener = listener
@@ -113,6 +114,7 @@ class Worker:
             self.options.concurrency,
         )
         try:
+            await self._retry_paused()
             while not self._stopping.is_set():
                 timeout = await self._claim_due()
                 await self._wait(timeout)
@@ -124,16 +126,36 @@ class Worker:
             finally:
                 renewer.cancel()
 
+    async def _retry_paused(self) -> None:
+        """Try again the runs a non-determinism paused on other versions of the code this
+        worker runs: a deploy that fixes the code resumes them, once per version."""
+        try:
+            count = await self.store.retry_paused(self.code.names, self.code.versions)
+        except DatabaseUnavailable as exc:
+            log.warning("retrying paused runs failed (%s); they stay paused", exc)
+            return
+        if count:
+            log.info(
+                "worker %s: trying %d paused run(s) again on this code",
+                self.options.worker_id,
+                count,
+            )
+
     async def _claim_due(self) -> float:
         """Claim what is due; returns how long to wait before looking again."""
-        names = list(self.functions)
+        code = self.code
         poll = self.options.poll_interval.total_seconds()
         due, db_now = None, None
         try:
             while (free := self.options.concurrency - len(self.active)) > 0:
                 self._wake.clear()
                 claims, due, db_now = await self.store.claim_due(
-                    names, free, self.options.worker_id, self.options.lease
+                    code.names,
+                    free,
+                    self.options.worker_id,
+                    self.options.lease,
+                    code.versions,
+                    code.pinned,
                 )
                 for claim in claims:
                     self._start(claim)

@@ -118,8 +118,9 @@ class NonDeterminismError(DurableError):
     """The function asked for a different journal entry than the one recorded.
 
     Raised at the first journaled position where the code and the journal disagree. The run is
-    paused for an operator: fix the code (or deploy the old one) and resume it with
-    ``durable runs resume RUN_ID``.
+    paused: the first worker of another version of its function to start tries it again (a
+    deploy that fixes the code, with ``ctx.patched``, resumes it); ``durable runs resume RUN_ID``
+    tries it again at once.
     """
 
     def __init__(
@@ -135,8 +136,9 @@ class NonDeterminismError(DurableError):
         self.requested = requested
         super().__init__(
             f"run {run_id}: non-deterministic code at journal position {position}: "
-            f"recorded {recorded}, code requested {requested}. The run is paused; deploy code "
-            f"that matches its journal, then `durable runs resume {run_id}`."
+            f"recorded {recorded}, code requested {requested}. The run is paused until a worker "
+            f"of another version of the code starts (deploy a fix behind ctx.patched) or "
+            f"`durable runs resume {run_id}`."
         )
 
 

@@ -1,7 +1,7 @@
 -- durable: every function of schema durable but the journal's trigger function, which its table
 -- needs and which lives with the tables in migrations/0001_create_tables.sql.
 --
--- version: 1
+-- version: 2
 --
 -- How this file is applied. engine/_schema.py runs it after the migrations, under their advisory
 -- lock, and records the version above with the file's checksum (durable.schema_functions):
@@ -354,6 +354,44 @@ BEGIN
 END
 $$;
 
+-- Forks run p_source as run p_new (durable runs fork, durable runs retry): a new pending run of
+-- the same function with the same options, input p_input when p_replace_input (else the
+-- source's), the source's event cursor (the events it received are in the copied journal;
+-- later ones count as they would have for the source), and a copy of the source's journal
+-- entries at positions p_keep, as attempt 0 (written by no claim of the new run). The fork
+-- records its lineage: forked_from = p_source, fork_position = p_position (where the copy
+-- stops). The source is untouched and the journal stays append-only. Returns 'forked', or
+-- 'not_found' when there is no run p_source.
+CREATE FUNCTION durable.fork_run(
+    p_source uuid, p_new uuid, p_keep text[], p_position text, p_input jsonb,
+    p_replace_input boolean
+) RETURNS text
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_now timestamptz := durable.clock();
+BEGIN
+    INSERT INTO durable.runs (id, function, input, trace_context, available_at, event_cursor,
+                              priority, run_timeout, concurrency_key, concurrency_limit,
+                              slot_while_suspended, rate_limit, rate_key, forked_from,
+                              fork_position)
+    SELECT p_new, r.function, CASE WHEN p_replace_input THEN p_input ELSE r.input END,
+           r.trace_context, v_now, r.event_cursor, r.priority, r.run_timeout,
+           r.concurrency_key, r.concurrency_limit, r.slot_while_suspended, r.rate_limit,
+           r.rate_key, p_source, p_position
+      FROM durable.runs r
+     WHERE r.id = p_source;
+    IF NOT FOUND THEN
+        RETURN 'not_found';
+    END IF;
+    INSERT INTO durable.journal (run_id, position, kind, name, value, error, attempt, created_at)
+    SELECT p_new, j.position, j.kind, j.name, j.value, j.error, 0, j.created_at
+      FROM durable.journal j
+     WHERE j.run_id = p_source AND j.position = ANY (p_keep);
+    PERFORM pg_notify('durable_work', '');
+    RETURN 'forked';
+END
+$$;
+
 -- Cancels a run and its unfinished descendants. A run no worker is executing ends as cancelled
 -- at once; a running one is marked (cancel_requested, with the reason in error until it ends)
 -- and its worker is told on channel
@@ -412,16 +450,33 @@ $$;
 -- Claiming runs and keeping them
 -- ------------------------------
 
--- Claims up to p_limit due runs of p_functions: the highest priority first, then the earliest
--- due. Each priority present is visited through the index (a loose scan), so runs that are not
--- due are never read. Along the way a claim ends runs that were cancelled while their worker was
--- gone, that expired before starting or that passed their deadline; parks a run whose
--- concurrency key is at its limit until a slot is handed to it; and delays a run whose start
--- rate limit has no budget left.
+-- Whether a worker whose versions of p_functions are p_versions (aligned) may claim a run of
+-- p_function that has run on r_versions: any run, unless it is pinned and started on another
+-- version of its function's code.
+CREATE FUNCTION durable.claimable_by(
+    p_pinned boolean, r_versions text[], p_function text, p_functions text[],
+    p_versions text[]
+) RETURNS boolean
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT NOT p_pinned OR cardinality(r_versions) = 0
+           OR r_versions[1] = p_versions[array_position(p_functions, p_function)];
+$$;
+
+-- Claims up to p_limit due runs of p_functions, which this worker runs at p_versions (aligned
+-- with p_functions; each claim records the version it runs on): the highest priority first,
+-- then the earliest due. Each priority present is visited through the index (a loose scan), so
+-- runs that are not due are never read. Along the way a claim ends runs that were cancelled
+-- while their worker was gone, that expired before starting or that passed their deadline;
+-- parks a run whose concurrency key is at its limit until a slot is handed to it; and delays a
+-- run whose start rate limit has no budget left. A run's first claim pins it when its function
+-- is one of p_pinned (declared versioning="pinned" in the code it starts on); a pinned run that
+-- started on another version is left to the workers of that version. A caller that passes no
+-- p_versions claims no pinned run that has started, and records its attempts as version ''.
 CREATE FUNCTION durable.claim_runs(
-    p_functions text[], p_limit integer, p_worker text, p_lease interval
+    p_functions text[], p_limit integer, p_worker text, p_lease interval,
+    p_versions text[] DEFAULT NULL, p_pinned text[] DEFAULT NULL
 ) RETURNS TABLE (id uuid, function text, input jsonb, attempt integer, trace_context jsonb,
-                 db_now timestamptz, deadline_at timestamptz)
+                 db_now timestamptz, deadline_at timestamptz, forked boolean)
 LANGUAGE plpgsql AS $$
 DECLARE
     v_now timestamptz := durable.clock();
@@ -445,6 +500,8 @@ BEGIN
                  WHERE r.status IN ('pending', 'suspended', 'running')
                    AND r.priority = v_priority AND r.available_at <= v_now
                    AND r.function = ANY (p_functions) AND NOT r.id = ANY (v_take)
+                   AND durable.claimable_by(r.pinned, r.versions, r.function, p_functions,
+                                            p_versions)
                  ORDER BY r.available_at
                  LIMIT v_wanted
                    FOR UPDATE SKIP LOCKED
@@ -491,17 +548,24 @@ BEGIN
     RETURN QUERY
     UPDATE durable.runs r
        SET status = 'running', attempt = r.attempt + 1, lease_owner = p_worker,
+           versions = r.versions
+                      || coalesce(p_versions[array_position(p_functions, r.function)], ''),
+           pinned = CASE WHEN cardinality(r.versions) = 0
+                         THEN r.function = ANY (coalesce(p_pinned, '{}')) ELSE r.pinned END,
            available_at = v_now + p_lease, wakeup = false,
            started_at = coalesce(r.started_at, v_now),
            deadline_at = coalesce(r.deadline_at, v_now + r.run_timeout), updated_at = v_now
      WHERE r.id = ANY (v_take)
-    RETURNING r.id, r.function, r.input, r.attempt, r.trace_context, v_now, r.deadline_at;
+    RETURNING r.id, r.function, r.input, r.attempt, r.trace_context, v_now, r.deadline_at,
+              r.forked_from IS NOT NULL;
 END
 $$;
 
--- The earliest time a run of p_functions becomes claimable: per priority present, the first
--- entry of the claim index that is of one of p_functions.
-CREATE FUNCTION durable.next_due(p_functions text[]) RETURNS timestamptz
+-- The earliest time a run of p_functions becomes claimable by a worker of p_versions: per
+-- priority present, the first entry of the claim index that is of one of p_functions (and not
+-- pinned to another version).
+CREATE FUNCTION durable.next_due(p_functions text[], p_versions text[] DEFAULT NULL)
+RETURNS timestamptz
 LANGUAGE plpgsql STABLE AS $$
 DECLARE
     v_priority integer;
@@ -514,6 +578,7 @@ BEGIN
         SELECT r.available_at INTO v_next FROM durable.runs r
          WHERE r.status IN ('pending', 'suspended', 'running') AND r.priority = v_priority
            AND r.available_at IS NOT NULL AND r.function = ANY (p_functions)
+           AND durable.claimable_by(r.pinned, r.versions, r.function, p_functions, p_versions)
          ORDER BY r.available_at
          LIMIT 1;
         IF v_next IS NOT NULL AND (v_due IS NULL OR v_next < v_due) THEN
@@ -531,18 +596,21 @@ $$;
 -- runs' rows, then one row with a NULL id carrying the database's now and the next due time
 -- (durable.next_due, counted after this claim). A worker calls this on every wake-up.
 CREATE FUNCTION durable.claim_due(
-    p_functions text[], p_limit integer, p_worker text, p_lease interval
+    p_functions text[], p_limit integer, p_worker text, p_lease interval,
+    p_versions text[] DEFAULT NULL, p_pinned text[] DEFAULT NULL
 ) RETURNS TABLE (id uuid, function text, input jsonb, attempt integer, trace_context jsonb,
-                 db_now timestamptz, next_due timestamptz, deadline_at timestamptz)
+                 db_now timestamptz, next_due timestamptz, deadline_at timestamptz,
+                 forked boolean)
 LANGUAGE plpgsql AS $$
 BEGIN
     RETURN QUERY
         SELECT c.id, c.function, c.input, c.attempt, c.trace_context, c.db_now,
-               NULL::timestamptz, c.deadline_at
-          FROM durable.claim_runs(p_functions, p_limit, p_worker, p_lease) c;
+               NULL::timestamptz, c.deadline_at, c.forked
+          FROM durable.claim_runs(p_functions, p_limit, p_worker, p_lease, p_versions,
+                                  p_pinned) c;
     RETURN QUERY
         SELECT NULL::uuid, NULL::text, NULL::jsonb, NULL::integer, NULL::jsonb, durable.clock(),
-               durable.next_due(p_functions), NULL::timestamptz;
+               durable.next_due(p_functions, p_versions), NULL::timestamptz, NULL::boolean;
 END
 $$;
 
@@ -801,7 +869,11 @@ BEGIN
                             THEN coalesce(r.error, g.error::jsonb) ELSE g.error::jsonb END,
                lease_owner = NULL, available_at = NULL, updated_at = durable.clock(),
                holds_slot = false, awaiting_slot = false, cancel_requested = false,
-               finished_at = CASE WHEN g.status = 'paused' THEN NULL ELSE durable.clock() END
+               finished_at = CASE WHEN g.status = 'paused' THEN NULL ELSE durable.clock() END,
+               paused_versions = CASE WHEN g.status = 'paused'
+                                      THEN r.paused_versions
+                                           || coalesce(r.versions[cardinality(r.versions)], '')
+                                      ELSE r.paused_versions END
           FROM given g JOIN locked l ON l.id = g.run_id
          WHERE r.id = g.run_id
         RETURNING r.id, g.status, l.holds_slot AS held, l.concurrency_key AS key
@@ -823,6 +895,29 @@ BEGIN
         SELECT g.run_id = ANY (v_done)
           FROM unnest(p_runs) WITH ORDINALITY AS g (run_id, n)
          ORDER BY g.n;
+END
+$$;
+
+-- A worker that starts with p_versions of p_functions (aligned) tries again, once, the runs of
+-- those functions that a non-determinism paused on other versions of their code: a deploy
+-- that fixes the code resumes them without an operator. A pinned run is left to the workers of
+-- the version it started on, which paused it. Returns how many it made pending.
+CREATE FUNCTION durable.retry_paused(p_functions text[], p_versions text[]) RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_count integer;
+BEGIN
+    UPDATE durable.runs r
+       SET status = 'pending', error = NULL, available_at = durable.clock(),
+           updated_at = durable.clock()
+     WHERE r.status = 'paused' AND r.function = ANY (p_functions)
+       AND NOT p_versions[array_position(p_functions, r.function)] = ANY (r.paused_versions)
+       AND durable.claimable_by(r.pinned, r.versions, r.function, p_functions, p_versions);
+    GET DIAGNOSTICS v_count = ROW_COUNT;
+    IF v_count > 0 THEN
+        PERFORM pg_notify('durable_work', '');
+    END IF;
+    RETURN v_count;
 END
 $$;
 

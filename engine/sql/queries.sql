@@ -65,15 +65,74 @@ $$;
 SELECT run_id, created FROM durable.create_runs($1::text::jsonb);
 
 -- name: claim_runs
-SELECT id, function, input, attempt, trace_context, db_now, deadline_at
-  FROM durable.claim_runs($1, $2, $3, $4);
+SELECT id, function, input, attempt, trace_context, db_now, deadline_at, forked
+  FROM durable.claim_runs($1, $2, $3, $4, $5, $6);
 
 -- name: claim_due
-SELECT id, function, input, attempt, trace_context, db_now, next_due, deadline_at
-  FROM durable.claim_due($1, $2, $3, $4);
+SELECT id, function, input, attempt, trace_context, db_now, next_due, deadline_at, forked
+  FROM durable.claim_due($1, $2, $3, $4, $5, $6);
 
 -- name: next_due
-SELECT durable.next_due($1), durable.clock();
+SELECT durable.next_due($1, $2), durable.clock();
+
+-- name: retry_paused
+SELECT durable.retry_paused($1, $2);
+
+-- name: fork_run
+SELECT durable.fork_run($1, $2, $3, $4, $5::text::jsonb, $6);
+
+-- The journals of many runs at once (durable check), each in the order it was written.
+-- name: load_journals
+SELECT run_id, position, kind, name, value, error, attempt, created_at
+  FROM durable.journal WHERE run_id = ANY ($1)
+ ORDER BY run_id, created_at, position;
+
+-- Runs to retry in bulk (durable runs retry --status): of the statuses $1, optionally of one
+-- function ($2), created within $3 of now, and forked from by some run or not ($6), in id order
+-- after $5 (NULL: from the first), at most $4.
+-- name: select_runs
+SELECT id, function, input, status, idempotency_key, attempt, available_at, lease_owner,
+       result, error, created_at, started_at, updated_at, finished_at, priority, parent_id,
+       concurrency_key, cancel_requested, deadline_at, expires_at, versions, pinned,
+       forked_from, fork_position
+  FROM durable.runs
+ WHERE status = ANY ($1)
+   AND ($2::text IS NULL OR function = $2)
+   AND ($3::interval IS NULL OR created_at >= durable.clock() - $3)
+   AND ($5::uuid IS NULL OR id > $5)
+   AND ($6::boolean IS NULL
+        OR $6 = EXISTS (SELECT 1 FROM durable.runs f WHERE f.forked_from = runs.id))
+ ORDER BY id
+ LIMIT $4;
+
+-- Runs for durable check: of the statuses $1 in id order after $2 (NULL: from the first), at
+-- most $3. Only columns of the first migration: the check runs before a deploy, against a
+-- database the new code may not have migrated yet.
+-- name: runs_to_check
+SELECT id, function, input, status, idempotency_key, attempt, available_at, lease_owner,
+       result, error, created_at, started_at, updated_at, finished_at
+  FROM durable.runs
+ WHERE status = ANY ($1) AND ($2::uuid IS NULL OR id > $2)
+ ORDER BY id
+ LIMIT $3;
+
+-- The runs completed last (durable check --include-completed), as runs_to_check: at most $1
+-- after the first $2 of them.
+-- name: recent_completed
+SELECT id, function, input, status, idempotency_key, attempt, available_at, lease_owner,
+       result, error, created_at, started_at, updated_at, finished_at
+  FROM durable.runs
+ WHERE status = 'completed'
+ ORDER BY finished_at DESC, id
+ LIMIT $1 OFFSET $2;
+
+-- What each version of each function has in flight: runs by function, the version they
+-- started on (NULL: not started yet) and status, unfinished ones and the rest.
+-- name: list_versions
+SELECT function, versions[1] AS version, status, count(*) AS runs, max(updated_at) AS latest
+  FROM durable.runs
+ GROUP BY function, versions[1], status
+ ORDER BY function, version NULLS FIRST, status;
 
 -- name: renew_claims
 SELECT id, cancel_requested FROM durable.renew_claims($1, $2, $3, $4);
@@ -110,13 +169,15 @@ SELECT durable.resume_run($1);
 -- name: get_run
 SELECT id, function, input, status, idempotency_key, attempt, available_at, lease_owner,
        result, error, created_at, started_at, updated_at, finished_at, priority, parent_id,
-       concurrency_key, cancel_requested, deadline_at, expires_at
+       concurrency_key, cancel_requested, deadline_at, expires_at, versions, pinned,
+       forked_from, fork_position
   FROM durable.runs WHERE id = $1;
 
 -- name: list_runs
 SELECT id, function, input, status, idempotency_key, attempt, available_at, lease_owner,
        result, error, created_at, started_at, updated_at, finished_at, priority, parent_id,
-       concurrency_key, cancel_requested, deadline_at, expires_at
+       concurrency_key, cancel_requested, deadline_at, expires_at, versions, pinned,
+       forked_from, fork_position
   FROM durable.runs
  WHERE ($1::text IS NULL OR status = $1)
  ORDER BY created_at DESC
@@ -125,7 +186,8 @@ SELECT id, function, input, status, idempotency_key, attempt, available_at, leas
 -- name: list_children
 SELECT id, function, input, status, idempotency_key, attempt, available_at, lease_owner,
        result, error, created_at, started_at, updated_at, finished_at, priority, parent_id,
-       concurrency_key, cancel_requested, deadline_at, expires_at
+       concurrency_key, cancel_requested, deadline_at, expires_at, versions, pinned,
+       forked_from, fork_position
   FROM durable.runs WHERE parent_id = $1
  ORDER BY created_at, id;
 
@@ -161,6 +223,10 @@ SELECT durable.clock();
 
 -- name: list_waits
 SELECT position, name, key, timeout_at FROM durable.waits WHERE run_id = $1 ORDER BY position;
+
+-- name: load_waits
+SELECT run_id, position, name, key, timeout_at
+  FROM durable.waits WHERE run_id = ANY ($1) ORDER BY run_id, position;
 
 -- name: set_fake_time
 SELECT set_config('durable.fake_now', $1, false);

@@ -17,7 +17,7 @@ app = durable.App("postgresql://unused")
 RUN = uuid.UUID(int=1)
 AT = datetime(2030, 1, 1, tzinfo=UTC)
 # Read from the journal, and written only by a replay's end: nothing else is kept in memory.
-KEPT = {"close", "load_journal", "suspend", "finish"}
+KEPT = {"close", "load_journal", "list_waits", "suspend", "finish"}
 
 
 def fail_if_run(n: int) -> int:
