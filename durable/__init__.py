@@ -23,6 +23,7 @@ week-long sleep, the function is replayed from its journal and continues where i
 from __future__ import annotations
 
 from durable._app import App
+from durable._client import VersionCount
 from durable._handle import RunHandle, RunInfo
 from durable._step import step
 from engine import Backoff, ChildRun, Concurrency, Context, JournalEntry, RunStatus, StepPolicy
@@ -72,5 +73,6 @@ __all__ = [
     "SerializationError",
     "StepFailed",
     "StepPolicy",
+    "VersionCount",
     "step",
 ]

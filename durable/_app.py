@@ -7,19 +7,19 @@ from __future__ import annotations
 
 import dataclasses
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from datetime import datetime, timedelta
 from typing import Any, TypeVar, overload
 
 import asyncpg
 
-from durable._client import MAX_LISTED, Client
+from durable._client import MAX_LISTED, Client, VersionCount
 from durable._connection import Connection
 from durable._declarations import Declarations
 from durable._handle import RunHandle, RunInfo
 from durable._hosting import Hosting
 from durable._settings import Settings
-from engine import Context, ScheduleRow
+from engine import Context, ScheduleRow, _limits
 from engine.errors import ConfigurationError
 
 T = TypeVar("T")
@@ -46,9 +46,12 @@ class App(Declarations):
     ``lease`` bounds how long a killed worker's runs stay stuck before another worker resumes
     them; ``connect_timeout=None`` retries an unreachable database forever (with backoff).
     ``max_payload_bytes`` (1 MiB; None for no limit) caps the JSON of an input, an event payload,
-    a step's result and a run's result: a larger one raises ``PayloadTooLarge``. A setting out
-    of range (a lease that is not positive, a pool of no connections) raises
-    ConfigurationError here.
+    a step's result and a run's result: a larger one raises ``PayloadTooLarge``. ``version``
+    names the code of every function (a release tag, a commit); by default each function's
+    version is a digest of its own source, so an unchanged function keeps its version across
+    deploys. Each run records the version it started on and each attempt the version it ran
+    on (``durable versions``). A setting out of range (a lease that is not positive, a pool of
+    no connections) raises ConfigurationError here.
     """
 
     def __init__(
@@ -61,7 +64,14 @@ class App(Declarations):
         pool_size: int = 10,
         connect_timeout: float | None = None,
         max_payload_bytes: int | None = 1 << 20,
+        version: str | None = None,
     ) -> None:
+        if version is not None and not (
+            isinstance(version, str) and 0 < len(version) <= 100 and version.isprintable()
+        ):
+            raise ConfigurationError(
+                f"App: version must be 1 to 100 printable characters, got {version!r:.120}"
+            )
         settings = Settings(
             database_url=database_url,
             lease=lease,
@@ -71,7 +81,7 @@ class App(Declarations):
             connect_timeout=connect_timeout,
             max_payload_bytes=max_payload_bytes,
         )
-        super().__init__(settings.max_payload_bytes)
+        super().__init__(settings.max_payload_bytes, version)
         self._connection = Connection(settings, on_lost=self.stop_workers)
         self._client = Client(self, self._connection)
         self._hosting = Hosting(self, self._connection, self.connect)
@@ -239,6 +249,25 @@ class App(Declarations):
         one status."""
         return await self._client.list_runs(status, limit)
 
+    def select_runs(
+        self,
+        statuses: Sequence[str],
+        *,
+        function: str | None = None,
+        within: timedelta | None = None,
+        forked: bool | None = None,
+    ) -> AsyncIterator[RunInfo]:
+        """Every run of ``statuses``, optionally of one function, created within ``within`` of
+        now, and (``forked``) already forked or retried or not, in no particular order, read
+        page by page (``durable runs retry --status``)::
+
+            recent = app.select_runs(["failed"], within=timedelta(hours=2), forked=False)
+            async for info in recent:
+                await app.retry_run(info.run_id)
+        """
+        within = None if within is None else _limits.duration(within, "select_runs: within")
+        return self._client.select_runs(statuses, function=function, within=within, forked=forked)
+
     async def cancel_run(self, run_id: uuid.UUID | str, reason: str = "cancelled") -> str:
         """Cancel a run and its unfinished child runs (see ``RunHandle.cancel``). Returns
         ``"cancelled"``, ``"requested"`` (running: its worker is ending it), ``"finished"``
@@ -253,6 +282,20 @@ class App(Declarations):
     async def list_schedules(self) -> list[ScheduleRow]:
         """Every schedule stored in the database (of any app), by name."""
         return await self._client.list_schedules()
+
+    async def retry_run(self, run_id: uuid.UUID | str) -> RunHandle[Any]:
+        """Run a failed, cancelled or timed-out run again from its failure point, as a new run:
+        a fork (``RunHandle.fork``) that keeps every journal entry before the first failed one
+        (all of them when none failed), so the steps that succeeded are not run again and the
+        rest runs on the code as it is now. The failed run is untouched; the new one records
+        it as ``forked_from``. InvalidInput for a run that has not ended so."""
+        return await self._client.retry_run(run_id)
+
+    async def versions(self) -> list[VersionCount]:
+        """The runs of every function by the version of the code they started on and by
+        status (``durable versions``): a version with no pending, running, suspended or paused
+        run left is one no run needs any more."""
+        return await self._client.list_versions()
 
     async def send_event(
         self,

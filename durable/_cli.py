@@ -9,23 +9,30 @@
     durable runs show RUN_ID                       a run, its parent and children, its journal
     durable runs cancel RUN_ID [--reason TEXT]     cancel a run and its children
     durable runs resume RUN_ID                     resume a run paused by non-determinism
+    durable runs fork RUN_ID (--from-step S | --from-position P) [--input JSON|@FILE|-]
+                                                   a new run reusing the journal up to a point
+    durable runs retry RUN_ID                      a failed run again, from its failure point
+    durable runs retry --status S [--function F] [--since 2h] [--dry-run]
+                                                   every such run again (prints the count first)
     durable runs export RUN_ID [-o FILE]           a run and its journal as JSON (for replay)
     durable events send NAME [--key K] [--payload JSON|@FILE|-]
     durable schedules list                         cron schedules and their next ticks
+    durable check module:app [--include-completed N]
+                                                   replay unfinished runs on the code as it is
+    durable versions [module:app]                  runs in flight by version of the code
     durable db start|stop|status|url               the embedded PostgreSQL
 
 Commands that need the database use --database-url, else $DURABLE_DATABASE_URL, else the
 embedded server. A command gives up on an unreachable database after --connect-timeout
 seconds (10); a worker keeps trying unless it is given one. Every error is one line on
 standard error: exit status 2 for a usage or configuration error, 1 when the operation failed
-(no such run, a run that is not paused).
+(no such run, a run that is not paused) or ``durable check`` found runs that would fail.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib
 import logging
 import os
 import signal
@@ -36,6 +43,7 @@ from typing import NoReturn
 
 from durable import _commands
 from durable._app import MAX_LISTED, App
+from durable._commands import load_app
 from engine.errors import DurableError, RunNotFound
 
 log = logging.getLogger("durable.worker")
@@ -84,6 +92,17 @@ def _seconds(text: str) -> float:
     if not 0 < value <= 86_400:
         raise argparse.ArgumentTypeError(f"{text} is not from 0 to 86400 seconds")
     return value
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86_400}
+
+
+def _age(text: str) -> timedelta:
+    """An argparse type: a duration such as 90s, 30m, 2h or 7d."""
+    number, unit = text[:-1], text[-1:]
+    if unit not in _UNITS or not number.isdigit() or not 0 < int(number) <= 100_000:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration such as 90s, 30m, 2h or 7d")
+    return timedelta(seconds=int(number) * _UNITS[unit])
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -143,6 +162,38 @@ def _parser() -> argparse.ArgumentParser:
     cancel.add_argument("--reason", default="cancelled by an operator")
     resume = runs_commands.add_parser("resume", help="resume a paused run")
     resume.add_argument("run_id")
+    fork = runs_commands.add_parser(
+        "fork", help="a new run reusing a run's journal up to a point, the rest live"
+    )
+    fork.add_argument("run_id")
+    point = fork.add_mutually_exclusive_group(required=True)
+    point.add_argument("--from-step", metavar="STEP", help="run this step and all after it")
+    point.add_argument(
+        "--from-position", metavar="POSITION", help="run from this journal position on"
+    )
+    fork.add_argument(
+        "--input", help="new input as JSON (@FILE reads a file, - standard input; default: kept)"
+    )
+    retry = runs_commands.add_parser(
+        "retry",
+        help="a failed, cancelled or timed-out run again from its failure point (as a new run)",
+    )
+    retry.add_argument("run_id", nargs="?", help="the run (or select runs with --status)")
+    retry.add_argument(
+        "--status",
+        choices=["failed", "cancelled"],
+        help="retry every run of this status (timed-out runs are failed ones)",
+    )
+    retry.add_argument("--function", help="with --status: only runs of this function")
+    retry.add_argument(
+        "--since",
+        type=_age,
+        metavar="AGE",
+        help="with --status: only runs created within this long (30m, 2h, 7d)",
+    )
+    retry.add_argument(
+        "--dry-run", action="store_true", help="with --status: print the count, retry nothing"
+    )
     export = runs_commands.add_parser(
         "export", help="a run and its journal as JSON, for durable.testing.replay"
     )
@@ -164,6 +215,25 @@ def _parser() -> argparse.ArgumentParser:
     schedules_commands = schedules.add_subparsers(dest="schedules_command", required=True)
     schedules_commands.add_parser("list", help="every schedule, its next tick and last run")
 
+    check = commands.add_parser(
+        "check",
+        help="replay every unfinished run on the code as it is now; exit 1 if any would fail",
+    )
+    check.add_argument("app", help="the app whose code to check, as module:attribute")
+    check.add_argument(
+        "--include-completed",
+        type=_whole(0, 1_000_000),
+        default=0,
+        metavar="N",
+        help="replay the N runs that completed last too (their results must not change)",
+    )
+    versions = commands.add_parser(
+        "versions", help="runs by function and version of the code, and versions to retire"
+    )
+    versions.add_argument(
+        "app", nargs="?", help="mark this app's versions (module:attribute) as the current code"
+    )
+
     db = commands.add_parser("db", help="the embedded PostgreSQL server")
     db.add_argument("action", choices=["start", "stop", "status", "url"])
     return parser
@@ -176,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
             return _worker(args)
         if args.command == "db":
             return _db(args.action)
+        if args.command == "check":
+            return asyncio.run(_check(args))
         return asyncio.run(_with_app(args))
     except RunNotFound as exc:
         return _fail(exc, 1)
@@ -189,22 +261,6 @@ def _fail(error: Exception, status: int) -> int:
     """Report ``error`` as one line on standard error; returns the exit status."""
     print(f"durable: {one_line(str(error))}", file=sys.stderr)
     return status
-
-
-def load_app(target: str) -> App:
-    """Import ``module:attribute`` and return the App it names."""
-    module_name, _, attribute = target.partition(":")
-    if not module_name or not attribute:
-        raise DurableError(f"expected module:attribute, got {target!r}")
-    sys.path.insert(0, "")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise DurableError(f"cannot import {module_name!r}: {exc}") from exc
-    app = getattr(module, attribute, None)
-    if not isinstance(app, App):
-        raise DurableError(f"{target} is not a durable.App (got {type(app).__name__})")
-    return app
 
 
 def _worker(args: argparse.Namespace) -> int:
@@ -263,8 +319,24 @@ async def _with_app(args: argparse.Namespace) -> int:
             "runs": _commands.runs,
             "events": _commands.events,
             "schedules": _commands.schedules,
+            "versions": _commands.versions,
         }
         return await handlers[args.command](app, args)
+
+
+async def _check(args: argparse.Namespace) -> int:
+    # Read only: no App.connect, which would migrate the database to this code's schema.
+    from durable.testing import check_runs
+
+    logging.basicConfig(level=logging.ERROR, format="durable: %(message)s")
+    app = load_app(args.app)
+    app.configure(
+        database_url=args.database_url,
+        connect_timeout=args.connect_timeout or COMMAND_CONNECT_TIMEOUT,
+    )
+    report = await check_runs(app, include_completed=args.include_completed)
+    print(report)
+    return 0 if report.passed else 1
 
 
 def _db(action: str) -> int:

@@ -6,20 +6,22 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, get_args
 
 import asyncpg
 
 from durable._connection import Connection
 from durable._declarations import Declarations
-from durable._handle import NO_TYPE, RunHandle, RunInfo
+from durable._handle import KEEP_INPUT, NO_TYPE, RunHandle, RunInfo
 from durable._settings import json_or_invalid
 from engine import (
     JournalEntry,
     NewRun,
     RunRow,
+    RunStatus,
     ScheduleRow,
     WaitRow,
     _limits,
@@ -35,6 +37,18 @@ MAX_LISTED = 100_000
 _MAX_REASON_BYTES = 4096
 
 Target = Callable[..., Awaitable[Any]] | str
+
+
+@dataclass(frozen=True)
+class VersionCount:
+    """How many runs of ``function`` that started on ``version`` (None: not started yet) are
+    ``status``, and when the latest of them changed (``durable versions``)."""
+
+    function: str
+    version: str | None
+    status: RunStatus
+    runs: int
+    latest: datetime
 
 
 class Client:
@@ -193,6 +207,94 @@ class Client:
             raise RunNotFound(str(found))
         return False
 
+    async def fork_run(
+        self,
+        run_id: uuid.UUID | str,
+        *,
+        from_step: str | None = None,
+        from_position: str | None = None,
+        input: Any = KEEP_INPUT,
+    ) -> RunHandle[Any]:
+        """A new run reusing run ``run_id``'s journal up to a point (see ``RunHandle.fork``)."""
+        source = parse_run_id(run_id)
+        store = self._connection.store
+        row = await store.get_run(source)
+        if row is None:
+            raise RunNotFound(str(source))
+        journal = await store.load_journal(source)
+        keep, position = fork_point(source, journal, from_step, from_position)
+        replace = input is not KEEP_INPUT
+        data = self._fork_input(row.function, input) if replace else None
+        new = uuid.uuid4()
+        if not await store.fork(source, new, keep, position, input=data, replace_input=replace):
+            raise RunNotFound(str(source))
+        log.info(
+            "run %s forked from run %s at %s", new, source, position or "the end of its journal"
+        )
+        return RunHandle(self, new, self.return_type_of(row.function))
+
+    async def retry_run(self, run_id: uuid.UUID | str) -> RunHandle[Any]:
+        """A fork of a failed, cancelled or timed-out run from its failure point: every entry
+        before the first failed one is kept (with no failed entry, the whole journal), so the
+        steps that succeeded are not run again. InvalidInput for a run that has not ended so."""
+        source = parse_run_id(run_id)
+        row = await self._connection.store.get_run(source)
+        if row is None:
+            raise RunNotFound(str(source))
+        if row.status not in ("failed", "cancelled"):
+            raise InvalidInput(
+                f"run {source} is {row.status}: only a failed, cancelled or timed-out run is "
+                f"retried (fork a run to run part of it again)"
+            )
+        journal = await self._connection.store.load_journal(source)
+        failed = next((e for e in journal if e.error is not None), None)
+        return await self.fork_run(source, from_position=failed.position if failed else None)
+
+    def _fork_input(self, function: str, input: Any) -> Any:
+        spec = self._declarations.spec_for(function)
+        limit = self._connection.settings.max_payload_bytes
+        what = f"fork of {function!r}"
+        if spec is not None and spec.takes_input:
+            return validate_input(spec.input_type, input, what, limit)
+        return json_or_invalid(input, what, limit)
+
+    async def select_runs(
+        self,
+        statuses: Sequence[str],
+        *,
+        function: str | None = None,
+        within: timedelta | None = None,
+        forked: bool | None = None,
+        page: int = 1000,
+    ) -> AsyncIterator[RunInfo]:
+        """Every run of ``statuses`` (of ``function``, created within ``within`` of now, forked
+        or retried already or not), page by page in id order."""
+        for status in statuses:
+            if status not in get_args(RunStatus):
+                raise InvalidInput(
+                    f"select_runs: {status!r} is not a run status "
+                    f"({', '.join(get_args(RunStatus))})"
+                )
+        after: uuid.UUID | None = None
+        while True:
+            rows = await self._connection.store.select_runs(
+                statuses,
+                function=function,
+                within=within,
+                forked=forked,
+                limit=page,
+                after=after,
+            )
+            for row in rows:
+                yield RunInfo.from_row(row)
+            if len(rows) < page:
+                return
+            after = rows[-1].id
+
+    async def list_versions(self) -> list[VersionCount]:
+        rows = await self._connection.store.list_versions()
+        return [VersionCount(**row) for row in rows]
+
     async def list_schedules(self) -> list[ScheduleRow]:
         rows, _now = await self._connection.store.list_schedules()
         return rows
@@ -241,6 +343,31 @@ class Client:
                 return
         for callback in targets:
             callback()
+
+
+def fork_point(
+    run_id: uuid.UUID,
+    journal: Sequence[JournalEntry],
+    from_step: str | None,
+    from_position: str | None,
+) -> tuple[list[str], str | None]:
+    """The positions a fork keeps (every entry written before the point, in journal order)
+    and the point's position (None: after the whole journal)."""
+    if from_step is not None and from_position is not None:
+        raise InvalidInput("give from_step or from_position, not both")
+    at: int | None = None
+    if from_step is not None:
+        at = next(
+            (i for i, e in enumerate(journal) if e.kind == "step" and e.name == from_step), None
+        )
+        if at is None:
+            raise InvalidInput(f"run {run_id} has no step {from_step!r} in its journal")
+    elif from_position is not None:
+        at = next((i for i, e in enumerate(journal) if e.position == from_position), None)
+        if at is None:
+            raise InvalidInput(f"run {run_id} has no journal entry at position {from_position!r}")
+    kept = journal if at is None else journal[:at]
+    return [e.position for e in kept], None if at is None else journal[at].position
 
 
 def parse_run_id(value: uuid.UUID | str) -> uuid.UUID:

@@ -1,21 +1,41 @@
-"""The CLI's commands on runs, events and schedules (``durable runs ...``, ``durable events
-send``, ``durable schedules list``, ``durable migrate``): each takes a connected app and the
-parsed arguments, prints its answer, and returns the exit status."""
+"""The CLI's commands on runs, events, schedules and versions (``durable runs ...``, ``durable
+events send``, ``durable schedules list``, ``durable versions``, ``durable migrate``): each takes
+a connected app and the parsed arguments, prints its answer, and returns the exit status."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import json
 import sys
 import uuid
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 from durable._app import App
-from durable._handle import RunHandle, RunInfo
+from durable._handle import KEEP_INPUT, RunHandle, RunInfo
 from engine._urls import redact
 from engine.errors import DurableError
+
+UNFINISHED = ("pending", "running", "suspended", "paused")
+
+
+def load_app(target: str) -> App:
+    """Import ``module:attribute`` and return the App it names."""
+    module_name, _, attribute = target.partition(":")
+    if not module_name or not attribute:
+        raise DurableError(f"expected module:attribute, got {target!r}")
+    sys.path.insert(0, "")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise DurableError(f"cannot import {module_name!r}: {exc}") from exc
+    app = getattr(module, attribute, None)
+    if not isinstance(app, App):
+        raise DurableError(f"{target} is not a durable.App (got {type(app).__name__})")
+    return app
 
 
 async def migrate(app: App, args: argparse.Namespace) -> int:
@@ -28,6 +48,10 @@ async def runs(app: App, args: argparse.Namespace) -> int:
         for info in await app.list_runs(status=args.status, limit=args.limit):
             print(_run_line(info))
         return 0
+    if args.runs_command == "retry" and args.run_id is None:
+        return await _retry_many(app, args)
+    if args.runs_command == "retry" and (args.status or args.function or args.since):
+        raise DurableError("give a RUN_ID or --status (with --function, --since), not both")
     handle = app.get_run(args.run_id)  # InvalidInput when the text is not a UUID
     run_id = handle.run_id
     if args.runs_command == "resume":
@@ -41,7 +65,90 @@ async def runs(app: App, args: argparse.Namespace) -> int:
         return await _export(handle, args.output)
     if args.runs_command == "cancel":
         return await _cancel(app, run_id, args.reason)
+    if args.runs_command == "fork":
+        return await _fork(handle, args)
+    if args.runs_command == "retry":
+        retried = await app.retry_run(run_id)
+        print(f"run {run_id} retried as run {retried.run_id}")
+        return 0
     return await _show(app, handle)
+
+
+async def _fork(handle: RunHandle[Any], args: argparse.Namespace) -> int:
+    new_input = (
+        KEEP_INPUT
+        if args.input is None
+        else _json_argument(await asyncio.to_thread(_read_payload, args.input), "--input")
+    )
+    forked = await handle.fork(
+        from_step=args.from_step, from_position=args.from_position, input=new_input
+    )
+    print(f"run {handle.run_id} forked as run {forked.run_id}")
+    return 0
+
+
+async def _retry_many(app: App, args: argparse.Namespace) -> int:
+    """``durable runs retry --status S``: the count, then (unless --dry-run) each retry. A run
+    already retried (or forked) is left out, so running the command again retries only what
+    failed since, and the retries that failed in turn."""
+    if args.status is None:
+        raise DurableError("give a RUN_ID, or --status to retry every run of a status")
+    selected = [
+        info.run_id
+        async for info in app.select_runs(
+            [args.status], function=args.function, within=args.since, forked=False
+        )
+    ]
+    scope = f" of {args.function!r}" if args.function else ""
+    window = f" created in the last {_age_text(args.since)}" if args.since else ""
+    print(f"{len(selected):,} {args.status} runs{scope}{window} not retried yet")
+    if args.dry_run or not selected:
+        return 0
+    for run_id in selected:
+        retried = await app.retry_run(run_id)
+        print(f"run {run_id} retried as run {retried.run_id}")
+    return 0
+
+
+def _age_text(age: timedelta) -> str:
+    seconds = int(age.total_seconds())
+    for unit, size in (("d", 86_400), ("h", 3600), ("m", 60)):
+        if seconds % size == 0:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+async def versions(app: App, args: argparse.Namespace) -> int:
+    """``durable versions``: per function, its runs by the version they started on."""
+    current = (
+        {name: spec.version for name, spec in load_app(args.app).functions.items()}
+        if args.app
+        else {}
+    )
+    counts = await app.versions()
+    if not counts:
+        print("no runs")
+        return 0
+    table: dict[str, dict[str | None, dict[str, int]]] = {}
+    for row in counts:
+        table.setdefault(row.function, {}).setdefault(row.version, {})[row.status] = row.runs
+    retire: list[str] = []
+    for function, by_version in table.items():
+        print(function)
+        for version, statuses in by_version.items():
+            in_flight = {s: n for s, n in statuses.items() if s in UNFINISHED}
+            ended = sum(n for s, n in statuses.items() if s not in UNFINISHED)
+            label = "not started" if version is None else version
+            mark = (
+                "  (this code)" if version is not None and current.get(function) == version else ""
+            )
+            flying = ", ".join(f"{n:,} {s}" for s, n in in_flight.items()) or "none"
+            print(f"  {label:<14}{mark:<13} in flight: {flying}; finished: {ended:,}")
+            if version is not None and not in_flight and current.get(function) != version:
+                retire.append(f"{function} {version}")
+    if retire:
+        print("no unfinished run started on: " + ", ".join(retire) + " (safe to retire)")
+    return 0
 
 
 _CANCEL_OUTCOMES = {
@@ -65,13 +172,23 @@ async def _show(app: App, handle: RunHandle[Any]) -> int:
     info = await handle.info()
     print(_run_line(info))
     _print_flow(info)
+    if info.versions:
+        attempts = ", ".join(dict.fromkeys(info.versions))
+        pinned = " (pinned: only workers of its first version claim it)" if info.pinned else ""
+        print(f"  versions: {attempts}{pinned}")
+    if info.forked_from is not None:
+        point = f"position {info.fork_position}" if info.fork_position else "its end"
+        print(f"  forked from: run {info.forked_from}, its journal up to {point}")
     print(f"  input:   {json.dumps(info.input)}")
     if info.status == "completed":
         print(f"  result:  {json.dumps(info.result)}")
     if info.error is not None:
         print(f"  error:   {info.error.type}: {info.error.message}")
     if info.status == "paused":
-        print(f"  paused for an operator: fix the code, then `durable runs resume {run_id}`")
+        print(
+            f"  paused: a worker of another version of the code tries it again when it starts;"
+            f" or `durable runs resume {run_id}`"
+        )
     print("  journal:")
     for entry in await handle.journal():
         outcome = (
@@ -152,31 +269,32 @@ def _run_line(info: RunInfo) -> str:
 
 
 async def events(app: App, args: argparse.Namespace) -> int:
-    payload = _json_argument(await asyncio.to_thread(_read_payload, args.payload))
+    payload = _json_argument(await asyncio.to_thread(_read_payload, args.payload), "--payload")
     event_id = await app.send_event(args.name, payload, key=args.key)
     print(f"event {event_id} sent: {args.name} key={args.key!r}")
     return 0
 
 
 def _read_payload(text: str) -> str:
-    """The text of ``--payload``: as given, from ``@FILE``, or from standard input (``-``)."""
+    """The text of ``--payload`` or ``--input``: as given, from ``@FILE``, or from standard
+    input (``-``)."""
     try:
         if text == "-":
             return sys.stdin.buffer.read().decode("utf-8", errors="surrogateescape")
         if text.startswith("@"):
             return Path(text[1:]).read_bytes().decode("utf-8", errors="surrogateescape")
     except OSError as exc:
-        raise DurableError(f"--payload {text}: cannot read it: {exc.strerror or exc}") from exc
+        raise DurableError(f"{text}: cannot read it: {exc.strerror or exc}") from exc
     return text
 
 
-def _json_argument(text: str) -> Any:
+def _json_argument(text: str, option: str) -> Any:
     """Parsed JSON, refusing NaN and Infinity (not JSON, though Python's parser takes them)."""
 
     def refuse(constant: str) -> Any:
-        raise DurableError(f"--payload is not valid JSON: {constant} is not a JSON value")
+        raise DurableError(f"{option} is not valid JSON: {constant} is not a JSON value")
 
     try:
         return json.loads(text, parse_constant=refuse)
     except (json.JSONDecodeError, RecursionError) as exc:
-        raise DurableError(f"--payload is not valid JSON: {exc}") from exc
+        raise DurableError(f"{option} is not valid JSON: {exc}") from exc

@@ -10,10 +10,14 @@ import logging
 import os
 from collections.abc import Callable, Mapping
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
 from durable._settings import Settings
 from engine import Listener, PostgresStore, _urls
 from engine.errors import ConfigurationError, EmbeddedPostgresError
+
+if TYPE_CHECKING:
+    from durable._embedded import Server
 
 log = logging.getLogger("durable._app")
 
@@ -99,23 +103,16 @@ class Connection:
             self._store = None
 
     async def _resolve_url(self) -> str:
-        if self.settings.database_url == "":
-            raise ConfigurationError(
-                "database_url is empty: pass a postgresql:// URL, or None for "
-                "$DURABLE_DATABASE_URL or the embedded PostgreSQL"
-            )
-        url = self.settings.database_url or os.environ.get("DURABLE_DATABASE_URL")
-        if url:
-            return _urls.check(url)
-        from durable import _embedded
+        url, server = await resolve_url(self.settings)
+        if server is not None:
+            # It is ours: should it die (a kill -9, an OOM kill), say so once and restart it.
+            from durable import _embedded
 
-        server = await asyncio.to_thread(_embedded.acquire)
-        _embedded.exit_on_sigterm()
-        log.info("using embedded PostgreSQL in %s", server.data_dir)
-        # It is ours: should it die (a kill -9, an OOM kill), say so once and restart it.
-        self._keeper = asyncio.create_task(_embedded.keep(server), name="durable-embedded-keeper")
-        self._keeper.add_done_callback(self._keeper_done)
-        return server.dsn
+            self._keeper = asyncio.create_task(
+                _embedded.keep(server), name="durable-embedded-keeper"
+            )
+            self._keeper.add_done_callback(self._keeper_done)
+        return url
 
     def _keeper_done(self, task: asyncio.Task[None]) -> None:
         error = None if task.cancelled() else task.exception()
@@ -137,3 +134,29 @@ async def declare_rate_limits(
 ) -> None:
     for name, (limit, period) in rate_limits.items():
         await store.define_rate_limit(name, limit, period)
+
+
+async def resolve_url(settings: Settings) -> tuple[str, Server | None]:
+    """The URL of an app's database: its ``database_url``, else ``$DURABLE_DATABASE_URL``, else
+    the embedded server's (started if need be: it is returned too)."""
+    if settings.database_url == "":
+        raise ConfigurationError(
+            "database_url is empty: pass a postgresql:// URL, or None for "
+            "$DURABLE_DATABASE_URL or the embedded PostgreSQL"
+        )
+    url = settings.database_url or os.environ.get("DURABLE_DATABASE_URL")
+    if url:
+        return _urls.check(url), None
+    from durable import _embedded
+
+    server = await asyncio.to_thread(_embedded.acquire)
+    _embedded.exit_on_sigterm()
+    log.info("using embedded PostgreSQL in %s", server.data_dir)
+    return server.dsn, server
+
+
+async def reading_store(settings: Settings) -> PostgresStore:
+    """A small pool on an app's database that changes nothing there: no migrations, no
+    declarations written (``durable check`` reads runs and journals only)."""
+    url, _server = await resolve_url(settings)
+    return await PostgresStore.connect(url, max_size=2, connect_timeout=settings.connect_timeout)

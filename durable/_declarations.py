@@ -17,6 +17,7 @@ from engine import (
     _limits,
     validate_input,
 )
+from engine._records import Versioning
 from engine.errors import ConfigurationError, InvalidInput
 
 Fn = TypeVar("Fn", bound=Callable[..., Awaitable[Any]])
@@ -26,10 +27,13 @@ class Declarations:
     """The functions, schedules and rate limits of an app (``App`` is one).
 
     ``max_payload_bytes`` bounds a schedule's input, as it bounds every value the app stores.
+    ``version``, when given, names the code of every function (else each function's own source
+    names it: see ``FunctionSpec``).
     """
 
-    def __init__(self, max_payload_bytes: int | None) -> None:
+    def __init__(self, max_payload_bytes: int | None, version: str | None = None) -> None:
         self._payload_limit = max_payload_bytes
+        self._version = version
         self._functions: dict[str, FunctionSpec] = {}
         self._schedules: dict[str, Schedule] = {}
         self._rate_limits: dict[str, tuple[int, timedelta]] = {}
@@ -47,6 +51,7 @@ class Declarations:
         start_timeout: timedelta | None = None,
         cron: str | None = None,
         timezone: str = "UTC",
+        versioning: Versioning = "replay",
     ) -> Callable[[Fn], Fn]:
         """Register a durable function ``async def f(ctx, input) -> result``.
 
@@ -66,6 +71,10 @@ class Declarations:
         - ``start_timeout``: a run not started within it fails with RunExpired.
         - ``cron``/``timezone``: start a run (without input) on every tick of this cron
           expression, as ``app.schedule`` does; the schedule is named after the function.
+        - ``versioning``: ``"replay"`` (the default) lets any worker resume a run, replaying its
+          journal on the code it has (checked: a mismatch pauses the run); ``"pinned"`` lets
+          only workers of the version the run started on claim it, so old and new workers run
+          side by side until the old runs drain (``durable versions`` shows them).
         """
         limit = Concurrency(limit=concurrency) if isinstance(concurrency, int) else concurrency
         if name is not None:
@@ -84,10 +93,11 @@ class Declarations:
                 if start_timeout is None
                 else setting(start_timeout, "@app.function: start_timeout", True)
             ),
+            versioning=versioning,
         )
 
         def register(fn: Fn) -> Fn:
-            spec = FunctionSpec.describe(fn, name, options)
+            spec = FunctionSpec.describe(fn, name, options, self._version)
             if spec.name in self._functions and self._functions[spec.name].fn is not fn:
                 raise ConfigurationError(f"a durable function named {spec.name!r} already exists")
             self._functions[spec.name] = spec

@@ -23,6 +23,7 @@ from engine.errors import (
 T = TypeVar("T")
 
 NO_TYPE: Any = object()  # the return type is not known here: results come back as stored JSON
+KEEP_INPUT: Any = object()  # a fork keeps the input of the run it comes from
 
 
 class RunSource(Protocol):
@@ -41,6 +42,15 @@ class RunSource(Protocol):
     def return_type_of(self, function: str) -> Any: ...
 
     def on_done(self, run_id: uuid.UUID, callback: Callable[[], None]) -> Callable[[], None]: ...
+
+    async def fork_run(
+        self,
+        run_id: uuid.UUID,
+        *,
+        from_step: str | None,
+        from_position: str | None,
+        input: Any,
+    ) -> RunHandle[Any]: ...
 
 
 @dataclass(frozen=True)
@@ -65,6 +75,16 @@ class RunInfo:
     cancel_requested: bool = False
     deadline_at: datetime | None = None
     expires_at: datetime | None = None
+    # The version of the code of each attempt; version is the one the run started on.
+    versions: tuple[str, ...] = ()
+    pinned: bool = False
+    forked_from: uuid.UUID | None = None
+    fork_position: str | None = None
+
+    @property
+    def version(self) -> str | None:
+        """The version of the code the run started on (None: it has not started)."""
+        return self.versions[0] if self.versions else None
 
     @classmethod
     def from_row(cls, row: RunRow) -> RunInfo:
@@ -87,6 +107,10 @@ class RunInfo:
             cancel_requested=row.cancel_requested,
             deadline_at=row.deadline_at,
             expires_at=row.expires_at,
+            versions=tuple(row.versions),
+            pinned=row.pinned,
+            forked_from=row.forked_from,
+            fork_position=row.fork_position,
         )
 
 
@@ -131,6 +155,29 @@ class RunHandle(Generic[T]):
         ``"requested"``, ``"finished"`` (it had already ended) or ``"not_found"``;
         ``result()`` then raises RunCancelled."""
         return await self._source.cancel_run(self.run_id, reason)
+
+    async def fork(
+        self,
+        *,
+        from_step: str | None = None,
+        from_position: str | None = None,
+        input: Any = KEEP_INPUT,
+    ) -> RunHandle[T]:
+        """Start a new run that reuses this run's journal up to a point and runs the rest live::
+
+            fixed = await app.get_run(run_id).fork(from_step="ship")
+
+        The new run gets every entry journaled before the first entry of step ``from_step``
+        (or before the entry at ``from_position``), in the order they were written: the steps
+        before the point are not run again, and the step at the point and all after it run on
+        the code as it is now. ``input`` replaces the input (the options stay those of this
+        run). This run is untouched; the new one records where it came from
+        (``info().forked_from``, ``fork_position``; ``durable runs show``). Giving neither
+        point forks after the whole journal."""
+        handle: RunHandle[T] = await self._source.fork_run(
+            self.run_id, from_step=from_step, from_position=from_position, input=input
+        )
+        return handle
 
     async def journal(self) -> list[JournalEntry]:
         """The run's journal, in the order it was written."""

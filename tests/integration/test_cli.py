@@ -95,6 +95,12 @@ def test_a_url_of_another_scheme_is_refused_without_echoing_its_password() -> No
         ["worker", "tests.acceptance.workflows:app", "--concurrency", "0"],
         ["worker", "tests.acceptance.workflows:app", "--concurrency", "-5"],
         ["runs", "frobnicate"],
+        ["runs", "fork", str(uuid.UUID(int=1))],
+        ["runs", "fork", str(uuid.UUID(int=1)), "--from-step", "a", "--from-position", "1"],
+        ["runs", "retry", "--status", "failed", "--since", "5x"],
+        ["runs", "retry", "--status", "completed"],
+        ["check"],
+        ["check", "tests.acceptance.versioned_app:app", "--include-completed", "-1"],
         [],
     ],
     ids=" ".join,
@@ -109,6 +115,45 @@ def test_resuming_an_unknown_run_says_there_is_no_such_run(database_url: str) ->
     unknown = str(uuid.uuid4())
     line = one_line_error(durable_cli("--database-url", database_url, "runs", "resume", unknown), 1)
     assert line == f"durable: no run with id {unknown}"
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["runs", "retry"], "durable: give a RUN_ID, or --status to retry every run of a status"),
+        (
+            ["runs", "retry", str(uuid.UUID(int=1)), "--status", "failed"],
+            "durable: give a RUN_ID or --status (with --function, --since), not both",
+        ),
+        (["runs", "retry", "not-a-uuid"], "durable: not a run id (a UUID): 'not-a-uuid'"),
+        (["check", "no_such_module:app"], "durable: cannot import 'no_such_module'"),
+        (["check", "tests.acceptance.versioned_app"], "durable: expected module:attribute"),
+        (
+            ["runs", "fork", str(uuid.UUID(int=1)), "--from-step", "a", "--input", "{"],
+            "durable: --input is not valid JSON",
+        ),
+    ],
+    ids=lambda value: " ".join(value) if isinstance(value, list) else "",
+)
+def test_a_bad_versioning_command_is_one_line_and_exit_2(
+    database_url: str, args: list[str], expected: str
+) -> None:
+    line = one_line_error(durable_cli("--database-url", database_url, *args), 2)
+    assert line.startswith(expected), line
+
+
+def test_forking_or_retrying_an_unknown_run_says_there_is_no_such_run(database_url: str) -> None:
+    unknown = str(uuid.uuid4())
+    for args in (["fork", unknown, "--from-step", "a"], ["retry", unknown]):
+        line = one_line_error(durable_cli("--database-url", database_url, "runs", *args), 1)
+        assert line == f"durable: no run with id {unknown}"
+
+
+def test_versions_and_a_dry_run_retry_of_an_empty_database_say_so(database_url: str) -> None:
+    done = durable_cli("--database-url", database_url, "versions")
+    assert (done.returncode, done.stdout) == (0, "no runs\n"), done.stderr
+    done = durable_cli("--database-url", database_url, "runs", "retry", "--status", "failed")
+    assert (done.returncode, done.stdout) == (0, "0 failed runs not retried yet\n"), done.stderr
 
 
 @pytest.mark.parametrize(
