@@ -112,5 +112,8 @@ def _show(entry: tuple[Any, ...] | None) -> str:
     return f"{shown} ({error_type}: {message})" if error_type else shown
 
 
-def _position_key(position: str) -> list[tuple[int, ...]]:
-    return [tuple(int(p) for p in part.split(".")) for part in position.split(":")]
+def _position_key(position: str) -> tuple[list[tuple[int, ...]], int, str]:
+    """Positions in call order; a patch marker (``3~name``) just before the call it precedes."""
+    call, _mark, patch = position.partition("~")
+    numbers = [tuple(int(p) for p in part.split(".")) for part in call.split(":")]
+    return numbers, 0 if patch else 1, patch

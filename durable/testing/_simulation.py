@@ -18,6 +18,7 @@ from durable.testing._outcome import Outcome
 from durable.testing._probe import Probe
 from engine import (
     Claim,
+    CodeVersions,
     DatabaseTime,
     Execution,
     FunctionSpec,
@@ -123,6 +124,7 @@ class Simulation:
         self._database_url = database_url
         self._database: _databases.Database | None = None
         self._store: PostgresStore | None = None
+        self._upgrade: App | None = None
         self._forget()
 
     def _forget(self) -> None:
@@ -225,6 +227,7 @@ class Simulation:
         priority: int | None = None,
         delay: timedelta | None = None,
         start_at: datetime | None = None,
+        upgrade: App | None = None,
     ) -> Outcome:
         """Start a run of ``fn`` and drive every run of the simulation until none is due and no
         event is left to send; return this run's ``Outcome``.
@@ -235,6 +238,9 @@ class Simulation:
         replay. ``shuffle`` (a seed) varies the order in which parallel branches start and
         finish. ``lateness`` delays the next due times in turn (timers picked up late, as by a
         busy or restarted worker). ``priority``, ``delay`` and ``start_at`` are ``start``'s.
+        ``upgrade`` deploys new code at the first crash: from the attempt after it on, every
+        run executes on ``upgrade``'s functions (``upgrade_at_every_point`` does this at each
+        journal boundary in turn); the simulation keeps ``upgrade`` as its app afterwards.
         """
         if self._store is None:
             async with self:
@@ -248,9 +254,11 @@ class Simulation:
                     priority=priority,
                     delay=delay,
                     start_at=start_at,
+                    upgrade=upgrade,
                 )
         run_id = await self.start(fn, input, priority=priority, delay=delay, start_at=start_at)
         self._probe = Probe(crashes, None if shuffle is None else random.Random(shuffle))
+        self._upgrade = upgrade
         await self._drive(self._origins[run_id], events, lateness)
         return await self.outcome(run_id)
 
@@ -269,13 +277,15 @@ class Simulation:
         _lineage.install(asyncio.get_running_loop())
         schedule = sorted(enumerate(events), key=lambda item: (item[1].at, item[0]))
         late = list(lateness)
-        names = list(self.app.functions)
         idle = 0
         while True:
             while schedule and origin + schedule[0][1].at <= self.clock.now():
                 event = schedule.pop(0)[1]
                 await store.send_event(event.name, event.key or "", dump(Any, event.payload, ""))
-            claims, due, _now = await store.claim_due(names, 1, _WORKER, _LEASE)
+            code = CodeVersions.of(self.app.functions)  # each time: an upgrade swaps the app
+            claims, due, _now = await store.claim_due(
+                code.names, 1, _WORKER, _LEASE, code.versions, code.pinned
+            )
             if claims:
                 idle = 0
                 await self._attempt(store, claims[0])
@@ -315,6 +325,8 @@ class Simulation:
         await Runner(execution, claim).execute()
         if probe.crashed_attempt:  # the next attempt starts at once, as if the lease had run out
             await store.release(claim.run_id, claim.attempt)
+            if self._upgrade is not None:  # a deploy: the old workers are gone, new ones start
+                self.app, self._upgrade = self._upgrade, None
 
     async def outcome(self, run_id: uuid.UUID) -> Outcome:
         """The ``Outcome`` of any run of this open simulation as it stands (one started with
