@@ -1,4 +1,5 @@
-"""Tests of the onboarding and order examples with durable.testing: the way to test yours.
+"""Tests of the onboarding, order and approval-upgrade examples with durable.testing: the way
+to test yours.
 
     python -m pytest examples/test_examples.py
 
@@ -13,18 +14,23 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import durable
 from durable.testing import (
     RecordedRun,
     Send,
     Simulation,
+    UpgradeCheckFailed,
     crash_at_every_point,
     failing,
     replay,
+    upgrade_at_every_point,
 )
 from durable.testing.strategies import crash_schedules, event_orders, timer_lateness
+from examples.approval_upgrade import Document, check_budget, notify, release_1, release_2
 from examples.onboarding import Signup, onboarding
 from examples.onboarding import app as onboarding_app
 from examples.order import Order, Receipt, place_order
@@ -135,3 +141,30 @@ def _ship(order_id: str, address: str) -> str:
 
 def _refund(receipt: Receipt) -> str:
     return "re_ch_1"
+
+
+DOC = Document(doc_id="doc-1", reviewer="ana", cost=50_000)
+DECISION = [Send("decision", True, key="doc-1")]
+
+
+async def test_the_budget_check_can_be_deployed_at_every_point_of_a_release_1_run() -> None:
+    report = await upgrade_at_every_point(release_1, release_2, "approval", DOC, events=DECISION)
+    assert report.baseline.result == "approved"  # release 1's own run: no budget check
+    assert len(report.points) >= 6
+
+
+async def test_the_same_change_without_a_patch_breaks_a_run_that_asked_its_reviewer() -> None:
+    unpatched = durable.App(version="release-2-unpatched")
+
+    @unpatched.function(name="approval")
+    async def approval(ctx: durable.Context, doc: Document) -> str:
+        if not await ctx.step("budget", check_budget, doc.cost):
+            return "over budget"
+        await ctx.step("ask", notify, doc.reviewer, f"please review {doc.doc_id}")
+        approved = await ctx.wait_for_event("decision", key=doc.doc_id)
+        return "approved" if approved else "rejected"
+
+    with pytest.raises(UpgradeCheckFailed) as failed:
+        await upgrade_at_every_point(release_1, unpatched, "approval", DOC, events=DECISION)
+    assert str(failed.value).startswith("deploy after position 0 (step 'ask') was journaled")
+    assert "recorded step 'ask', code requested step 'budget'" in str(failed.value)

@@ -37,6 +37,8 @@ FENCING = "tests/acceptance/test_fencing.py"
 FLOW = "tests/acceptance/test_flow_control.py"
 # Every SQL function is defined once, in this file: one edit breaks it wherever it is used.
 FUNCTIONS = "engine/sql/functions.sql"
+VERSIONS = "tests/integration/test_versions.py"
+VERSIONS_CONTRACT = "tests/contract/test_versions_contract.py"
 
 
 @dataclass(frozen=True)
@@ -121,6 +123,24 @@ MUTATIONS = [
             "tests/integration/test_testing_on_postgres.py::"
             "test_a_simulation_on_postgres_sleeps_a_week_on_the_virtual_clock"
         ],
+    ),
+    Mutation(
+        "ignore-pinning",
+        "any worker claims a pinned run, whatever version of the code it started on",
+        [(FUNCTIONS, "SELECT NOT p_pinned OR cardinality", "SELECT true OR cardinality")],
+        [f"{VERSIONS_CONTRACT}::test_a_pinned_run_is_claimed_only_at_the_version_it_started_on"],
+    ),
+    Mutation(
+        "patch-always-new",
+        "a run that went past a patch point before the patch existed takes the new branch",
+        [
+            (
+                "engine/_patches.py",
+                "return False  # the run went past",
+                "return True  # the run went past",
+            )
+        ],
+        [f"{VERSIONS}::test_old_runs_take_the_old_branch_and_new_runs_the_new_one"],
     ),
 ]
 

@@ -72,11 +72,12 @@ class Workers:
     def log_of(self, process: subprocess.Popen[bytes]) -> str:
         return (self.logs / f"worker-{self.processes.index(process)}.log").read_text()
 
-    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+    def cli(self, *args: str, **extra: str) -> subprocess.CompletedProcess[str]:
+        """``durable ARGS`` in a process of its own, with ``extra`` in its environment."""
         return subprocess.run(
             [sys.executable, "-m", "durable", *args],
             cwd=ROOT,
-            env=self.env(),
+            env=self.env(**extra),
             capture_output=True,
             text=True,
             timeout=60,

@@ -51,6 +51,16 @@ def test_the_approval_example_escalates_the_silent_review(database_url: str) -> 
     assert "doc-2: escalated" in out
 
 
+def test_the_approval_upgrade_example_keeps_the_waiting_run_on_the_old_branch(
+    database_url: str,
+) -> None:
+    out = _run("approval_upgrade.py", database_url)
+    assert "every run replays on this code" in out
+    assert "doc-1 (started on release 1, no budget check): approved" in out
+    assert "doc-2 (started on release 2, budget checked): approved" in out
+    assert "doc-1 ran on: release-1, release-2" in out
+
+
 def test_the_crash_demo_finishes_without_repeating_journaled_steps(database_url: str) -> None:
     out = _run("crash_demo.py", database_url)
     assert "killed worker" in out
