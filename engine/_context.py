@@ -8,19 +8,16 @@ kind or name differs from the call raises ``NonDeterminismError`` and pauses the
 
 from __future__ import annotations
 
-import asyncio
-import inspect
 import logging
-import traceback
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 from random import Random
 from typing import Any, ParamSpec, TypeVar, overload
 
-from engine import _codec, _limits, _patches, _tracing
+from engine import _codec, _limits, _patches, _steps
 from engine._children import ChildRun, spec_of, start_child
-from engine._registry import StepPolicy, policy_of
+from engine._registry import policy_of
 from engine._run_state import RunState
 from engine.errors import ErrorInfo, StepFailed
 
@@ -93,12 +90,16 @@ class Context:
         body = state.stubs.get(name, fn)
         policy = policy_of(fn)
         if policy.rate_limit is not None:
-            await _take_budget(state, position, 1, policy, args, kwargs)
+            await _steps.take_budget(state, position, 1, policy, args, kwargs)
+        tries: list[tuple[datetime, float, str | None]] = []
         with state.live():
-            outcome, error = await _execute_step(state, position, name, body, policy, args, kwargs)
+            outcome, error = await _steps.execute_step(
+                state, position, name, body, policy, args, kwargs, tries
+            )
         await state.checkpoint("ran", position, "step", name)
+        timing = _steps.timing(tries)
         if error is not None:
-            await state.append(position, "step", name, None, error.to_json())
+            await state.append(position, "step", name, None, error.to_json(), timing)
             await state.checkpoint("journaled", position, "step", name)
             raise StepFailed(name, error)
         value = _codec.dump(
@@ -107,7 +108,7 @@ class Context:
             f"run {state.run_id}, step {name!r} at position {position}",
             state.max_payload_bytes,
         )
-        await state.append(position, "step", name, value)
+        await state.append(position, "step", name, value, None, timing)
         await state.checkpoint("journaled", position, "step", name)
         return _codec.load(annotation, value)
 
@@ -294,84 +295,3 @@ class Context:
         await state.append(position, kind, kind, value)
         await state.checkpoint("journaled", position, kind, kind)
         return value
-
-
-async def _take_budget(
-    state: RunState,
-    position: str,
-    attempt: int,
-    policy: StepPolicy,
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-) -> None:
-    """Take the step's units of its rate limit for this attempt. When the window is full the
-    store reserves them for a later time: wait until then, in memory for a retry (live work),
-    otherwise as a timer that suspends the run when the wait is not short, and collect them.
-    The holder names the run, the position and the attempt, so a run resumed by replay collects
-    its reservation instead of taking more."""
-    assert policy.rate_limit is not None
-    key = policy.budget_key(args, kwargs)
-    holder = f"{state.run_id}/{position}/{attempt}"
-    while True:
-        state.check_alive()
-        retry = await state.db(state.store.take_rate(policy.rate_limit, key, policy.weight, holder))
-        if retry is None:
-            return
-        log.debug(
-            "run %s: rate limit %r (key %r) has no budget until %s",
-            state.run_id,
-            policy.rate_limit,
-            key,
-            retry,
-            extra={"run_id": str(state.run_id)},
-        )
-        if attempt > 1:  # a retry is live work: the run cannot suspend
-            await state.db_time.sleep_until(retry)
-        else:
-            await state.block(retry)
-
-
-async def _execute_step(
-    state: RunState,
-    position: str,
-    name: str,
-    fn: Callable[..., Any],
-    policy: StepPolicy,
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-) -> tuple[Any, ErrorInfo | None]:
-    """Run a step body with its retry policy; returns (result, None) or (None, failure)."""
-    timeout = policy.timeout.total_seconds() if policy.timeout else None
-    attempt = 0
-    while True:
-        attempt += 1
-        state.check_alive()
-        with _tracing.step_span(state.run_id, state.function, name, position, attempt):
-            try:
-                async with asyncio.timeout(timeout):
-                    if inspect.iscoroutinefunction(fn):
-                        return await fn(*args, **kwargs), None
-                    result = await state.in_thread(fn, args, kwargs)
-                    if inspect.isawaitable(result):
-                        result = await result
-                    return result, None
-            except Exception as exc:
-                if isinstance(exc, TimeoutError) and timeout is not None:
-                    exc = TimeoutError(f"step {name!r} timed out after {timeout}s")
-                failure = ErrorInfo.from_exception(exc, traceback.format_exc())
-        if attempt > policy.retries:
-            return None, failure
-        delay = policy.backoff.delay(attempt, state.rng)
-        log.info(
-            "run %s: step %r attempt %d failed (%s: %s); retrying in %.2fs",
-            state.run_id,
-            name,
-            attempt,
-            failure.type,
-            failure.message,
-            delay,
-            extra={"run_id": str(state.run_id)},
-        )
-        await state.db_time.sleep(delay)
-        if policy.rate_limit is not None:
-            await _take_budget(state, position, attempt + 1, policy, args, kwargs)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, Literal, TypeVar
 
 from engine import _lineage
+from engine._records import StepTiming
 
 Outcome = Literal["written", "fenced", "conflict"]
 W = TypeVar("W")  # a write
@@ -34,6 +35,7 @@ class PendingEntry:
     name: str
     value: Any
     error: Any
+    timing: StepTiming | None = None
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ too large, an invalid byte sequence, an integer out of range), or store NaN as `
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -34,6 +35,7 @@ MIN_PRIORITY = -(2**31)
 MAX_PRIORITY = MAX_INT
 MAX_DURATION = timedelta(days=36_525)
 MAX_YEAR = 9000
+MAX_TAGS = 20
 
 
 def text(value: object, what: str, max_bytes: int, error: type[DurableError] = InvalidInput) -> str:
@@ -62,6 +64,20 @@ def name(value: object, what: str, error: type[DurableError] = InvalidInput) -> 
 
 def key(value: object, what: str, error: type[DurableError] = InvalidInput) -> str:
     return text(value, what, MAX_KEY_BYTES, error)
+
+
+def tags(value: object, what: str) -> dict[str, str]:
+    """A run's tags: at most MAX_TAGS, each a name (a key's rules) with a key's value."""
+    if not isinstance(value, Mapping):
+        raise InvalidInput(f"{what} must be a dict of strings, got {type(value).__name__}")
+    if len(value) > MAX_TAGS:
+        raise InvalidInput(f"{what}: at most {MAX_TAGS} tags, got {len(value)}")
+    if "" in value:
+        raise InvalidInput(f"{what}: a tag name is empty")
+    return {
+        name(k, f"{what}: a tag name"): key(v, f"{what}: the value of tag {_shown(str(k))}")
+        for k, v in value.items()
+    }
 
 
 def priority(value: object, what: str, error: type[DurableError] = InvalidInput) -> int:

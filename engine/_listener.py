@@ -28,9 +28,13 @@ Listen = Callable[
 
 
 class Listener:
-    def __init__(self, listen: Listen) -> None:
+    """LISTEN on ``channels`` (the engine's, by default; the dashboard adds durable_journal,
+    which workers need not hear)."""
+
+    def __init__(self, listen: Listen, channels: Sequence[str] = CHANNELS) -> None:
         self._listen = listen
-        self._subscribers: dict[str, set[Callback]] = {c: set() for c in CHANNELS}
+        self._channels = tuple(channels)
+        self._subscribers: dict[str, set[Callback]] = {c: set() for c in self._channels}
         self._task: asyncio.Task[None] | None = None
         self._connected = asyncio.Event()
         self._rng = random.Random()
@@ -68,7 +72,7 @@ class Listener:
         while True:
             lost = asyncio.Event()
             try:
-                close = await self._listen(CHANNELS, self._dispatch, lost.set)
+                close = await self._listen(self._channels, self._dispatch, lost.set)
             except DatabaseUnavailable as exc:
                 log.warning("LISTEN connection failed (%s); retrying in %.1fs", exc, delay)
                 await asyncio.sleep(delay * (0.5 + self._rng.random()))

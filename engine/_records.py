@@ -24,7 +24,7 @@ everything else.) The contract, in short:
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal, Protocol
@@ -64,6 +64,8 @@ class NewRun:
     slot_while_suspended: bool = False
     rate_limit: str | None = None
     rate_key: str = ""
+    tags: Mapping[str, str] | None = None
+    queue: str | None = None
 
 
 @dataclass(frozen=True)
@@ -90,6 +92,22 @@ class JournalEntry:
     error: Any
     attempt: int
     created_at: datetime
+    # Read for people (read_journal), not for replay: when a step's last try began and how long
+    # it ran, or when the wait for an event began; ``timing`` holds a step's failed tries
+    # before it ({"tries": [{"at": ..., "ms": ..., "error": ...}]}) or an event's deadline.
+    started_at: datetime | None = None
+    duration_ms: float | None = None
+    timing: Any = None
+
+
+@dataclass(frozen=True)
+class StepTiming:
+    """When a step's body ran, journaled with its entry: its last try's start (the database's
+    time as the worker estimates it) and duration, and the tries before it, which failed."""
+
+    started_at: datetime
+    duration_ms: float
+    failed_tries: tuple[dict[str, Any], ...] = ()  # {"at": ISO time, "ms": ..., "error": ...}
 
 
 @dataclass(frozen=True)
@@ -126,6 +144,24 @@ class RunRow:
     pinned: bool = False
     forked_from: uuid.UUID | None = None
     fork_position: str | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+    queue: str | None = None
+
+
+@dataclass(frozen=True)
+class RunFilter:
+    """Which runs to list (``find_runs``, the dashboard, ``durable runs list``): each field
+    left None matches every run. ``tags`` matches runs carrying all of them; ``search`` is a
+    run id, an idempotency key or the value of any tag."""
+
+    status: RunStatus | None = None
+    function: str | None = None
+    queue: str | None = None
+    version: str | None = None
+    tags: Mapping[str, str] | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    search: str | None = None
 
 
 @dataclass(frozen=True)
@@ -160,6 +196,7 @@ class WaitRow:
     name: str
     key: str
     timeout_at: datetime | None
+    created_at: datetime | None = None  # when the wait was registered
 
 
 class Store(Protocol):
@@ -233,8 +270,10 @@ class Store(Protocol):
         name: str,
         value: Any,
         error: Any = None,
+        timing: StepTiming | None = None,
     ) -> bool:
-        """Append one journal entry; False when the claim ``attempt`` is no longer held."""
+        """Append one journal entry (``timing``: when a step's body ran); False when the claim
+        ``attempt`` is no longer held."""
         ...
 
     async def append_sleep(
@@ -327,8 +366,15 @@ class Store(Protocol):
         """The runs ``run_id`` started, oldest first."""
         ...
 
-    async def list_runs(self, status: str | None, limit: int) -> list[RunRow]:
-        """The most recent runs, newest first, optionally of one status."""
+    async def find_runs(
+        self,
+        where: RunFilter,
+        *,
+        limit: int,
+        after: tuple[datetime, uuid.UUID] | None = None,
+    ) -> list[RunRow]:
+        """Runs matching ``where``, newest first, a page after the run ``after`` (its
+        created_at and id)."""
         ...
 
     async def list_waits(self, run_id: uuid.UUID) -> list[WaitRow]:

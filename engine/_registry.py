@@ -179,6 +179,7 @@ class FunctionSpec:
         delay: timedelta | None = None,
         start_at: datetime | None = None,
         parent_id: uuid.UUID | None = None,
+        tags: Mapping[str, str] | None = None,
     ) -> NewRun:
         """A run of this function with ``data`` (its input as stored), with the function's
         options; ``priority``, ``delay`` and ``start_at`` override them for this run."""
@@ -210,6 +211,8 @@ class FunctionSpec:
             slot_while_suspended=concurrency is not None and concurrency.hold_while_suspended,
             rate_limit=options.rate_limit,
             rate_key=rate_key,
+            tags=tags,
+            queue=options.queue,
         )
 
     def _key(self, key: Callable[[Any], object], data: Any, what: str) -> str:
@@ -311,6 +314,7 @@ def new_run(
     priority: int | None = None,
     delay: timedelta | None = None,
     start_at: datetime | None = None,
+    tags: Mapping[str, str] | None = None,
 ) -> NewRun:
     """The one way to build a run to store: ``function`` with ``data`` (its input as stored),
     with the function's options when ``functions`` registers it (``FunctionSpec.new_run``),
@@ -325,6 +329,7 @@ def new_run(
             priority=priority,
             delay=delay,
             start_at=start_at,
+            tags=tags,
         )
     return NewRun(
         run_id,
@@ -335,4 +340,5 @@ def new_run(
         priority=priority or 0,
         available_at=start_at,
         delay=delay,
+        tags=tags,
     )

@@ -36,7 +36,9 @@ from engine._records import (
     EndStatus,
     JournalEntry,
     NewRun,
+    RunFilter,
     RunRow,
+    StepTiming,
     WaitRow,
 )
 from engine._registry import FunctionSpec
@@ -174,6 +176,7 @@ class JournalStore:
         name: str,
         value: Any,
         error: Any = None,
+        timing: StepTiming | None = None,
     ) -> bool:
         _refuse("append")
 
@@ -234,8 +237,14 @@ class JournalStore:
     async def list_children(self, run_id: uuid.UUID) -> list[RunRow]:
         _refuse("list_children")
 
-    async def list_runs(self, status: str | None, limit: int) -> list[RunRow]:
-        _refuse("list_runs")
+    async def find_runs(
+        self,
+        where: RunFilter,
+        *,
+        limit: int,
+        after: tuple[datetime, uuid.UUID] | None = None,
+    ) -> list[RunRow]:
+        _refuse("find_runs")
 
     async def list_waits(self, run_id: uuid.UUID) -> list[WaitRow]:
         return list(self._waits) if run_id == self.run_id else []

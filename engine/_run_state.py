@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 
 from engine import _lineage
 from engine._clock import DatabaseTime
-from engine._records import JournalEntry, Store
+from engine._records import JournalEntry, StepTiming, Store
 from engine._signals import abandon, suspend
 from engine.errors import (
     DatabaseError,
@@ -277,10 +277,16 @@ class RunState:
                 raise abandon(f"run {self.run_id}: database call failed ({exc!r})") from exc
 
     async def append(
-        self, position: str, kind: str, name: str, value: Any, error: Any = None
+        self,
+        position: str,
+        kind: str,
+        name: str,
+        value: Any,
+        error: Any = None,
+        timing: StepTiming | None = None,
     ) -> None:
         ok = await self.db(
-            self.store.append(self.run_id, self.attempt, position, kind, name, value, error)
+            self.store.append(self.run_id, self.attempt, position, kind, name, value, error, timing)
         )
         self.fence(ok)
         self.remember(position, kind, name, value, error)

@@ -35,8 +35,10 @@ from engine._records import (
     EndStatus,
     JournalEntry,
     NewRun,
+    RunFilter,
     RunRow,
     ScheduleRow,
+    StepTiming,
     WaitRow,
 )
 from engine._urls import redact
@@ -298,6 +300,12 @@ class PostgresStore:
         rows = await self._retrying(lambda: self._pool.fetch(self._q["load_journal"], run_id))
         return [JournalEntry(**dict(r.items())) for r in rows]
 
+    async def read_journal(self, run_id: uuid.UUID) -> list[JournalEntry]:
+        """``load_journal`` with each step's tries (``timing``), which replay does not need:
+        for people (``RunHandle.journal``, the dashboard)."""
+        rows = await self._retrying(lambda: self._pool.fetch(self._q["read_journal"], run_id))
+        return [JournalEntry(**dict(r.items())) for r in rows]
+
     async def append(
         self,
         run_id: uuid.UUID,
@@ -307,13 +315,14 @@ class PostgresStore:
         name: str,
         value: Any,
         error: Any = None,
+        timing: StepTiming | None = None,
     ) -> bool:
         """Append one journal entry; False when the claim ``attempt`` is no longer held.
 
         Returns once the entry is committed. Appends made meanwhile by other runs share the
         statement (group commit, ``engine._group_commit``)."""
         outcome = await self.appends.write(
-            PendingEntry(run_id, attempt, position, kind, name, value, error)
+            PendingEntry(run_id, attempt, position, kind, name, value, error, timing)
         )
         if outcome == "conflict":
             raise JournalConflict(f"run {run_id}: journal position {position} is already written")
@@ -335,6 +344,9 @@ class PostgresStore:
                 [e.name for e in entries],
                 [_json(e.value) for e in entries],
                 [_json(e.error) for e in entries],
+                [e.timing.started_at if e.timing else None for e in entries],
+                [e.timing.duration_ms if e.timing else None for e in entries],
+                [_tries(e.timing) for e in entries],
             )
         )
         return [row["outcome"] for row in rows]
@@ -545,9 +557,58 @@ class PostgresStore:
         row = await self._retrying(lambda: self._pool.fetchrow(self._q["get_run"], run_id))
         return None if row is None else _run_row(row)
 
-    async def list_runs(self, status: str | None, limit: int) -> list[RunRow]:
-        rows = await self._retrying(lambda: self._pool.fetch(self._q["list_runs"], status, limit))
+    async def find_runs(
+        self,
+        where: RunFilter,
+        *,
+        limit: int,
+        after: tuple[datetime, uuid.UUID] | None = None,
+    ) -> list[RunRow]:
+        """Runs matching ``where``, newest first: a page of at most ``limit`` created before the
+        run ``after`` (its created_at and id: keyset pagination, as fast on the last page as on
+        the first)."""
+        args = _filter_args(where)
+        status = where.status
+        at, last = after if after is not None else (None, None)
+        query = self._q["find_runs"]
+        rows = await self._retrying(
+            lambda: self._pool.fetch(query, status, *args[:8], at, last, limit, args[8])
+        )
         return [_run_row(r) for r in rows]
+
+    async def count_runs(self, where: RunFilter, *, cap: int) -> dict[str, int]:
+        """How many runs match ``where`` (its status aside), by status, counting at most
+        ``cap`` of each."""
+        args = _filter_args(where)
+        rows = await self._retrying(lambda: self._pool.fetch(self._q["count_runs"], *args, cap))
+        return {r["status"]: r["runs"] for r in rows}
+
+    async def touch_watcher(self, watcher: str) -> None:
+        """Say that ``watcher`` still watches runs live (journal appends are announced)."""
+        await self._retrying(lambda: self._pool.execute(self._q["touch_watcher"], watcher))
+
+    async def end_watcher(self, watcher: str) -> None:
+        await self._retrying(lambda: self._pool.execute(self._q["end_watcher"], watcher))
+
+    async def queue_depths(self) -> list[dict[str, Any]]:
+        """Per queue: pending and running runs, the oldest pending run's creation, now."""
+        rows = await self._retrying(lambda: self._pool.fetch(self._q["queue_depths"]))
+        return [dict(r.items()) for r in rows]
+
+    async def busy_keys(self, limit: int) -> list[dict[str, Any]]:
+        """Concurrency keys holding or awaiting slots, the busiest first."""
+        rows = await self._retrying(lambda: self._pool.fetch(self._q["busy_keys"], limit))
+        return [dict(r.items()) for r in rows]
+
+    async def rate_usage(self) -> list[dict[str, Any]]:
+        """Each rate limit, its budget and period, and the units used in its window now."""
+        rows = await self._retrying(lambda: self._pool.fetch(self._q["rate_usage"]))
+        return [dict(r.items()) for r in rows]
+
+    async def recent_events(self, limit: int) -> list[dict[str, Any]]:
+        """The events sent last, newest first (payloads cut to their first 200 characters)."""
+        rows = await self._retrying(lambda: self._pool.fetch(self._q["recent_events"], limit))
+        return [dict(r.items()) for r in rows]
 
     async def list_children(self, run_id: uuid.UUID) -> list[RunRow]:
         rows = await self._retrying(lambda: self._pool.fetch(self._q["list_children"], run_id))
@@ -705,9 +766,43 @@ def _run_doc(run: NewRun) -> dict[str, Any]:
         "slot_while_suspended": run.slot_while_suspended or None,
         "rate_limit": run.rate_limit,
         "rate_key": run.rate_key if run.rate_limit is not None else None,
+        "tags": dict(run.tags) if run.tags else None,
+        "queue": run.queue,
     }
     doc.update((k, v) for k, v in options.items() if v is not None)
     return doc
+
+
+def _tries(timing: StepTiming | None) -> str | None:
+    """A step's failed tries as the journal's timing (None when it passed at once)."""
+    if timing is None or not timing.failed_tries:
+        return None
+    return _json({"tries": list(timing.failed_tries)})
+
+
+def _filter_args(where: RunFilter) -> list[Any]:
+    """A filter as the parameters of find_runs and count_runs (status aside): function,
+    queue, version, tags, since, until, the run id searched, the key searched, and the
+    jsonpath that finds a tag of the searched value."""
+    run_id, key, path = None, None, None
+    if where.search is not None:
+        try:
+            run_id = uuid.UUID(where.search)
+        except ValueError:
+            key = where.search
+            path = f"$.* == {json.dumps(where.search)}"
+    tags = dict(where.tags) if where.tags else None
+    return [
+        where.function,
+        where.queue,
+        where.version,
+        tags,
+        where.since,
+        where.until,
+        run_id,
+        key,
+        path,
+    ]
 
 
 def _seconds(span: timedelta | None) -> float | None:

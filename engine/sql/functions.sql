@@ -1,7 +1,7 @@
--- durable: every function of schema durable but the journal's trigger function, which its table
--- needs and which lives with the tables in migrations/0001_create_tables.sql.
+-- durable: every function of schema durable but the journal's trigger functions, which its table
+-- needs and which live with the tables in the migrations.
 --
--- version: 2
+-- version: 3
 --
 -- How this file is applied. engine/_schema.py runs it after the migrations, under their advisory
 -- lock, and records the version above with the file's checksum (durable.schema_functions):
@@ -262,7 +262,8 @@ RETURNS TABLE (n bigint, id uuid, function text, input jsonb, idempotency_key te
                trace_context jsonb, priority integer, available_at timestamptz,
                expires_at timestamptz, run_timeout interval, parent_id uuid,
                concurrency_key text, concurrency_limit integer, strategy text,
-               slot_while_suspended boolean, rate_limit text, rate_key text)
+               slot_while_suspended boolean, rate_limit text, rate_key text, tags jsonb,
+               queue text)
 LANGUAGE sql STABLE AS $$
     SELECT e.n, (e.doc ->> 'id')::uuid, e.doc ->> 'function', e.doc -> 'input',
            e.doc ->> 'idempotency_key', e.doc -> 'trace_context',
@@ -272,7 +273,8 @@ LANGUAGE sql STABLE AS $$
            (e.doc ->> 'parent_id')::uuid, e.doc ->> 'concurrency_key',
            (e.doc ->> 'concurrency_limit')::integer, e.doc ->> 'concurrency_strategy',
            coalesce((e.doc ->> 'slot_while_suspended')::boolean, false),
-           e.doc ->> 'rate_limit', coalesce(e.doc ->> 'rate_key', '')
+           e.doc ->> 'rate_limit', coalesce(e.doc ->> 'rate_key', ''),
+           coalesce(e.doc -> 'tags', '{}'), e.doc ->> 'queue'
       FROM jsonb_array_elements(p_runs) WITH ORDINALITY AS e (doc, n),
            LATERAL (SELECT coalesce(
                                (e.doc ->> 'available_at')::timestamptz,
@@ -283,8 +285,8 @@ $$;
 -- Starts runs (App.start, App.start_many, Context.start): one JSON object per run with its id,
 -- function, input, idempotency_key, trace_context and options (priority, available_at, delay,
 -- start_timeout and run_timeout in seconds, parent_id, concurrency_key, concurrency_limit,
--- concurrency_strategy, slot_while_suspended, rate_limit, rate_key; absent ones take their
--- defaults). Returns one row per given run, in order: its id (an existing run's when the id or
+-- concurrency_strategy, slot_while_suspended, rate_limit, rate_key, tags, queue; absent ones
+-- take their defaults). Returns one row per given run, in order: its id (an existing run's when the id or
 -- idempotency key is taken) and whether it was created. The strategies act on the active runs
 -- of the same concurrency key:
 -- 'cancel_newest' cancels the new run when its key is already at its limit;
@@ -302,11 +304,11 @@ BEGIN
         INSERT INTO durable.runs (id, function, input, idempotency_key, trace_context,
                                   available_at, event_cursor, priority, expires_at, run_timeout,
                                   parent_id, concurrency_key, concurrency_limit,
-                                  slot_while_suspended, rate_limit, rate_key)
+                                  slot_while_suspended, rate_limit, rate_key, tags, queue)
         SELECT g.id, g.function, g.input, g.idempotency_key, g.trace_context, g.available_at,
                v_cursor, g.priority, g.expires_at, g.run_timeout, g.parent_id,
                g.concurrency_key, g.concurrency_limit, g.slot_while_suspended, g.rate_limit,
-               g.rate_key
+               g.rate_key, g.tags, g.queue
           FROM durable.given_runs(p_runs, v_now) g ORDER BY g.n
         ON CONFLICT DO NOTHING
         RETURNING durable.runs.id
@@ -373,18 +375,20 @@ BEGIN
     INSERT INTO durable.runs (id, function, input, trace_context, available_at, event_cursor,
                               priority, run_timeout, concurrency_key, concurrency_limit,
                               slot_while_suspended, rate_limit, rate_key, forked_from,
-                              fork_position)
+                              fork_position, tags, queue)
     SELECT p_new, r.function, CASE WHEN p_replace_input THEN p_input ELSE r.input END,
            r.trace_context, v_now, r.event_cursor, r.priority, r.run_timeout,
            r.concurrency_key, r.concurrency_limit, r.slot_while_suspended, r.rate_limit,
-           r.rate_key, p_source, p_position
+           r.rate_key, p_source, p_position, r.tags, r.queue
       FROM durable.runs r
      WHERE r.id = p_source;
     IF NOT FOUND THEN
         RETURN 'not_found';
     END IF;
-    INSERT INTO durable.journal (run_id, position, kind, name, value, error, attempt, created_at)
-    SELECT p_new, j.position, j.kind, j.name, j.value, j.error, 0, j.created_at
+    INSERT INTO durable.journal (run_id, position, kind, name, value, error, attempt, created_at,
+                                 started_at, duration_ms, timing)
+    SELECT p_new, j.position, j.kind, j.name, j.value, j.error, 0, j.created_at, j.started_at,
+           j.duration_ms, j.timing
       FROM durable.journal j
      WHERE j.run_id = p_source AND j.position = ANY (p_keep);
     PERFORM pg_notify('durable_work', '');
@@ -657,24 +661,30 @@ $$;
 -- order: 'written', 'fenced' (the caller no longer holds the claim) or 'conflict' (the position
 -- already holds an entry). Run rows are locked FOR SHARE in id order, like every multi-row lock.
 -- JSON values arrive as text[] here and in finish_runs: an array parameter of JSON lists would be
--- read by the driver as a multidimensional array.
+-- read by the driver as a multidimensional array. p_started, p_ms and p_timings: when a step's
+-- last try began, how long it ran, and its failed tries before it (migration 0003; NULL for
+-- other entries, and p_timings for a step that passed at once).
 CREATE FUNCTION durable.append_entries(
     p_runs uuid[], p_attempts integer[], p_positions text[], p_kinds text[], p_names text[],
-    p_values text[], p_errors text[]
+    p_values text[], p_errors text[], p_started timestamptz[], p_ms double precision[],
+    p_timings text[]
 ) RETURNS TABLE (outcome text)
 LANGUAGE sql AS $$
     WITH given AS (
         SELECT g.* FROM unnest(p_runs, p_attempts, p_positions, p_kinds, p_names, p_values,
-                               p_errors)
-               WITH ORDINALITY AS g (run_id, attempt, position, kind, name, value, error, n)
+                               p_errors, p_started, p_ms, p_timings)
+               WITH ORDINALITY AS g (run_id, attempt, position, kind, name, value, error,
+                                     started_at, duration_ms, timing, n)
     ), held AS (
         SELECT r.id, r.attempt FROM durable.runs r
          WHERE r.id = ANY (p_runs) AND r.status = 'running'
          ORDER BY r.id
            FOR SHARE
     ), inserted AS (
-        INSERT INTO durable.journal (run_id, position, kind, name, value, error, attempt)
-        SELECT g.run_id, g.position, g.kind, g.name, g.value::jsonb, g.error::jsonb, g.attempt
+        INSERT INTO durable.journal (run_id, position, kind, name, value, error, attempt,
+                                     started_at, duration_ms, timing)
+        SELECT g.run_id, g.position, g.kind, g.name, g.value::jsonb, g.error::jsonb, g.attempt,
+               g.started_at, g.duration_ms, g.timing::jsonb
           FROM given g JOIN held h ON h.id = g.run_id AND h.attempt = g.attempt
          ORDER BY g.n
         ON CONFLICT DO NOTHING
@@ -727,6 +737,8 @@ DECLARE
     v_after bigint;
     v_event durable.events%ROWTYPE;
     v_deadline timestamptz;
+    v_since timestamptz;
+    v_waited jsonb;
 BEGIN
     PERFORM durable.lock_event_key(p_name, p_key);
     IF NOT durable.hold_claim(p_run, p_attempt) THEN
@@ -738,15 +750,21 @@ BEGIN
                       WHERE j.run_id = p_run AND j.kind = 'event' AND j.name = p_name
                         AND j.value ->> 'key' = p_key))
       INTO v_after FROM durable.runs r WHERE r.id = p_run;
+    -- Since when the run waited, and until when, for the journal (none when the event was
+    -- there at once).
+    SELECT w.created_at, jsonb_build_object('deadline', w.timeout_at)
+      INTO v_since, v_waited FROM durable.waits w
+     WHERE w.run_id = p_run AND w.position = p_position;
     SELECT * INTO v_event FROM durable.events e
      WHERE e.name = p_name AND e.key = p_key AND e.id > v_after
      ORDER BY e.id LIMIT 1;
     IF FOUND THEN
-        INSERT INTO durable.journal (run_id, position, kind, name, value, attempt)
+        INSERT INTO durable.journal (run_id, position, kind, name, value, attempt, started_at,
+                                     timing)
         VALUES (p_run, p_position, 'event', p_name,
                 jsonb_build_object('event_id', v_event.id, 'key', p_key,
                                    'payload', v_event.payload),
-                p_attempt);
+                p_attempt, v_since, v_waited);
         DELETE FROM durable.waits w WHERE w.run_id = p_run AND w.position = p_position;
         RETURN QUERY SELECT 'event'::text, v_event.payload, NULL::timestamptz;
         RETURN;
@@ -757,9 +775,10 @@ BEGIN
     SELECT w.timeout_at INTO v_deadline FROM durable.waits w
      WHERE w.run_id = p_run AND w.position = p_position;
     IF v_deadline IS NOT NULL AND v_deadline <= durable.clock() THEN
-        INSERT INTO durable.journal (run_id, position, kind, name, value, attempt)
+        INSERT INTO durable.journal (run_id, position, kind, name, value, attempt, started_at,
+                                     timing)
         VALUES (p_run, p_position, 'event', p_name,
-                jsonb_build_object('timeout', true, 'key', p_key), p_attempt);
+                jsonb_build_object('timeout', true, 'key', p_key), p_attempt, v_since, v_waited);
         DELETE FROM durable.waits w WHERE w.run_id = p_run AND w.position = p_position;
         RETURN QUERY SELECT 'timeout'::text, NULL::jsonb, v_deadline;
         RETURN;

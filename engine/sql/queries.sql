@@ -94,7 +94,7 @@ SELECT run_id, position, kind, name, value, error, attempt, created_at
 SELECT id, function, input, status, idempotency_key, attempt, available_at, lease_owner,
        result, error, created_at, started_at, updated_at, finished_at, priority, parent_id,
        concurrency_key, cancel_requested, deadline_at, expires_at, versions, pinned,
-       forked_from, fork_position
+       forked_from, fork_position, tags, queue
   FROM durable.runs
  WHERE status = ANY ($1)
    AND ($2::text IS NULL OR function = $2)
@@ -142,8 +142,14 @@ SELECT position, kind, name, value, error, attempt, created_at
   FROM durable.journal WHERE run_id = $1
  ORDER BY created_at, position;
 
+-- The journal as people read it: load_journal with when each step ran and each wait began.
+-- name: read_journal
+SELECT position, kind, name, value, error, attempt, created_at, started_at, duration_ms, timing
+  FROM durable.journal WHERE run_id = $1
+ ORDER BY created_at, position;
+
 -- name: append_entries
-SELECT outcome FROM durable.append_entries($1, $2, $3, $4, $5, $6, $7);
+SELECT outcome FROM durable.append_entries($1, $2, $3, $4, $5, $6, $7, $8, $9, $10);
 
 -- name: append_sleep
 SELECT durable.append_sleep($1, $2, $3, $4, $5, $6);
@@ -170,24 +176,105 @@ SELECT durable.resume_run($1);
 SELECT id, function, input, status, idempotency_key, attempt, available_at, lease_owner,
        result, error, created_at, started_at, updated_at, finished_at, priority, parent_id,
        concurrency_key, cancel_requested, deadline_at, expires_at, versions, pinned,
-       forked_from, fork_position
+       forked_from, fork_position, tags, queue
   FROM durable.runs WHERE id = $1;
 
--- name: list_runs
+-- Runs matching a filter, newest first, a page of at most $12 after the keyset ($10, $11):
+-- status $1, function $2, queue $3, version started on $4, tags containing $5, created in
+-- [$6, $7), and $8/$9 a search: run id $8, or idempotency key or any tag value (jsonpath $9).
+-- NULL leaves a condition out. (The planner folds each NULL away: a custom plan per call, as
+-- PostgreSQL keeps for statements whose generic plan would be costlier.) tags <> '{}' lets
+-- the tag conditions use the partial index runs_tags.
+-- name: find_runs
 SELECT id, function, input, status, idempotency_key, attempt, available_at, lease_owner,
        result, error, created_at, started_at, updated_at, finished_at, priority, parent_id,
        concurrency_key, cancel_requested, deadline_at, expires_at, versions, pinned,
-       forked_from, fork_position
+       forked_from, fork_position, tags, queue
   FROM durable.runs
  WHERE ($1::text IS NULL OR status = $1)
- ORDER BY created_at DESC
- LIMIT $2;
+   AND ($2::text IS NULL OR function = $2)
+   AND ($3::text IS NULL OR queue = $3)
+   AND ($4::text IS NULL OR versions[1] = $4)
+   AND ($5::jsonb IS NULL OR (tags <> '{}' AND tags @> $5))
+   AND ($6::timestamptz IS NULL OR created_at >= $6)
+   AND ($7::timestamptz IS NULL OR created_at < $7)
+   AND ($8::uuid IS NULL OR id = $8)
+   AND ($9::text IS NULL OR idempotency_key = $9 OR (tags <> '{}' AND tags @@ $13::jsonpath))
+   AND ($10::timestamptz IS NULL OR (created_at, id) < ($10, $11::uuid))
+ ORDER BY created_at DESC, id DESC
+ LIMIT $12;
+
+-- How many runs match a filter (find_runs' $2-$9 and $13 as $1-$9), by status, counting at
+-- most $10 of each status: the counts stay cheap at any size ("10,000+").
+-- name: count_runs
+SELECT s.status, (SELECT count(*) FROM (
+           SELECT 1 FROM durable.runs
+            WHERE status = s.status
+              AND ($1::text IS NULL OR function = $1)
+              AND ($2::text IS NULL OR queue = $2)
+              AND ($3::text IS NULL OR versions[1] = $3)
+              AND ($4::jsonb IS NULL OR (tags <> '{}' AND tags @> $4))
+              AND ($5::timestamptz IS NULL OR created_at >= $5)
+              AND ($6::timestamptz IS NULL OR created_at < $6)
+              AND ($7::uuid IS NULL OR id = $7)
+              AND ($8::text IS NULL OR idempotency_key = $8
+                   OR (tags <> '{}' AND tags @@ $9::jsonpath))
+            LIMIT $10) c) AS runs
+  FROM unnest(ARRAY['pending', 'running', 'suspended', 'paused', 'completed', 'failed',
+                    'cancelled']) AS s (status);
+
+-- What each queue holds: pending and running runs, and when its oldest pending run was
+-- created (NULL queue: runs started by code that does not declare their function).
+-- name: queue_depths
+SELECT queue, count(*) FILTER (WHERE status = 'pending') AS pending,
+       count(*) FILTER (WHERE status = 'running') AS running,
+       min(created_at) FILTER (WHERE status = 'pending') AS oldest_pending, durable.clock() AS now
+  FROM durable.runs
+ WHERE status IN ('pending', 'running')
+ GROUP BY queue
+ ORDER BY pending DESC, queue NULLS FIRST;
+
+-- Concurrency keys holding or awaiting slots, the busiest first, at most $1.
+-- name: busy_keys
+SELECT concurrency_key AS key, max(concurrency_limit) AS "limit",
+       count(*) FILTER (WHERE holds_slot) AS holding,
+       count(*) FILTER (WHERE awaiting_slot) AS awaiting
+  FROM durable.runs
+ WHERE concurrency_key IS NOT NULL AND (holds_slot OR awaiting_slot)
+ GROUP BY concurrency_key
+ ORDER BY count(*) DESC, concurrency_key
+ LIMIT $1;
+
+-- Each rate limit and the units granted in its current window (all keys together).
+-- name: rate_usage
+SELECT l.name, l.budget, l.period,
+       (SELECT coalesce(sum(g.weight), 0) FROM durable.rate_grants g
+         WHERE g.name = l.name AND g.granted_at > durable.clock() - l.period
+           AND g.granted_at <= durable.clock()) AS used
+  FROM durable.rate_limits l
+ ORDER BY l.name;
+
+-- The events sent last, newest first, at most $1, with the start of each payload.
+-- name: recent_events
+SELECT id, name, key, left(payload::text, 200) AS payload, created_at
+  FROM durable.events
+ ORDER BY id DESC
+ LIMIT $1;
+
+-- A process watching runs live says it still is (every 20 s; durable.notify_journal announces
+-- appends while one was seen in the last minute), or that it stopped.
+-- name: touch_watcher
+INSERT INTO durable.watchers (id, seen) VALUES ($1, now())
+ON CONFLICT (id) DO UPDATE SET seen = excluded.seen;
+
+-- name: end_watcher
+DELETE FROM durable.watchers WHERE id = $1 OR seen < now() - interval '1 hour';
 
 -- name: list_children
 SELECT id, function, input, status, idempotency_key, attempt, available_at, lease_owner,
        result, error, created_at, started_at, updated_at, finished_at, priority, parent_id,
        concurrency_key, cancel_requested, deadline_at, expires_at, versions, pinned,
-       forked_from, fork_position
+       forked_from, fork_position, tags, queue
   FROM durable.runs WHERE parent_id = $1
  ORDER BY created_at, id;
 
@@ -222,7 +309,8 @@ SELECT durable.fire_schedule($1, $2, $3, $4, $5);
 SELECT durable.clock();
 
 -- name: list_waits
-SELECT position, name, key, timeout_at FROM durable.waits WHERE run_id = $1 ORDER BY position;
+SELECT position, name, key, timeout_at, created_at
+  FROM durable.waits WHERE run_id = $1 ORDER BY position;
 
 -- name: load_waits
 SELECT run_id, position, name, key, timeout_at

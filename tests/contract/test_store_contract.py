@@ -12,7 +12,7 @@ from datetime import timedelta
 
 import pytest
 
-from engine import NewRun, Store
+from engine import NewRun, RunFilter, Store
 from engine.errors import JournalConflict
 from tests.contract.conftest import Subject
 
@@ -126,7 +126,7 @@ async def test_an_existing_id_or_idempotency_key_returns_the_existing_run(
     assert created
     assert await _start(store, uuid.uuid4(), "f", None, "order-1") == (first, False)
     assert await _start(store, first, "f", None) == (first, False)
-    assert len(await store.list_runs(None, 10)) == 1
+    assert len(await store.find_runs(RunFilter(), limit=10)) == 1
 
 
 async def test_a_sleep_wakes_at_the_time_the_store_fixed(subject: Subject) -> None:
@@ -214,8 +214,9 @@ async def test_finishing_ends_the_run_and_drops_its_waits(subject: Subject) -> N
     assert await store.list_waits(run_id) == []
     assert not await store.finish(run_id, attempt, "failed", error={"type": "X"})
     assert await store.claim(["f"], 10, "w", LEASE) == []
-    assert [r.id for r in await store.list_runs("completed", 10)] == [run_id]
-    assert await store.list_runs("failed", 10) == []
+    completed = await store.find_runs(RunFilter(status="completed"), limit=10)
+    assert [r.id for r in completed] == [run_id]
+    assert await store.find_runs(RunFilter(status="failed"), limit=10) == []
 
 
 async def test_a_released_run_is_claimable_at_once_and_its_claim_fenced(subject: Subject) -> None:
