@@ -25,8 +25,18 @@ from __future__ import annotations
 from durable._app import App
 from durable._client import VersionCount
 from durable._handle import RunHandle, RunInfo
+from durable._reads import Capacity
 from durable._step import step
-from engine import Backoff, ChildRun, Concurrency, Context, JournalEntry, RunStatus, StepPolicy
+from engine import (
+    Backoff,
+    ChildRun,
+    Concurrency,
+    Context,
+    JournalEntry,
+    RunFilter,
+    RunStatus,
+    StepPolicy,
+)
 from engine.errors import (
     ConfigurationError,
     DatabaseError,
@@ -49,6 +59,7 @@ from engine.errors import (
 __all__ = [
     "App",
     "Backoff",
+    "Capacity",
     "ChildRun",
     "Concurrency",
     "ConfigurationError",
@@ -66,6 +77,7 @@ __all__ = [
     "ResultTimeout",
     "RunCancelled",
     "RunFailed",
+    "RunFilter",
     "RunHandle",
     "RunInfo",
     "RunNotFound",

@@ -7,19 +7,20 @@ from __future__ import annotations
 
 import dataclasses
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any, TypeVar, overload
 
 import asyncpg
 
-from durable._client import MAX_LISTED, Client, VersionCount
+from durable._client import Client, VersionCount
 from durable._connection import Connection
 from durable._declarations import Declarations
 from durable._handle import RunHandle, RunInfo
 from durable._hosting import Hosting
+from durable._reads import MAX_LISTED, Capacity, Reads
 from durable._settings import Settings
-from engine import Context, ScheduleRow, _limits
+from engine import Context, RunFilter, ScheduleRow, _limits
 from engine.errors import ConfigurationError
 
 T = TypeVar("T")
@@ -84,6 +85,7 @@ class App(Declarations):
         super().__init__(settings.max_payload_bytes, version)
         self._connection = Connection(settings, on_lost=self.stop_workers)
         self._client = Client(self, self._connection)
+        self._reads = Reads(self._connection)
         self._hosting = Hosting(self, self._connection, self.connect)
 
     @property
@@ -124,6 +126,11 @@ class App(Declarations):
         await self._connection.close()
 
     @property
+    def connected(self) -> bool:
+        """Whether the app is connected (``connect`` was awaited and not yet closed)."""
+        return self._connection.is_open
+
+    @property
     def database_url(self) -> str | None:
         """The URL in use once connected (the embedded server's when none was given)."""
         return self._connection.dsn
@@ -142,6 +149,7 @@ class App(Declarations):
         priority: int | None = None,
         delay: timedelta | None = None,
         start_at: datetime | None = None,
+        tags: Mapping[str, str] | None = None,
     ) -> RunHandle[T]: ...
 
     @overload
@@ -156,6 +164,7 @@ class App(Declarations):
         priority: int | None = None,
         delay: timedelta | None = None,
         start_at: datetime | None = None,
+        tags: Mapping[str, str] | None = None,
     ) -> RunHandle[T]: ...
 
     @overload
@@ -170,6 +179,7 @@ class App(Declarations):
         priority: int | None = None,
         delay: timedelta | None = None,
         start_at: datetime | None = None,
+        tags: Mapping[str, str] | None = None,
     ) -> RunHandle[Any]: ...
 
     async def start(
@@ -183,6 +193,7 @@ class App(Declarations):
         priority: int | None = None,
         delay: timedelta | None = None,
         start_at: datetime | None = None,
+        tags: Mapping[str, str] | None = None,
     ) -> RunHandle[Any]:
         """Start a run of ``fn`` (a registered function, or its name) with ``input``.
 
@@ -190,7 +201,9 @@ class App(Declarations):
         InvalidInput and nothing is stored. With an ``idempotency_key`` (or a ``run_id``) that
         already exists, the existing run is returned instead of starting a second one.
         ``priority`` overrides the function's; ``delay`` (from the database's now) or
-        ``start_at`` postpone the run's start.
+        ``start_at`` postpone the run's start. ``tags`` (at most 20 string names and values,
+        such as ``{"tenant": "acme"}``) are stored with the run, to find it by
+        (``durable runs list --tag tenant=acme``, the dashboard).
 
         With ``connection`` (your own asyncpg connection, in your transaction) the run is
         stored in that transaction: it exists, and a worker sees it, if and only if your
@@ -209,6 +222,7 @@ class App(Declarations):
             priority=priority,
             delay=delay,
             start_at=start_at,
+            tags=tags,
         )
 
     async def start_many(
@@ -219,6 +233,7 @@ class App(Declarations):
         idempotency_keys: Sequence[str | None] | None = None,
         priority: int | None = None,
         connection: asyncpg.Connection[Any] | None = None,
+        tags: Mapping[str, str] | None = None,
     ) -> list[RunHandle[Any]]:
         """Start one run of ``fn`` per input, in one round trip; handles come back in order.
 
@@ -229,7 +244,8 @@ class App(Declarations):
             handles = await app.start_many(send_invoice, invoices,
                                            idempotency_keys=[f"invoice-{i.id}" for i in invoices])
 
-        With ``connection``, the runs are stored in your transaction, as with ``start``.
+        With ``connection``, the runs are stored in your transaction, as with ``start``;
+        ``tags`` go with every run, as with ``start``.
         """
         return await self._client.start_many(
             fn,
@@ -237,6 +253,7 @@ class App(Declarations):
             idempotency_keys=idempotency_keys,
             priority=priority,
             connection=connection,
+            tags=tags,
         )
 
     def get_run(self, run_id: uuid.UUID | str) -> RunHandle[Any]:
@@ -244,10 +261,42 @@ class App(Declarations):
         A string that is not a UUID raises InvalidInput."""
         return self._client.get_run(run_id)
 
-    async def list_runs(self, *, status: str | None = None, limit: int = 50) -> list[RunInfo]:
-        """The most recent runs (at most ``limit``, up to 100,000), newest first, optionally of
-        one status."""
-        return await self._client.list_runs(status, limit)
+    async def list_runs(
+        self,
+        where: RunFilter | None = None,
+        *,
+        status: str | None = None,
+        limit: int = 50,
+        after: RunInfo | None = None,
+    ) -> list[RunInfo]:
+        """The most recent runs (at most ``limit``, up to 100,000), newest first, that match
+        ``where`` (status, function, queue, version, tags, time range, search: see
+        ``RunFilter``) and ``status``. The next page: ``after=`` the last run of this one::
+
+            page = await app.list_runs(RunFilter(tags={"tenant": "acme"}), status="failed")
+        """
+        where = where or RunFilter()
+        if status is not None:
+            where = dataclasses.replace(where, status=status)  # type: ignore[arg-type]
+        return await self._reads.list_runs(where, limit, after)
+
+    async def count_runs(
+        self, where: RunFilter | None = None, *, cap: int = 10_000
+    ) -> dict[str, int]:
+        """How many runs match ``where`` (its status aside), by status, counting at most
+        ``cap`` of each (a count equal to ``cap`` means "at least")."""
+        return await self._reads.count_runs(where or RunFilter(), cap)
+
+    async def watch_runs(self, on_change: Callable[[str], None]) -> Callable[[], Awaitable[None]]:
+        """Call ``on_change(ids)`` when runs change (their ids comma-separated, or "": any may
+        have); returns the coroutine function that stops. Feeds the dashboard's live pages."""
+        return await self._reads.watch(on_change)
+
+    async def capacity(self) -> Capacity:
+        """What holds capacity now: each queue's pending and running runs and its oldest
+        pending run's age, the busiest concurrency keys, rate limits with the units used in
+        their window, schedules, and the events sent last."""
+        return await self._reads.capacity()
 
     def select_runs(
         self,

@@ -5,7 +5,8 @@
     durable worker module:app [--concurrency N] [--queue Q ...]
                                                    execute runs of the app's functions
     durable migrate                                apply the schema migrations
-    durable runs list [--status S] [--limit N]     recent runs
+    durable runs list [--status S] [--function F] [--tag NAME=VALUE] [--limit N]
+                                                   recent runs, newest first
     durable runs show RUN_ID                       a run, its parent and children, its journal
     durable runs cancel RUN_ID [--reason TEXT]     cancel a run and its children
     durable runs resume RUN_ID                     resume a run paused by non-determinism
@@ -20,6 +21,8 @@
     durable check module:app [--include-completed N]
                                                    replay unfinished runs on the code as it is
     durable versions [module:app]                  runs in flight by version of the code
+    durable dashboard [--host 127.0.0.1] [--port 8484] [--token T] [--read-only]
+                                                   the web dashboard
     durable db start|stop|status|url               the embedded PostgreSQL
 
 Commands that need the database use --database-url, else $DURABLE_DATABASE_URL, else the
@@ -94,6 +97,14 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _tag(text: str) -> tuple[str, str]:
+    """An argparse type: a tag as NAME=VALUE."""
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a tag as NAME=VALUE")
+    return name, value
+
+
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86_400}
 
 
@@ -155,6 +166,15 @@ def _parser() -> argparse.ArgumentParser:
         choices=["pending", "running", "suspended", "paused", "completed", "failed", "cancelled"],
     )
     listing.add_argument("--limit", type=_whole(1, MAX_LISTED), default=50)
+    listing.add_argument("--function", help="only runs of this function")
+    listing.add_argument(
+        "--tag",
+        action="append",
+        type=_tag,
+        default=[],
+        metavar="NAME=VALUE",
+        help="only runs carrying this tag (repeat for runs carrying all of them)",
+    )
     show = runs_commands.add_parser("show", help="a run and its journal as a timeline")
     show.add_argument("run_id")
     cancel = runs_commands.add_parser("cancel", help="cancel a run and its child runs")
@@ -234,6 +254,18 @@ def _parser() -> argparse.ArgumentParser:
         "app", nargs="?", help="mark this app's versions (module:attribute) as the current code"
     )
 
+    dashboard = commands.add_parser(
+        "dashboard", help="serve the web dashboard (needs: pip install 'durable[dashboard]')"
+    )
+    dashboard.add_argument("--host", default="127.0.0.1", help="the address to listen on")
+    dashboard.add_argument("--port", type=_whole(1, 65_535), default=8484)
+    dashboard.add_argument(
+        "--token",
+        default=os.environ.get("DURABLE_DASHBOARD_TOKEN"),
+        help="required of every request ($DURABLE_DASHBOARD_TOKEN); needed beyond 127.0.0.1",
+    )
+    dashboard.add_argument("--read-only", action="store_true", help="offer no action")
+
     db = commands.add_parser("db", help="the embedded PostgreSQL server")
     db.add_argument("action", choices=["start", "stop", "status", "url"])
     return parser
@@ -247,7 +279,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "db":
             return _db(args.action)
         if args.command == "check":
-            return asyncio.run(_check(args))
+            return asyncio.run(_commands.check(args, COMMAND_CONNECT_TIMEOUT))
+        if args.command == "dashboard":
+            return asyncio.run(_commands.dashboard(args, COMMAND_CONNECT_TIMEOUT))
         return asyncio.run(_with_app(args))
     except RunNotFound as exc:
         return _fail(exc, 1)
@@ -322,21 +356,6 @@ async def _with_app(args: argparse.Namespace) -> int:
             "versions": _commands.versions,
         }
         return await handlers[args.command](app, args)
-
-
-async def _check(args: argparse.Namespace) -> int:
-    # Read only: no App.connect, which would migrate the database to this code's schema.
-    from durable.testing import check_runs
-
-    logging.basicConfig(level=logging.ERROR, format="durable: %(message)s")
-    app = load_app(args.app)
-    app.configure(
-        database_url=args.database_url,
-        connect_timeout=args.connect_timeout or COMMAND_CONNECT_TIMEOUT,
-    )
-    report = await check_runs(app, include_completed=args.include_completed)
-    print(report)
-    return 0 if report.passed else 1
 
 
 def _db(action: str) -> int:

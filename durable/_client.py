@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, get_args
@@ -33,7 +33,6 @@ from engine.errors import InvalidInput, RunNotFound
 
 log = logging.getLogger("durable._app")
 
-MAX_LISTED = 100_000
 _MAX_REASON_BYTES = 4096
 
 Target = Callable[..., Awaitable[Any]] | str
@@ -72,6 +71,7 @@ class Client:
         priority: int | None,
         delay: timedelta | None,
         start_at: datetime | None,
+        tags: Mapping[str, str] | None = None,
     ) -> RunHandle[Any]:
         store = self._connection.store
         new = self.new_run(
@@ -82,6 +82,7 @@ class Client:
             priority=priority,
             delay=delay,
             start_at=start_at,
+            tags=tags,
         )
         if connection is not None:
             found, created = await store.start_run_on(connection, new)
@@ -99,6 +100,7 @@ class Client:
         idempotency_keys: Sequence[str | None] | None,
         priority: int | None,
         connection: asyncpg.Connection[Any] | None,
+        tags: Mapping[str, str] | None = None,
     ) -> list[RunHandle[Any]]:
         store = self._connection.store
         values = list(inputs)
@@ -109,7 +111,7 @@ class Client:
         if len(set(given)) != len(given):
             raise InvalidInput("idempotency keys must be distinct within one start_many call")
         new = [
-            self.new_run(fn, v, idempotency_key=k, priority=priority)
+            self.new_run(fn, v, idempotency_key=k, priority=priority, tags=tags)
             for v, k in zip(values, keys, strict=True)
         ]
         if connection is not None:
@@ -129,6 +131,7 @@ class Client:
         priority: int | None = None,
         delay: timedelta | None = None,
         start_at: datetime | None = None,
+        tags: Mapping[str, str] | None = None,
     ) -> NewRun:
         """A run of ``fn`` to store, every value checked first (InvalidInput otherwise)."""
         spec = self._declarations.spec_for(fn)
@@ -143,6 +146,8 @@ class Client:
             start_at = _limits.moment(start_at, f"start {name!r}: start_at")
         if delay is not None and start_at is not None:
             raise InvalidInput("give delay or start_at, not both")
+        if tags is not None:
+            tags = _limits.tags(tags, f"start {name!r}: tags")
         limit = self._connection.settings.max_payload_bytes
         if spec is None:
             data = json_or_invalid(input, f"start {name!r}", limit)
@@ -162,6 +167,7 @@ class Client:
             priority=priority,
             delay=delay,
             start_at=start_at,
+            tags=tags,
         )
 
     # -- events ---------------------------------------------------------------------------------
@@ -188,11 +194,6 @@ class Client:
 
     def get_run(self, run_id: uuid.UUID | str) -> RunHandle[Any]:
         return RunHandle(self, parse_run_id(run_id))
-
-    async def list_runs(self, status: str | None, limit: int) -> list[RunInfo]:
-        _limits.count(limit, "list_runs: the limit", maximum=MAX_LISTED)
-        rows = await self._connection.store.list_runs(status, limit)
-        return [RunInfo.from_row(r) for r in rows]
 
     async def cancel_run(self, run_id: uuid.UUID | str, reason: str) -> str:
         _limits.text(reason, "cancel_run: the reason", _MAX_REASON_BYTES)
@@ -308,7 +309,7 @@ class Client:
         return await self._connection.store.list_children(run_id)
 
     async def journal(self, run_id: uuid.UUID) -> list[JournalEntry]:
-        return await self._connection.store.load_journal(run_id)
+        return await self._connection.store.read_journal(run_id)
 
     async def waits(self, run_id: uuid.UUID) -> list[WaitRow]:
         return await self._connection.store.list_waits(run_id)

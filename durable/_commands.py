@@ -1,6 +1,7 @@
 """The CLI's commands on runs, events, schedules and versions (``durable runs ...``, ``durable
 events send``, ``durable schedules list``, ``durable versions``, ``durable migrate``): each takes
-a connected app and the parsed arguments, prints its answer, and returns the exit status."""
+a connected app and the parsed arguments, prints its answer, and returns the exit status.
+``durable check`` and ``durable dashboard`` connect their own way (check reads only)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import argparse
 import asyncio
 import importlib
 import json
+import logging
 import sys
 import uuid
 from datetime import timedelta
@@ -16,6 +18,7 @@ from typing import Any
 
 from durable._app import App
 from durable._handle import KEEP_INPUT, RunHandle, RunInfo
+from engine import RunFilter
 from engine._urls import redact
 from engine.errors import DurableError
 
@@ -38,6 +41,38 @@ def load_app(target: str) -> App:
     return app
 
 
+async def check(args: argparse.Namespace, connect_timeout: float) -> int:
+    """``durable check``: replay the unfinished runs on the app's code; 1 if any would fail."""
+    # Read only: no App.connect, which would migrate the database to this code's schema.
+    from durable.testing import check_runs
+
+    logging.basicConfig(level=logging.ERROR, format="durable: %(message)s")
+    app = load_app(args.app)
+    app.configure(
+        database_url=args.database_url,
+        connect_timeout=args.connect_timeout or connect_timeout,
+    )
+    report = await check_runs(app, include_completed=args.include_completed)
+    print(report)
+    return 0 if report.passed else 1
+
+
+async def dashboard(args: argparse.Namespace, connect_timeout: float) -> int:
+    """``durable dashboard``: serve it until interrupted."""
+    from durable.dashboard import serve
+    from durable.dashboard._serve import check_bind
+
+    logging.basicConfig(level=logging.WARNING, format="durable: %(message)s")
+    check_bind(args.host, args.token)  # before any connection
+    app = App(
+        database_url=args.database_url,
+        connect_timeout=args.connect_timeout or connect_timeout,
+    )
+    async with app:
+        await serve(app, host=args.host, port=args.port, token=args.token, read_only=args.read_only)
+    return 0
+
+
 async def migrate(app: App, args: argparse.Namespace) -> int:
     print(f"schema up to date in {redact(app.database_url or '')}")
     return 0
@@ -45,7 +80,8 @@ async def migrate(app: App, args: argparse.Namespace) -> int:
 
 async def runs(app: App, args: argparse.Namespace) -> int:
     if args.runs_command == "list":
-        for info in await app.list_runs(status=args.status, limit=args.limit):
+        where = RunFilter(function=args.function, tags=dict(args.tag) or None)
+        for info in await app.list_runs(where, status=args.status, limit=args.limit):
             print(_run_line(info))
         return 0
     if args.runs_command == "retry" and args.run_id is None:
@@ -265,6 +301,7 @@ def _run_line(info: RunInfo) -> str:
     return (
         f"{info.run_id}  {info.status:<9}  {info.function}  attempt {info.attempt}  "
         f"created {info.created_at:%Y-%m-%d %H:%M:%S}"
+        + "".join(f"  {name}={value}" for name, value in info.tags.items())
     )
 
 

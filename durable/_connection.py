@@ -1,6 +1,7 @@
 """``Connection``: an app's way to its database: the URL (or the embedded server, kept alive),
 the pool, the schema brought up to date, the declared rate limits written, and one LISTEN
-connection for the notifications clients and workers wait on."""
+connection for the notifications clients and workers wait on (and one more per watch of
+runs: the dashboard's)."""
 
 from __future__ import annotations
 
@@ -8,18 +9,26 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import Callable, Mapping
+import socket
+import uuid
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
 from durable._settings import Settings
 from engine import Listener, PostgresStore, _urls
-from engine.errors import ConfigurationError, EmbeddedPostgresError
+from engine.errors import (
+    ConfigurationError,
+    DatabaseUnavailable,
+    DurableError,
+    EmbeddedPostgresError,
+)
 
 if TYPE_CHECKING:
     from durable._embedded import Server
 
 log = logging.getLogger("durable._app")
+WATCH_RENEWAL = timedelta(seconds=20)  # well within durable.notify_journal's minute
 
 
 class Connection:
@@ -31,6 +40,7 @@ class Connection:
         self._on_lost = on_lost
         self._store: PostgresStore | None = None
         self._listener: Listener | None = None
+        self._watchers: set[Callable[[], Awaitable[None]]] = set()  # App.watch_runs, stops
         # Watches the embedded server, when the app uses it (see _embedded.keep).
         self._keeper: asyncio.Task[None] | None = None
         self.embedded_lost: EmbeddedPostgresError | None = None
@@ -93,8 +103,45 @@ class Connection:
             raise
         self._store, self._listener = store, listener
 
+    async def watch(
+        self, channels: Sequence[str], on_notify: Callable[[str], None]
+    ) -> Callable[[], Awaitable[None]]:
+        """LISTEN on ``channels`` on a connection of its own, until the returned coroutine
+        function is called or this connection closes. Meanwhile this process is recorded in
+        durable.watchers (renewed every WATCH_RENEWAL), which makes journal appends announce
+        themselves on durable_journal: nobody pays for that while nobody watches."""
+        store = self.store
+        watcher = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4()}"
+        await store.touch_watcher(watcher)
+        listener = Listener(store.listen, channels=channels)
+        for channel in channels:
+            listener.subscribe(channel, on_notify)
+        await listener.start()
+
+        async def renew() -> None:
+            while True:
+                await asyncio.sleep(WATCH_RENEWAL.total_seconds())
+                with contextlib.suppress(DatabaseUnavailable):
+                    await store.touch_watcher(watcher)
+
+        renewal = asyncio.create_task(renew(), name="durable-watch-renewal")
+
+        async def stop() -> None:
+            self._watchers.discard(stop)
+            renewal.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewal
+            await listener.close()
+            with contextlib.suppress(DurableError):
+                await store.end_watcher(watcher)
+
+        self._watchers.add(stop)
+        return stop
+
     async def close(self) -> None:
         await self._stop_keeper()  # first: no restart of the server may race the shutdown
+        for stop in list(self._watchers):
+            await stop()
         if self._listener is not None:
             await self._listener.close()
             self._listener = None

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Generic, Protocol, TypeVar
 
@@ -80,6 +80,8 @@ class RunInfo:
     pinned: bool = False
     forked_from: uuid.UUID | None = None
     fork_position: str | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+    queue: str | None = None  # None: started by code that does not declare the function
 
     @property
     def version(self) -> str | None:
@@ -111,6 +113,8 @@ class RunInfo:
             pinned=row.pinned,
             forked_from=row.forked_from,
             fork_position=row.fork_position,
+            tags=dict(row.tags),
+            queue=row.queue,
         )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
@@ -52,3 +53,24 @@ async def status_is(handle: durable.RunHandle[Any], status: str) -> bool:
 
 async def attempt_at_least(handle: durable.RunHandle[Any], attempt: int) -> bool:
     return (await handle.info()).attempt >= attempt
+
+
+@contextlib.asynccontextmanager
+async def serving(site: Any) -> AsyncIterator[str]:
+    """An ASGI application served by uvicorn on a free port of 127.0.0.1, for the block; yields
+    its URL. (httpx's in-process transport reads a whole response before returning it, so a
+    stream, or a browser, needs a real server.)"""
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    config = uvicorn.Config(site, log_level="warning", lifespan="off", timeout_graceful_shutdown=1)
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        await until(lambda: server.started, what="uvicorn started")
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        await task
+        sock.close()
