@@ -122,7 +122,13 @@ def test_the_embedded_fixtures_leave_nothing_in_tmpdir(
         if ends == "interrupted":
             _wait_for(tmp_path / "marker", run)
             run.send_signal(signal.SIGINT)  # what Ctrl-C sends to pytest
-        output, _ = run.communicate(timeout=300)
+        try:
+            output, _ = run.communicate(timeout=90)  # within the test's own timeout
+        except subprocess.TimeoutExpired:
+            run.kill()
+            output, _ = run.communicate()
+            message = f"the {ends} run did not end in 90 s; it printed:\n{output}"
+            raise AssertionError(message) from None
     finally:
         if run.poll() is None:
             run.kill()
