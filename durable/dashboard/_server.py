@@ -10,7 +10,6 @@ script or style and nothing from another origin."""
 
 from __future__ import annotations
 
-import hmac
 import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -27,7 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from durable._app import App
 from durable.dashboard import _actions, _pages
 from durable.dashboard._render import STATIC
-from durable.dashboard._state import CSRF_COOKIE, Dashboard
+from durable.dashboard._state import CSRF_COOKIE, Dashboard, same_secret
 
 TOKEN_COOKIE = "durable_token"
 POLICY = (
@@ -114,10 +113,10 @@ class _Guard:
         token: Any = self.token
         given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
         cookie = request.cookies.get(TOKEN_COOKIE, "")
-        if any(v and hmac.compare_digest(v, token) for v in (given, cookie)):
+        if any(v and same_secret(v, token) for v in (given, cookie)):
             return None
         query = request.query_params.get("token", "")
-        if query and hmac.compare_digest(query, token):
+        if query and same_secret(query, token):
             rest = [(k, v) for k, v in request.query_params.multi_items() if k != "token"]
             target = str(request.url.replace(query=urlencode(rest)))
             redirect = RedirectResponse(target, status_code=303)

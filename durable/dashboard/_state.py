@@ -56,7 +56,14 @@ def csrf_token(request: Request) -> str:
     return token
 
 
+def same_secret(given: str, expected: str) -> bool:
+    """Whether ``given`` is ``expected``, compared in constant time (as bytes: any text a
+    client sends is compared, not refused with an error)."""
+    encoded = given.encode("utf-8", "surrogateescape")
+    return hmac.compare_digest(encoded, expected.encode("utf-8", "surrogateescape"))
+
+
 def csrf_ok(request: Request, given: object) -> bool:
     """Whether a form's CSRF field matches this browser's cookie."""
     cookie = request.cookies.get(CSRF_COOKIE, "")
-    return bool(cookie) and isinstance(given, str) and hmac.compare_digest(cookie, given)
+    return bool(cookie) and isinstance(given, str) and same_secret(given, cookie)

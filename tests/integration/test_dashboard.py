@@ -189,9 +189,10 @@ async def test_a_token_guards_every_request(database_url: str) -> None:
         without = await client.get("/")
         wrong = await client.get("/", headers={"authorization": "Bearer nope"})
         bearer = await client.get("/", headers={"authorization": "Bearer s3cret"})
+        odd = await client.get("/", params={"token": "s3crét"})
         once = await client.get("/capacity", params={"token": "s3cret"})
         after = await client.get("/capacity")
-    assert without.status_code == wrong.status_code == 401
+    assert without.status_code == wrong.status_code == odd.status_code == 401
     assert "content-security-policy" in without.headers
     assert bearer.status_code == 200
     assert once.status_code == 303
