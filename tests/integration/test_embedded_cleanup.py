@@ -24,7 +24,9 @@ ROOT = Path(__file__).resolve().parents[2]
 # embedded tests' base directory, and the fault suite's server of its own.
 SMALL_TEST = """
 import asyncio
+import faulthandler
 import os
+import signal
 from pathlib import Path
 
 import asyncpg
@@ -32,6 +34,8 @@ import asyncpg
 from durable import _embedded
 from tests.acceptance.test_faults import own_server
 from tests.integration.test_embedded import base  # noqa: F401 (the fixture)
+
+faulthandler.register(signal.SIGUSR1, all_threads=True)  # where it is, if it hangs
 
 
 async def test_every_embedded_fixture(database_url: str, base: Path) -> None:
@@ -125,6 +129,8 @@ def test_the_embedded_fixtures_leave_nothing_in_tmpdir(
         try:
             output, _ = run.communicate(timeout=90)  # within the test's own timeout
         except subprocess.TimeoutExpired:
+            run.send_signal(signal.SIGUSR1)  # its threads' stacks, to its output
+            time.sleep(2)
             run.kill()
             output, _ = run.communicate()
             message = f"the {ends} run did not end in 90 s; it printed:\n{output}"
