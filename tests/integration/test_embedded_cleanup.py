@@ -35,7 +35,11 @@ from durable import _embedded
 from tests.acceptance.test_faults import own_server
 from tests.integration.test_embedded import base  # noqa: F401 (the fixture)
 
-faulthandler.register(signal.SIGUSR1, all_threads=True)  # where it is, if it hangs
+# Ctrl-C as in a terminal, whatever this process inherited: a shell that starts a job in the
+# background without job control starts it with SIGINT ignored, and so every process below it.
+signal.signal(signal.SIGINT, signal.default_int_handler)
+# Where every thread is, if it hangs: to a file of its own (pytest captures fd 2).
+faulthandler.register(signal.SIGUSR1, open(os.environ["SMALL_TEST_STACKS"], "w"), all_threads=True)
 
 
 async def test_every_embedded_fixture(database_url: str, base: Path) -> None:
@@ -70,6 +74,8 @@ def _run(tmp_path: Path, tmpdir: Path, ends: str) -> subprocess.Popen[str]:
         "PYTHONPATH": str(ROOT),
         "SMALL_TEST_ENDS": ends,
         "SMALL_TEST_MARKER": str(tmp_path / "marker"),
+        "SMALL_TEST_STACKS": str(tmp_path / "stacks"),
+        "PYTHONUNBUFFERED": "1",
     }
     return subprocess.Popen(
         [
@@ -129,11 +135,21 @@ def test_the_embedded_fixtures_leave_nothing_in_tmpdir(
         try:
             output, _ = run.communicate(timeout=90)  # within the test's own timeout
         except subprocess.TimeoutExpired:
-            run.send_signal(signal.SIGUSR1)  # its threads' stacks, to its output
+            alive = run.poll() is None
+            tree = subprocess.run(
+                ["ps", "-eo", "pid,ppid,stat,args"], capture_output=True, text=True, check=False
+            ).stdout
+            run.send_signal(signal.SIGUSR1)  # its threads' stacks, to the stacks file
             time.sleep(2)
             run.kill()
             output, _ = run.communicate()
-            message = f"the {ends} run did not end in 90 s; it printed:\n{output}"
+            stacks = tmp_path / "stacks"
+            state = "still ran" if alive else "had exited"
+            dump = stacks.read_text() if stacks.exists() else ""
+            message = (
+                f"the {ends} run did not end in 90 s (its process {state}); it printed:\n"
+                f"{output}\nits stacks:\n{dump}\nprocesses:\n{tree}"
+            )
             raise AssertionError(message) from None
     finally:
         if run.poll() is None:
