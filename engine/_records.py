@@ -81,6 +81,7 @@ class Claim:
     deadline_at: datetime | None = None
     # A fork (durable runs fork/retry) has journal entries before its first claim.
     forked: bool = False
+    created_at: datetime | None = None
 
 
 @dataclass(frozen=True)

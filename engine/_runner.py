@@ -6,11 +6,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import traceback
 from collections.abc import Awaitable
 from typing import Any
 
-from engine import _codec, _lineage, _tracing
+from engine import _codec, _lineage, _metrics, _tracing
 from engine._context import Context
 from engine._records import Claim, EndStatus
 from engine._registry import FunctionSpec
@@ -93,7 +94,14 @@ class Runner:
 
     async def execute(self) -> None:
         claim = self.claim
+        self._began = time.monotonic()
         self.db_time.observe(claim.db_now)
+        labels = {"function": claim.function}
+        if claim.attempt == 1:
+            _metrics.runs_started.add(1, labels)
+            if claim.created_at is not None:
+                latency = (claim.db_now - claim.created_at).total_seconds()
+                _metrics.start_latency.record(max(0.0, latency), labels)
         # A first claim has no journal (entries are written only by a claim's holder), unless
         # the run is a fork, which starts with a copy of another run's.
         fresh = claim.attempt == 1 and not claim.forked
@@ -180,7 +188,14 @@ class Runner:
         """End the attempt with its last store call. False means the claim was lost meanwhile:
         another worker holds the run and resumes it, and this attempt's outcome is dropped."""
         self.ending = True
-        if not await call:
+        written = await call
+        _metrics.attempt_duration.record(
+            time.monotonic() - self._began,
+            {"function": self.claim.function, "outcome": outcome if written else "lost"},
+        )
+        if written:
+            _metrics.run_ended(self.claim.function, outcome)
+        else:
             log.warning(
                 "run %s: claim %d was lost before the attempt ended (%s not written); the run's "
                 "new holder resumes it",

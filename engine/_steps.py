@@ -12,7 +12,7 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
-from engine import _tracing
+from engine import _metrics, _tracing
 from engine._records import StepTiming
 from engine._registry import StepPolicy
 from engine._run_state import RunState
@@ -100,7 +100,10 @@ async def execute_step(
                 if isinstance(exc, TimeoutError) and timeout is not None:
                     exc = TimeoutError(f"step {name!r} timed out after {timeout}s")
                 failure = ErrorInfo.from_exception(exc, traceback.format_exc())
-        ms = round((time.perf_counter() - started) * 1000, 3)
+        took = time.perf_counter() - started
+        ms = round(took * 1000, 3)
+        outcome = {"function": state.function, "outcome": "ok" if failure is None else "failed"}
+        _metrics.step_duration.record(took, outcome)
         tries.append((began, ms, None if failure is None else f"{failure.type}: {failure.message}"))
         if failure is None:
             return result, None

@@ -23,7 +23,7 @@ from typing import Any, Self, TypeVar
 
 import asyncpg
 
-from engine import _schema
+from engine import _metrics, _schema
 from engine._clock import Clock
 from engine._driver import TRANSIENT, open_pool, surfaced, surfacing_methods
 from engine._group_commit import GroupCommit, Outcome, PendingEntry, PendingFinish
@@ -143,6 +143,7 @@ class PostgresStore:
         try:
             return await self._once(call)
         except asyncpg.UniqueViolationError as exc:
+            _metrics.journal_conflicts.add(1)
             raise JournalConflict(
                 f"run {run_id}: journal position {position} is already written"
             ) from exc
@@ -325,6 +326,7 @@ class PostgresStore:
             PendingEntry(run_id, attempt, position, kind, name, value, error, timing)
         )
         if outcome == "conflict":
+            _metrics.journal_conflicts.add(1)
             raise JournalConflict(f"run {run_id}: journal position {position} is already written")
         return outcome == "written"
 
@@ -591,9 +593,14 @@ class PostgresStore:
         await self._retrying(lambda: self._pool.execute(self._q["end_watcher"], watcher))
 
     async def queue_depths(self) -> list[dict[str, Any]]:
-        """Per queue: pending and running runs, the oldest pending run's creation, now."""
+        """Per queue: due (pending), scheduled and running runs, the oldest due run's
+        creation, and now (the view durable.queue_depths)."""
         rows = await self._retrying(lambda: self._pool.fetch(self._q["queue_depths"]))
         return [dict(r.items()) for r in rows]
+
+    async def count_suspended(self) -> int:
+        count: int = await self._retrying(lambda: self._pool.fetchval(self._q["count_suspended"]))
+        return count
 
     async def busy_keys(self, limit: int) -> list[dict[str, Any]]:
         """Concurrency keys holding or awaiting slots, the busiest first."""
@@ -735,6 +742,7 @@ def _claim(row: asyncpg.Record) -> Claim:
         db_now=row["db_now"],
         deadline_at=row["deadline_at"],
         forked=bool(row["forked"]),
+        created_at=row["created_at"],
     )
 
 

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 
-from engine import _limits, _lineage
+from engine import _limits, _lineage, _metrics
 from engine._clock import Clock, DatabaseTime, SystemClock
 from engine._listener import Listener
 from engine._records import Claim, Store
@@ -76,6 +76,7 @@ class Worker:
         self.store = store
         self.functions = dict(functions)
         self.code = CodeVersions.of(self.functions)
+        _metrics.declare(self.functions)
         # Every function of the app, served here or not: what a run may start as a child.
         self.registry = dict(registry or functions)
         self.listener = listener
@@ -244,6 +245,8 @@ class Worker:
         for run_id in run_ids:
             entry = self.active.get(run_id)
             if entry is not None and not entry[0].ending:
+                if reason == "lease lost":
+                    _metrics.leases_lost.add(1, {"function": entry[0].claim.function})
                 log.warning(
                     "run %s: %s; abandoning this attempt",
                     run_id,

@@ -1,7 +1,7 @@
 -- durable: every function of schema durable but the journal's trigger functions, which its table
 -- needs and which live with the tables in the migrations.
 --
--- version: 3
+-- version: 4
 --
 -- How this file is applied. engine/_schema.py runs it after the migrations, under their advisory
 -- lock, and records the version above with the file's checksum (durable.schema_functions):
@@ -480,7 +480,8 @@ CREATE FUNCTION durable.claim_runs(
     p_functions text[], p_limit integer, p_worker text, p_lease interval,
     p_versions text[] DEFAULT NULL, p_pinned text[] DEFAULT NULL
 ) RETURNS TABLE (id uuid, function text, input jsonb, attempt integer, trace_context jsonb,
-                 db_now timestamptz, deadline_at timestamptz, forked boolean)
+                 db_now timestamptz, deadline_at timestamptz, forked boolean,
+                 created_at timestamptz)
 LANGUAGE plpgsql AS $$
 DECLARE
     v_now timestamptz := durable.clock();
@@ -561,7 +562,7 @@ BEGIN
            deadline_at = coalesce(r.deadline_at, v_now + r.run_timeout), updated_at = v_now
      WHERE r.id = ANY (v_take)
     RETURNING r.id, r.function, r.input, r.attempt, r.trace_context, v_now, r.deadline_at,
-              r.forked_from IS NOT NULL;
+              r.forked_from IS NOT NULL, r.created_at;
 END
 $$;
 
@@ -604,17 +605,18 @@ CREATE FUNCTION durable.claim_due(
     p_versions text[] DEFAULT NULL, p_pinned text[] DEFAULT NULL
 ) RETURNS TABLE (id uuid, function text, input jsonb, attempt integer, trace_context jsonb,
                  db_now timestamptz, next_due timestamptz, deadline_at timestamptz,
-                 forked boolean)
+                 forked boolean, created_at timestamptz)
 LANGUAGE plpgsql AS $$
 BEGIN
     RETURN QUERY
         SELECT c.id, c.function, c.input, c.attempt, c.trace_context, c.db_now,
-               NULL::timestamptz, c.deadline_at, c.forked
+               NULL::timestamptz, c.deadline_at, c.forked, c.created_at
           FROM durable.claim_runs(p_functions, p_limit, p_worker, p_lease, p_versions,
                                   p_pinned) c;
     RETURN QUERY
         SELECT NULL::uuid, NULL::text, NULL::jsonb, NULL::integer, NULL::jsonb, durable.clock(),
-               durable.next_due(p_functions, p_versions), NULL::timestamptz, NULL::boolean;
+               durable.next_due(p_functions, p_versions), NULL::timestamptz, NULL::boolean,
+               NULL::timestamptz;
 END
 $$;
 

@@ -65,11 +65,12 @@ $$;
 SELECT run_id, created FROM durable.create_runs($1::text::jsonb);
 
 -- name: claim_runs
-SELECT id, function, input, attempt, trace_context, db_now, deadline_at, forked
+SELECT id, function, input, attempt, trace_context, db_now, deadline_at, forked, created_at
   FROM durable.claim_runs($1, $2, $3, $4, $5, $6);
 
 -- name: claim_due
-SELECT id, function, input, attempt, trace_context, db_now, next_due, deadline_at, forked
+SELECT id, function, input, attempt, trace_context, db_now, next_due, deadline_at, forked,
+       created_at
   FROM durable.claim_due($1, $2, $3, $4, $5, $6);
 
 -- name: next_due
@@ -223,16 +224,14 @@ SELECT s.status, (SELECT count(*) FROM (
   FROM unnest(ARRAY['pending', 'running', 'suspended', 'paused', 'completed', 'failed',
                     'cancelled']) AS s (status);
 
--- What each queue holds: pending and running runs, and when its oldest pending run was
--- created (NULL queue: runs started by code that does not declare their function).
+-- What each queue holds (the view durable.queue_depths, migration 0004), and now.
 -- name: queue_depths
-SELECT queue, count(*) FILTER (WHERE status = 'pending') AS pending,
-       count(*) FILTER (WHERE status = 'running') AS running,
-       min(created_at) FILTER (WHERE status = 'pending') AS oldest_pending, durable.clock() AS now
-  FROM durable.runs
- WHERE status IN ('pending', 'running')
- GROUP BY queue
+SELECT queue, pending, scheduled, running, oldest_pending, now() AS now
+  FROM durable.queue_depths
  ORDER BY pending DESC, queue NULLS FIRST;
+
+-- name: count_suspended
+SELECT count(*) FROM durable.runs WHERE status = 'suspended';
 
 -- Concurrency keys holding or awaiting slots, the busiest first, at most $1.
 -- name: busy_keys
