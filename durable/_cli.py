@@ -2,7 +2,7 @@
 
 ::
 
-    durable worker module:app [--concurrency N] [--queue Q ...]
+    durable worker module:app [--concurrency N] [--queue Q ...] [--metrics-port 9464]
                                                    execute runs of the app's functions
     durable migrate                                apply the schema migrations
     durable runs list [--status S] [--function F] [--tag NAME=VALUE] [--limit N]
@@ -21,6 +21,7 @@
     durable check module:app [--include-completed N]
                                                    replay unfinished runs on the code as it is
     durable versions [module:app]                  runs in flight by version of the code
+    durable queues                                 queue depths: the autoscaling signal
     durable dashboard [--host 127.0.0.1] [--port 8484] [--token T] [--read-only]
                                                    the web dashboard
     durable db start|stop|status|url               the embedded PostgreSQL
@@ -155,6 +156,15 @@ def _parser() -> argparse.ArgumentParser:
         "back (default 10)",
     )
     worker.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS, default="INFO")
+    worker.add_argument(
+        "--metrics-port",
+        type=_whole(1, 65_535),
+        metavar="PORT",
+        help="serve Prometheus metrics on this port (needs: pip install 'durable[metrics]')",
+    )
+    worker.add_argument(
+        "--metrics-host", default="127.0.0.1", help="the address of the metrics endpoint"
+    )
 
     commands.add_parser("migrate", help="apply the schema migrations")
 
@@ -247,6 +257,9 @@ def _parser() -> argparse.ArgumentParser:
         metavar="N",
         help="replay the N runs that completed last too (their results must not change)",
     )
+    commands.add_parser(
+        "queues", help="each queue's due, scheduled and running runs and its oldest due run"
+    )
     versions = commands.add_parser(
         "versions", help="runs by function and version of the code, and versions to retire"
     )
@@ -277,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "worker":
             return _worker(args)
         if args.command == "db":
-            return _db(args.action)
+            return _commands.db(args.action)
         if args.command == "check":
             return asyncio.run(_commands.check(args, COMMAND_CONNECT_TIMEOUT))
         if args.command == "dashboard":
@@ -304,6 +317,10 @@ def _worker(args: argparse.Namespace) -> int:
     )
     app = load_app(args.app)
     app.configure(database_url=args.database_url, connect_timeout=args.connect_timeout)
+    if args.metrics_port is not None:
+        from durable._metrics_server import serve_prometheus
+
+        serve_prometheus(args.metrics_host, args.metrics_port)
 
     async def serve() -> None:
         loop = asyncio.get_running_loop()
@@ -354,33 +371,6 @@ async def _with_app(args: argparse.Namespace) -> int:
             "events": _commands.events,
             "schedules": _commands.schedules,
             "versions": _commands.versions,
+            "queues": _commands.queues,
         }
         return await handlers[args.command](app, args)
-
-
-def _db(action: str) -> int:
-    from durable import _embedded
-
-    if action == "start":
-        server = _embedded.pin()
-        print(f"embedded PostgreSQL running (pid {server.pid}) in {server.data_dir}")
-        print(server.dsn)
-    elif action == "stop":
-        stopped = _embedded.unpin()
-        print("embedded PostgreSQL stopped" if stopped else "embedded PostgreSQL was not running")
-    elif action == "url":
-        found, data_dir, _users, _pinned = _embedded.status()
-        if found is None:
-            print(
-                f"not running (data dir {data_dir}); `durable db start` starts it", file=sys.stderr
-            )
-            return 1
-        print(found.dsn)
-    else:
-        found, data_dir, users, pinned = _embedded.status()
-        state = f"running (pid {found.pid})" if found else "stopped"
-        print(f"embedded PostgreSQL: {state}")
-        print(f"  data dir: {data_dir}")
-        print(f"  pinned by `durable db start`: {'yes' if pinned else 'no'}")
-        print(f"  processes using it: {', '.join(map(str, users)) or 'none'}")
-    return 0

@@ -73,6 +73,52 @@ async def dashboard(args: argparse.Namespace, connect_timeout: float) -> int:
     return 0
 
 
+def db(action: str) -> int:
+    """``durable db start|stop|status|url``: the embedded server."""
+    from durable import _embedded
+
+    if action == "start":
+        server = _embedded.pin()
+        print(f"embedded PostgreSQL running (pid {server.pid}) in {server.data_dir}")
+        print(server.dsn)
+    elif action == "stop":
+        stopped = _embedded.unpin()
+        print("embedded PostgreSQL stopped" if stopped else "embedded PostgreSQL was not running")
+    elif action == "url":
+        found, data_dir, _users, _pinned = _embedded.status()
+        if found is None:
+            print(
+                f"not running (data dir {data_dir}); `durable db start` starts it", file=sys.stderr
+            )
+            return 1
+        print(found.dsn)
+    else:
+        found, data_dir, users, pinned = _embedded.status()
+        state = f"running (pid {found.pid})" if found else "stopped"
+        print(f"embedded PostgreSQL: {state}")
+        print(f"  data dir: {data_dir}")
+        print(f"  pinned by `durable db start`: {'yes' if pinned else 'no'}")
+        print(f"  processes using it: {', '.join(map(str, users)) or 'none'}")
+    return 0
+
+
+async def queues(app: App, args: argparse.Namespace) -> int:
+    """``durable queues``: what each queue holds (the view durable.queue_depths)."""
+    depths = (await app.capacity()).queues
+    if not depths:
+        print("no run pending or running")
+        return 0
+    print(f"{'queue':<20} {'pending':>8} {'scheduled':>10} {'running':>8}  oldest pending")
+    for depth in depths:
+        age = depth.oldest_pending_age
+        oldest = "" if age is None else f"{age.total_seconds():.1f} s"
+        name = depth.queue or "(undeclared)"
+        print(
+            f"{name:<20} {depth.pending:>8,} {depth.scheduled:>10,} {depth.running:>8,}  {oldest}"
+        )
+    return 0
+
+
 async def migrate(app: App, args: argparse.Namespace) -> int:
     print(f"schema up to date in {redact(app.database_url or '')}")
     return 0

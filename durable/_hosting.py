@@ -11,7 +11,7 @@ from datetime import timedelta
 
 from durable._connection import Connection, declare_rate_limits
 from durable._declarations import Declarations
-from engine import Scheduler, Worker, WorkerOptions
+from engine import Scheduler, Worker, WorkerOptions, _metrics
 
 log = logging.getLogger("durable._app")
 
@@ -69,7 +69,20 @@ class Hosting:
             scheduler = Scheduler(
                 store, declared.schedules, every, poll_interval=settings.poll_interval
             )
-            await hosted.serve(worker, scheduler)
+
+            async def read_gauges() -> _metrics.Snapshot:
+                return _metrics.snapshot_of(
+                    await store.queue_depths(),
+                    await store.count_suspended(),
+                    await store.busy_keys(_metrics.KEYS),
+                )
+
+            # What the database holds, read when a metrics reader collects (never otherwise).
+            _metrics.database_gauges.add(asyncio.get_running_loop(), read_gauges)
+            try:
+                await hosted.serve(worker, scheduler)
+            finally:
+                _metrics.database_gauges.remove(read_gauges)
         finally:
             self._hosted.discard(hosted)
         if self._connection.embedded_lost is not None:  # the embedded server died for good

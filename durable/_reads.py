@@ -22,13 +22,15 @@ WATCHED = ("durable_journal", "durable_done", "durable_cancel")
 
 @dataclass(frozen=True)
 class QueueDepth:
-    """A queue's pending and running runs and how long its oldest pending run has waited
-    (``queue`` None: runs started by code that does not declare their function)."""
+    """A queue's runs due to start (``pending``), not due yet (``scheduled``) and running, and
+    how long its oldest due run has waited (``queue`` None: runs started by code that does not
+    declare their function). The view durable.queue_depths holds the same."""
 
     queue: str | None
     pending: int
     running: int
     oldest_pending_age: timedelta | None
+    scheduled: int = 0
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,7 @@ class Reads:
                     d["pending"],
                     d["running"],
                     None if d["oldest_pending"] is None else d["now"] - d["oldest_pending"],
+                    d["scheduled"],
                 )
                 for d in depths
             ],

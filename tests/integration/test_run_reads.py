@@ -321,3 +321,26 @@ async def test_appends_are_announced_only_while_someone_watches(database_url: st
     finally:
         await listening.close()
     assert before == ["marker"]
+
+
+async def test_queue_depths_count_due_scheduled_and_running_runs(database_url: str) -> None:
+    from durable._cli import main
+
+    app = make_app(database_url)
+    _waiting(app, queue="reports")
+    async with app:
+        await app.start_many("waiting", ["a", "b"])
+        await app.start("waiting", "later", delay=timedelta(hours=1))
+        depths = (await app.capacity()).queues
+    [reports] = depths
+    assert (reports.queue, reports.pending, reports.scheduled, reports.running) == (
+        "reports",
+        2,
+        1,
+        0,
+    )
+    assert reports.oldest_pending_age is not None
+    printed = await asyncio.to_thread(_cli_output, main, ["--database-url", database_url, "queues"])
+    header, row = printed.splitlines()
+    assert header.split()[:4] == ["queue", "pending", "scheduled", "running"]
+    assert row.split()[:4] == ["reports", "2", "1", "0"]
