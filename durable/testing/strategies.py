@@ -27,11 +27,11 @@ def crash_schedules(
 ) -> st.SearchStrategy[list[int]]:
     """Sets of checkpoint indexes to crash at (see ``Simulation.run(crashes=...)``). An index
     past the end of the run is simply never reached."""
-    return st.lists(
-        st.integers(min_value=0, max_value=max_checkpoint),
-        max_size=max_crashes,
-        unique=True,
-    ).map(sorted)
+    # A plain list, made a set by the map: Hypothesis shrinks it to the fewest crashes, where
+    # a unique=True list often stops at one more (measured: [0, 6] in 3 finds of 10).
+    return st.lists(st.integers(min_value=0, max_value=max_checkpoint), max_size=max_crashes).map(
+        lambda crashes: sorted(set(crashes))
+    )
 
 
 def event_orders(
