@@ -55,7 +55,8 @@ async def test_a_flush_killed_mid_commit_returns_no_step_and_its_steps_run_again
         await until(
             lambda: db.fetchval(
                 "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%append_entries%' "
-                "AND state = 'active' AND pid <> pg_backend_pid()"
+                "AND state = 'active' AND pid <> pg_backend_pid() "
+                "AND datname = current_database()"
             ),
             what="a flush hanging in its commit",
         )
@@ -63,7 +64,8 @@ async def test_a_flush_killed_mid_commit_returns_no_step_and_its_steps_run_again
         await db.execute("DELETE FROM public.stall")
         killed = await db.fetchval(
             "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-            "WHERE query LIKE '%append_entries%' AND pid <> pg_backend_pid()"
+            "WHERE query LIKE '%append_entries%' AND pid <> pg_backend_pid() "
+            "AND datname = current_database()"
         )
         results = await asyncio.gather(*(h.result(timeout=60) for h in handles))
     assert killed >= 1
