@@ -1,7 +1,11 @@
 """``App``: a durable application. What it declares lives in ``durable._declarations``, its way
 to the database in ``durable._connection``, what it does with runs and events in
 ``durable._client``, and the workers it runs in ``durable._hosting``; ``App`` puts them together
-behind the public API."""
+behind the public API.
+
+Over 400 lines: the public API of an app is this one class, each method a few lines that hand
+the work to the modules above.
+"""
 
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ from durable._handle import RunHandle, RunInfo
 from durable._hosting import Hosting
 from durable._reads import MAX_LISTED, Capacity, Reads
 from durable._settings import Settings
-from engine import Context, RunFilter, ScheduleRow, _limits
+from engine import Cleanup, Context, RunFilter, ScheduleRow, SegmentRow, _limits
 from engine.errors import ConfigurationError
 
 T = TypeVar("T")
@@ -51,8 +55,11 @@ class App(Declarations):
     names the code of every function (a release tag, a commit); by default each function's
     version is a digest of its own source, so an unchanged function keeps its version across
     deploys. Each run records the version it started on and each attempt the version it ran
-    on (``durable versions``). A setting out of range (a lease that is not positive, a pool of
-    no connections) raises ConfigurationError here.
+    on (``durable versions``). ``retention`` (at least an hour; None keeps everything) is how
+    long finished runs are kept, with their journal, and the events this app sends; each
+    worker cleans up every ``cleanup_interval`` (one at a time across all of them), by
+    dropping whole partitions (``durable retention status`` shows them). A setting out of range
+    (a lease that is not positive, a pool of no connections) raises ConfigurationError here.
     """
 
     def __init__(
@@ -66,6 +73,8 @@ class App(Declarations):
         connect_timeout: float | None = None,
         max_payload_bytes: int | None = 1 << 20,
         version: str | None = None,
+        retention: timedelta | None = None,
+        cleanup_interval: timedelta = timedelta(minutes=10),
     ) -> None:
         if version is not None and not (
             isinstance(version, str) and 0 < len(version) <= 100 and version.isprintable()
@@ -81,8 +90,10 @@ class App(Declarations):
             pool_size=pool_size,
             connect_timeout=connect_timeout,
             max_payload_bytes=max_payload_bytes,
+            retention=retention,
+            cleanup_interval=cleanup_interval,
         )
-        super().__init__(settings.max_payload_bytes, version)
+        super().__init__(settings.max_payload_bytes, version, settings.retention)
         self._connection = Connection(settings, on_lost=self.stop_workers)
         self._client = Client(self, self._connection)
         self._reads = Reads(self._connection)
@@ -118,7 +129,9 @@ class App(Declarations):
 
     async def connect(self) -> None:
         """Connect (starting the embedded Postgres if no URL is set) and apply migrations."""
-        await self._connection.open(self.rate_limits, {"durable_done": self._client.dispatch_done})
+        await self._connection.open(
+            self.rate_limits, {"durable_done": self._client.dispatch_done}, self.retentions
+        )
 
     async def close(self) -> None:
         """Stop this app's workers and close its connections."""
@@ -297,6 +310,17 @@ class App(Declarations):
         pending run's age, the busiest concurrency keys, rate limits with the units used in
         their window, schedules, and the events sent last."""
         return await self._reads.capacity()
+
+    async def clean_up(self) -> Cleanup | None:
+        """One retention pass now, as the workers make every ``cleanup_interval``: open the
+        segments due to open, drop those whose retention has passed (after carrying forward
+        what must stay). None when another process is cleaning up."""
+        return await self._connection.store.clean_up()
+
+    async def retention_status(self) -> list[SegmentRow]:
+        """Each segment of the partitioned tables: its size, its runs and events, when it is
+        due, and what would outlive it; then the last ten dropped, with what each removed."""
+        return await self._connection.store.retention_status()
 
     def select_runs(
         self,

@@ -168,6 +168,7 @@ class Client:
             delay=delay,
             start_at=start_at,
             tags=tags,
+            retention=self._declarations.retention,
         )
 
     # -- events ---------------------------------------------------------------------------------
@@ -186,9 +187,10 @@ class Client:
         limit = self._connection.settings.max_payload_bytes
         data = json_or_invalid(payload, f"event {name!r}", limit)
         store = self._connection.store
+        retention = self._declarations.retention
         if connection is not None:
-            return await store.send_event_on(connection, name, key or "", data)
-        return await store.send_event(name, key or "", data)
+            return await store.send_event_on(connection, name, key or "", data, retention)
+        return await store.send_event(name, key or "", data, retention)
 
     # -- reading and acting on runs -------------------------------------------------------------
 

@@ -74,9 +74,11 @@ class Connection:
         self,
         rate_limits: Mapping[str, tuple[int, timedelta]],
         subscriptions: Mapping[str, Callable[[str], None]],
+        retentions: Sequence[timedelta | None] = (),
     ) -> None:
         """Connect (starting the embedded server if no URL is set), apply the migrations,
-        write ``rate_limits`` and start listening, with ``subscriptions`` (channel → callback)
+        write ``rate_limits``, open the segments of ``retentions`` (the app's retention classes:
+        a start then never has to) and start listening, with ``subscriptions`` (channel → callback)
         subscribed before the first notification can arrive."""
         if self._store is not None:
             return
@@ -93,6 +95,7 @@ class Connection:
         try:
             await store.migrate()
             await declare_rate_limits(store, rate_limits)
+            await store.open_segments(retentions)
             listener = Listener(store.listen)
             for channel, callback in subscriptions.items():
                 listener.subscribe(channel, callback)

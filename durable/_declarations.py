@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from durable._settings import json_or_invalid, setting
+from durable._settings import retention as _retention
 from engine import (
     CatchUp,
     Concurrency,
@@ -31,9 +32,15 @@ class Declarations:
     names it: see ``FunctionSpec``).
     """
 
-    def __init__(self, max_payload_bytes: int | None, version: str | None = None) -> None:
+    def __init__(
+        self,
+        max_payload_bytes: int | None,
+        version: str | None = None,
+        retention: timedelta | None = None,
+    ) -> None:
         self._payload_limit = max_payload_bytes
         self._version = version
+        self._retention = retention
         self._functions: dict[str, FunctionSpec] = {}
         self._schedules: dict[str, Schedule] = {}
         self._rate_limits: dict[str, tuple[int, timedelta]] = {}
@@ -52,6 +59,7 @@ class Declarations:
         cron: str | None = None,
         timezone: str = "UTC",
         versioning: Versioning = "replay",
+        retention: timedelta | Literal["forever"] | None = None,
     ) -> Callable[[Fn], Fn]:
         """Register a durable function ``async def f(ctx, input) -> result``.
 
@@ -75,6 +83,8 @@ class Declarations:
           journal on the code it has (checked: a mismatch pauses the run); ``"pinned"`` lets
           only workers of the version the run started on claim it, so old and new workers run
           side by side until the old runs drain (``durable versions`` shows them).
+        - ``retention``: how long its finished runs are kept, instead of the app's
+          ``retention``; ``"forever"`` keeps them however the app's is set.
         """
         limit = Concurrency(limit=concurrency) if isinstance(concurrency, int) else concurrency
         if name is not None:
@@ -94,6 +104,7 @@ class Declarations:
                 else setting(start_timeout, "@app.function: start_timeout", True)
             ),
             versioning=versioning,
+            retention=self._retention_of(retention),
         )
 
         def register(fn: Fn) -> Fn:
@@ -106,6 +117,24 @@ class Declarations:
             return fn
 
         return register
+
+    @property
+    def retention(self) -> timedelta | None:
+        """How long finished runs of functions without a retention of their own are kept, and
+        the events this app sends (None: for ever)."""
+        return self._retention
+
+    @property
+    def retentions(self) -> list[timedelta | None]:
+        """The retention classes this app starts runs and sends events in."""
+        return [self._retention, *(f.options.retention for f in self._functions.values())]
+
+    def _retention_of(self, given: timedelta | str | None) -> timedelta | None:
+        if given is None:
+            return self._retention
+        if given == "forever":
+            return None
+        return _retention(given, "@app.function: retention")
 
     def schedule(
         self,

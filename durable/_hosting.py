@@ -1,5 +1,6 @@
 """``Hosting``: the workers an app runs in this process (``app.run_worker``), each with the
-scheduler that fires the app's cron ticks, and how they are told to stop."""
+scheduler that fires the app's cron ticks and the cleaner that applies retention, and how they
+are told to stop."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from datetime import timedelta
 
 from durable._connection import Connection, declare_rate_limits
 from durable._declarations import Declarations
-from engine import Scheduler, Worker, WorkerOptions, _metrics
+from engine import Cleaner, Scheduler, Worker, WorkerOptions, _metrics
 
 log = logging.getLogger("durable._app")
 
@@ -59,6 +60,7 @@ class Hosting:
             declared = self._declarations
             # Those declared after the app connected too.
             await declare_rate_limits(store, declared.rate_limits)
+            await store.open_segments(declared.retentions)
             every = declared.functions
             served = {
                 name: spec
@@ -69,6 +71,7 @@ class Hosting:
             scheduler = Scheduler(
                 store, declared.schedules, every, poll_interval=settings.poll_interval
             )
+            cleaner = Cleaner(store, settings.cleanup_interval)
 
             async def read_gauges() -> _metrics.Snapshot:
                 return _metrics.snapshot_of(
@@ -80,7 +83,7 @@ class Hosting:
             # What the database holds, read when a metrics reader collects (never otherwise).
             _metrics.database_gauges.add(asyncio.get_running_loop(), read_gauges)
             try:
-                await hosted.serve(worker, scheduler)
+                await hosted.serve(worker, scheduler, cleaner)
             finally:
                 _metrics.database_gauges.remove(read_gauges)
         finally:
@@ -124,14 +127,16 @@ class _Hosted:
             await doing
         return False
 
-    async def serve(self, worker: Worker, scheduler: Scheduler) -> None:
+    async def serve(self, worker: Worker, scheduler: Scheduler, cleaner: Cleaner) -> None:
         self.worker = worker
         if self.stopped.is_set():
             return
-        ticking = asyncio.create_task(scheduler.run())
+        beside = [asyncio.create_task(scheduler.run()), asyncio.create_task(cleaner.run())]
         try:
             await worker.run()
         finally:
-            ticking.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await ticking
+            for task in beside:
+                task.cancel()
+            for task in beside:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task

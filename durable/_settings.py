@@ -22,6 +22,8 @@ class Settings:
     pool_size: int = 10
     connect_timeout: float | None = None
     max_payload_bytes: int | None = 1 << 20
+    retention: timedelta | None = None
+    cleanup_interval: timedelta = timedelta(minutes=10)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "lease", setting(self.lease, "App: lease", positive=True))
@@ -34,6 +36,10 @@ class Settings:
             setting(self.connect_timeout, "App: connect_timeout", positive=True)
         if self.max_payload_bytes is not None:
             _limits.count(self.max_payload_bytes, "App: max_payload_bytes", ConfigurationError)
+        object.__setattr__(self, "retention", retention(self.retention, "App: retention"))
+        object.__setattr__(
+            self, "cleanup_interval", setting(self.cleanup_interval, "App: cleanup_interval", True)
+        )
 
 
 def setting(value: object, what: str, positive: bool = False) -> timedelta:
@@ -42,6 +48,19 @@ def setting(value: object, what: str, positive: bool = False) -> timedelta:
     return _limits.duration(
         value, what, error=ConfigurationError, negative=False, zero=not positive
     )
+
+
+MIN_RETENTION = timedelta(hours=1)
+
+
+def retention(value: object, what: str) -> timedelta | None:
+    """A retention (None: keep for ever), at least MIN_RETENTION, or ConfigurationError."""
+    if value is None:
+        return None
+    span = setting(value, what, positive=True)
+    if span < MIN_RETENTION:
+        raise ConfigurationError(f"{what} must be at least an hour, got {span}")
+    return span
 
 
 def json_or_invalid(value: Any, what: str, max_bytes: int | None) -> Any:

@@ -34,6 +34,7 @@ from engine._registry import (
     new_run,
 )
 from engine._replay import JournalStore, ReplayResult, replay_journal
+from engine._retention import Cleaner, Cleanup, SegmentRow
 from engine._run_state import Checkpoint, Decision, Execution, Moment, Probe, RunState
 from engine._runner import Runner
 from engine._schedules import CatchUp, Schedule, Scheduler
@@ -50,6 +51,8 @@ __all__ = [
     "ChildOutcome",
     "ChildRun",
     "Claim",
+    "Cleaner",
+    "Cleanup",
     "Clock",
     "CodeVersions",
     "Concurrency",
@@ -75,6 +78,7 @@ __all__ = [
     "Schedule",
     "ScheduleRow",
     "Scheduler",
+    "SegmentRow",
     "StepPolicy",
     "Store",
     "SystemClock",

@@ -66,6 +66,7 @@ class NewRun:
     rate_key: str = ""
     tags: Mapping[str, str] | None = None
     queue: str | None = None
+    retention: timedelta | None = None
 
 
 @dataclass(frozen=True)

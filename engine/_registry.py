@@ -141,6 +141,7 @@ class RunOptions:
     timeout: timedelta | None = None
     start_timeout: timedelta | None = None
     versioning: Versioning = "replay"
+    retention: timedelta | None = None
 
     def __post_init__(self) -> None:
         if self.versioning not in ("replay", "pinned"):
@@ -213,6 +214,7 @@ class FunctionSpec:
             rate_key=rate_key,
             tags=tags,
             queue=options.queue,
+            retention=options.retention,
         )
 
     def _key(self, key: Callable[[Any], object], data: Any, what: str) -> str:
@@ -315,10 +317,11 @@ def new_run(
     delay: timedelta | None = None,
     start_at: datetime | None = None,
     tags: Mapping[str, str] | None = None,
+    retention: timedelta | None = None,
 ) -> NewRun:
     """The one way to build a run to store: ``function`` with ``data`` (its input as stored),
     with the function's options when ``functions`` registers it (``FunctionSpec.new_run``),
-    else with none (a function that another app's workers serve)."""
+    else with none but ``retention`` (a function that another app's workers serve)."""
     spec = functions.get(function)
     if spec is not None:
         return spec.new_run(
@@ -341,4 +344,5 @@ def new_run(
         available_at=start_at,
         delay=delay,
         tags=tags,
+        retention=retention,
     )

@@ -41,6 +41,7 @@ from engine._records import (
     StepTiming,
     WaitRow,
 )
+from engine._retention import Cleanup, SegmentRow
 from engine._urls import redact
 from engine.errors import ConfigurationError, DatabaseUnavailable, JournalConflict
 
@@ -394,17 +395,28 @@ class PostgresStore:
         return AwaitOutcome(row["outcome"], row["payload"], row["timeout_at"])
 
     async def send_event_on(
-        self, conn: asyncpg.Connection[Any], name: str, key: str, payload: Any
+        self,
+        conn: asyncpg.Connection[Any],
+        name: str,
+        key: str,
+        payload: Any,
+        retention: timedelta | None = None,
     ) -> int:
         """``send_event`` on the caller's connection, inside its transaction: the event exists,
         and wakes its waiters, if and only if that transaction commits."""
-        event_id: int = await conn.fetchval(self._q["send_event_on"], name, key, _json(payload))
+        event_id: int = await conn.fetchval(
+            self._q["send_event_on"], name, key, _json(payload), retention
+        )
         return event_id
 
-    async def send_event(self, name: str, key: str, payload: Any) -> int:
-        """Store an event and wake the runs waiting on (name, key); returns the event id."""
+    async def send_event(
+        self, name: str, key: str, payload: Any, retention: timedelta | None = None
+    ) -> int:
+        """Store an event and wake the runs waiting on (name, key); returns the event id. The
+        event is kept as long as ``retention`` (None: for ever), and while a run may still
+        receive it."""
         event_id: int = await self._once(
-            lambda: self._pool.fetchval(self._q["send_event"], name, key, payload)
+            lambda: self._pool.fetchval(self._q["send_event"], name, key, payload, retention)
         )
         return event_id
 
@@ -598,6 +610,46 @@ class PostgresStore:
         rows = await self._retrying(lambda: self._pool.fetch(self._q["queue_depths"]))
         return [dict(r.items()) for r in rows]
 
+    # -- retention ------------------------------------------------------------------------------
+
+    async def clean_up(self) -> Cleanup | None:
+        """Open the segments due to open and drop those due to go (functions.sql, "Retention"),
+        each step in a transaction of its own; None when another process is cleaning up.
+        A DatabaseError with sqlstate 55P03 (lock_not_available): the tables were too busy to
+        lock now; try again later."""
+        async with self._pool.acquire() as conn:
+            async with conn.transaction():
+                if not await conn.fetchval(self._q["try_cleanup_lock"]):
+                    return None
+                opened: int = await conn.fetchval(self._q["rotate_segments"])
+            dropped: list[dict[str, Any]] = []
+            for segment in await conn.fetchval(self._q["due_segments"]):
+                async with conn.transaction():
+                    if not await conn.fetchval(self._q["try_cleanup_lock"]):
+                        break
+                    report = await conn.fetchval(self._q["drop_segment"], segment)
+                if report is not None:
+                    dropped.append(json.loads(report))
+        return Cleanup(opened, dropped)
+
+    async def open_segments(self, retentions: Sequence[timedelta | None]) -> None:
+        """Open the segments of these retention classes (None: for ever) where missing."""
+        await self._retrying(
+            lambda: self._pool.execute(self._q["open_segments"], list(set(retentions)))
+        )
+
+    async def retention_status(self, dropped: int = 10) -> list[SegmentRow]:
+        """Every segment not dropped yet, then the last ``dropped`` dropped ones."""
+        rows = await self._retrying(lambda: self._pool.fetch(self._q["retention_status"], dropped))
+        return [
+            SegmentRow(
+                **{k: v for k, v in r.items() if k not in ("kept", "removed")},
+                kept=None if r["kept"] is None else json.loads(r["kept"]),
+                removed=None if r["removed"] is None else json.loads(r["removed"]),
+            )
+            for r in rows
+        ]
+
     async def count_suspended(self) -> int:
         count: int = await self._retrying(lambda: self._pool.fetchval(self._q["count_suspended"]))
         return count
@@ -776,6 +828,7 @@ def _run_doc(run: NewRun) -> dict[str, Any]:
         "rate_key": run.rate_key if run.rate_limit is not None else None,
         "tags": dict(run.tags) if run.tags else None,
         "queue": run.queue,
+        "retention": _seconds(run.retention),
     }
     doc.update((k, v) for k, v in options.items() if v is not None)
     return doc

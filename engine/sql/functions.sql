@@ -1,7 +1,7 @@
 -- durable: every function of schema durable but the journal's trigger functions, which its table
 -- needs and which live with the tables in the migrations.
 --
--- version: 4
+-- version: 5
 --
 -- How this file is applied. engine/_schema.py runs it after the migrations, under their advisory
 -- lock, and records the version above with the file's checksum (durable.schema_functions):
@@ -43,13 +43,16 @@ $$;
 
 -- A run row locked FOR SHARE proves the caller still holds the claim `p_attempt`: a claim by
 -- another worker updates the row, so it waits for this transaction and bumps the attempt after it.
-CREATE FUNCTION durable.hold_claim(p_run uuid, p_attempt integer) RETURNS boolean
+-- Returns the run's segment, where its journal entries go; NULL when the claim is gone.
+CREATE FUNCTION durable.held_segment(p_run uuid, p_attempt integer) RETURNS integer
 LANGUAGE plpgsql AS $$
+DECLARE
+    v_segment integer;
 BEGIN
-    PERFORM 1 FROM durable.runs
-     WHERE id = p_run AND attempt = p_attempt AND status = 'running'
+    SELECT r.segment INTO v_segment FROM durable.runs r
+     WHERE r.id = p_run AND r.attempt = p_attempt AND r.status = 'running'
        FOR SHARE;
-    RETURN FOUND;
+    RETURN v_segment;
 END
 $$;
 
@@ -252,6 +255,52 @@ BEGIN
 END
 $$;
 
+-- Segments
+-- --------
+
+-- Opens a segment of retention class p_retention (NULL: for ever) and closes the class's open
+-- one: a row of durable.segments and a partition of each of runs, journal and events. Returns
+-- its id. Under a lock of its own, so that two callers make two segments, not one twice.
+CREATE FUNCTION durable.add_segment(p_retention interval) RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_id integer;
+    v_table text;
+BEGIN
+    PERFORM pg_advisory_xact_lock(hashtextextended('durable.segments', 13));
+    SELECT coalesce(max(s.id), 0) + 1 INTO v_id FROM durable.segments s;
+    FOREACH v_table IN ARRAY ARRAY['runs', 'journal', 'events'] LOOP
+        EXECUTE format('CREATE TABLE durable.%I PARTITION OF durable.%I FOR VALUES IN (%s)',
+                       v_table || '_' || v_id, v_table, v_id);
+    END LOOP;
+    UPDATE durable.segments s SET closed_at = durable.clock()
+     WHERE s.retention IS NOT DISTINCT FROM p_retention AND s.closed_at IS NULL;
+    INSERT INTO durable.segments (id, retention, opened_at)
+    VALUES (v_id, p_retention, durable.clock());
+    RETURN v_id;
+END
+$$;
+
+-- The open segment of retention class p_retention, opened when the class has none yet.
+CREATE FUNCTION durable.open_segment(p_retention interval) RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_id integer;
+BEGIN
+    SELECT max(s.id) INTO v_id FROM durable.segments s
+     WHERE s.retention IS NOT DISTINCT FROM p_retention AND s.closed_at IS NULL;
+    IF v_id IS NULL THEN
+        PERFORM pg_advisory_xact_lock(hashtextextended('durable.segments', 13));
+        SELECT max(s.id) INTO v_id FROM durable.segments s
+         WHERE s.retention IS NOT DISTINCT FROM p_retention AND s.closed_at IS NULL;
+        IF v_id IS NULL THEN
+            v_id := durable.add_segment(p_retention);
+        END IF;
+    END IF;
+    RETURN v_id;
+END
+$$;
+
 -- Starting and cancelling runs
 -- ----------------------------
 
@@ -263,7 +312,7 @@ RETURNS TABLE (n bigint, id uuid, function text, input jsonb, idempotency_key te
                expires_at timestamptz, run_timeout interval, parent_id uuid,
                concurrency_key text, concurrency_limit integer, strategy text,
                slot_while_suspended boolean, rate_limit text, rate_key text, tags jsonb,
-               queue text)
+               queue text, retention interval)
 LANGUAGE sql STABLE AS $$
     SELECT e.n, (e.doc ->> 'id')::uuid, e.doc ->> 'function', e.doc -> 'input',
            e.doc ->> 'idempotency_key', e.doc -> 'trace_context',
@@ -274,7 +323,8 @@ LANGUAGE sql STABLE AS $$
            (e.doc ->> 'concurrency_limit')::integer, e.doc ->> 'concurrency_strategy',
            coalesce((e.doc ->> 'slot_while_suspended')::boolean, false),
            e.doc ->> 'rate_limit', coalesce(e.doc ->> 'rate_key', ''),
-           coalesce(e.doc -> 'tags', '{}'), e.doc ->> 'queue'
+           coalesce(e.doc -> 'tags', '{}'), e.doc ->> 'queue',
+           make_interval(secs => (e.doc ->> 'retention')::double precision)
       FROM jsonb_array_elements(p_runs) WITH ORDINALITY AS e (doc, n),
            LATERAL (SELECT coalesce(
                                (e.doc ->> 'available_at')::timestamptz,
@@ -285,10 +335,12 @@ $$;
 -- Starts runs (App.start, App.start_many, Context.start): one JSON object per run with its id,
 -- function, input, idempotency_key, trace_context and options (priority, available_at, delay,
 -- start_timeout and run_timeout in seconds, parent_id, concurrency_key, concurrency_limit,
--- concurrency_strategy, slot_while_suspended, rate_limit, rate_key, tags, queue; absent ones
--- take their defaults). Returns one row per given run, in order: its id (an existing run's when the id or
--- idempotency key is taken) and whether it was created. The strategies act on the active runs
--- of the same concurrency key:
+-- concurrency_strategy, slot_while_suspended, rate_limit, rate_key, tags, queue, retention in
+-- seconds; absent ones take their defaults). Returns one row per given run, in order: its id (an
+-- existing run's when the id or idempotency key is taken) and whether it was created. A run goes
+-- to the open segment of its retention class; its id and idempotency key are looked for in every
+-- segment first (a segment's keys are unique only within it), under a lock per idempotency key.
+-- The strategies act on the active runs of the same concurrency key:
 -- 'cancel_newest' cancels the new run when its key is already at its limit;
 -- 'cancel_in_progress' cancels the oldest runs of the key so that the newest stay within it.
 CREATE FUNCTION durable.create_runs(p_runs jsonb) RETURNS TABLE (run_id uuid, created boolean)
@@ -299,17 +351,38 @@ DECLARE
     v_ids uuid[];
     v_new record;
     v_old uuid;
+    v_classes interval[];
+    v_segments integer[] := '{}';
+    v_class interval;
 BEGIN
+    SELECT coalesce(array_agg(DISTINCT g.retention), '{}') INTO v_classes
+      FROM durable.given_runs(p_runs, v_now) g;
+    FOREACH v_class IN ARRAY v_classes LOOP
+        v_segments := v_segments || durable.open_segment(v_class);
+    END LOOP;
+    IF p_runs @? '$[*].idempotency_key ? (@ != null)' THEN
+        PERFORM pg_advisory_xact_lock(hashtextextended(k.key, 17))
+           FROM (SELECT DISTINCT g.idempotency_key AS key
+                   FROM durable.given_runs(p_runs, v_now) g
+                  WHERE g.idempotency_key IS NOT NULL ORDER BY 1) k;
+    END IF;
     WITH inserted AS (
         INSERT INTO durable.runs (id, function, input, idempotency_key, trace_context,
                                   available_at, event_cursor, priority, expires_at, run_timeout,
                                   parent_id, concurrency_key, concurrency_limit,
-                                  slot_while_suspended, rate_limit, rate_key, tags, queue)
+                                  slot_while_suspended, rate_limit, rate_key, tags, queue,
+                                  segment)
         SELECT g.id, g.function, g.input, g.idempotency_key, g.trace_context, g.available_at,
                v_cursor, g.priority, g.expires_at, g.run_timeout, g.parent_id,
                g.concurrency_key, g.concurrency_limit, g.slot_while_suspended, g.rate_limit,
-               g.rate_key, g.tags, g.queue
-          FROM durable.given_runs(p_runs, v_now) g ORDER BY g.n
+               g.rate_key, g.tags, g.queue,
+               v_segments[array_position(v_classes, g.retention)]
+          FROM durable.given_runs(p_runs, v_now) g
+         WHERE NOT EXISTS (SELECT 1 FROM durable.runs r WHERE r.id = g.id)
+           AND (g.idempotency_key IS NULL
+                OR NOT EXISTS (SELECT 1 FROM durable.runs r
+                                WHERE r.idempotency_key = g.idempotency_key))
+         ORDER BY g.n
         ON CONFLICT DO NOTHING
         RETURNING durable.runs.id
     )
@@ -371,24 +444,30 @@ CREATE FUNCTION durable.fork_run(
 LANGUAGE plpgsql AS $$
 DECLARE
     v_now timestamptz := durable.clock();
+    v_retention interval;
+    v_segment integer;
 BEGIN
-    INSERT INTO durable.runs (id, function, input, trace_context, available_at, event_cursor,
-                              priority, run_timeout, concurrency_key, concurrency_limit,
-                              slot_while_suspended, rate_limit, rate_key, forked_from,
-                              fork_position, tags, queue)
-    SELECT p_new, r.function, CASE WHEN p_replace_input THEN p_input ELSE r.input END,
-           r.trace_context, v_now, r.event_cursor, r.priority, r.run_timeout,
-           r.concurrency_key, r.concurrency_limit, r.slot_while_suspended, r.rate_limit,
-           r.rate_key, p_source, p_position, r.tags, r.queue
-      FROM durable.runs r
+    SELECT s.retention INTO v_retention
+      FROM durable.runs r JOIN durable.segments s ON s.id = r.segment
      WHERE r.id = p_source;
     IF NOT FOUND THEN
         RETURN 'not_found';
     END IF;
+    v_segment := durable.open_segment(v_retention);
+    INSERT INTO durable.runs (id, function, input, trace_context, available_at, event_cursor,
+                              priority, run_timeout, concurrency_key, concurrency_limit,
+                              slot_while_suspended, rate_limit, rate_key, forked_from,
+                              fork_position, tags, queue, segment)
+    SELECT p_new, r.function, CASE WHEN p_replace_input THEN p_input ELSE r.input END,
+           r.trace_context, v_now, r.event_cursor, r.priority, r.run_timeout,
+           r.concurrency_key, r.concurrency_limit, r.slot_while_suspended, r.rate_limit,
+           r.rate_key, p_source, p_position, r.tags, r.queue, v_segment
+      FROM durable.runs r
+     WHERE r.id = p_source;
     INSERT INTO durable.journal (run_id, position, kind, name, value, error, attempt, created_at,
-                                 started_at, duration_ms, timing)
+                                 started_at, duration_ms, timing, segment)
     SELECT p_new, j.position, j.kind, j.name, j.value, j.error, 0, j.created_at, j.started_at,
-           j.duration_ms, j.timing
+           j.duration_ms, j.timing, v_segment
       FROM durable.journal j
      WHERE j.run_id = p_source AND j.position = ANY (p_keep);
     PERFORM pg_notify('durable_work', '');
@@ -678,15 +757,15 @@ LANGUAGE sql AS $$
                WITH ORDINALITY AS g (run_id, attempt, position, kind, name, value, error,
                                      started_at, duration_ms, timing, n)
     ), held AS (
-        SELECT r.id, r.attempt FROM durable.runs r
+        SELECT r.id, r.attempt, r.segment FROM durable.runs r
          WHERE r.id = ANY (p_runs) AND r.status = 'running'
          ORDER BY r.id
            FOR SHARE
     ), inserted AS (
         INSERT INTO durable.journal (run_id, position, kind, name, value, error, attempt,
-                                     started_at, duration_ms, timing)
+                                     started_at, duration_ms, timing, segment)
         SELECT g.run_id, g.position, g.kind, g.name, g.value::jsonb, g.error::jsonb, g.attempt,
-               g.started_at, g.duration_ms, g.timing::jsonb
+               g.started_at, g.duration_ms, g.timing::jsonb, h.segment
           FROM given g JOIN held h ON h.id = g.run_id AND h.attempt = g.attempt
          ORDER BY g.n
         ON CONFLICT DO NOTHING
@@ -712,13 +791,14 @@ CREATE FUNCTION durable.append_sleep(
 LANGUAGE plpgsql AS $$
 DECLARE
     v_wake timestamptz := coalesce(p_wake_at, durable.clock() + p_duration);
+    v_segment integer := durable.held_segment(p_run, p_attempt);
 BEGIN
-    IF NOT durable.hold_claim(p_run, p_attempt) THEN
+    IF v_segment IS NULL THEN
         RETURN NULL;
     END IF;
-    INSERT INTO durable.journal (run_id, position, kind, name, value, attempt)
+    INSERT INTO durable.journal (run_id, position, kind, name, value, attempt, segment)
     VALUES (p_run, p_position, 'sleep', p_name,
-            jsonb_build_object('wake_at', v_wake), p_attempt);
+            jsonb_build_object('wake_at', v_wake), p_attempt, v_segment);
     RETURN v_wake;
 END
 $$;
@@ -741,9 +821,11 @@ DECLARE
     v_deadline timestamptz;
     v_since timestamptz;
     v_waited jsonb;
+    v_segment integer;
 BEGIN
     PERFORM durable.lock_event_key(p_name, p_key);
-    IF NOT durable.hold_claim(p_run, p_attempt) THEN
+    v_segment := durable.held_segment(p_run, p_attempt);
+    IF v_segment IS NULL THEN
         RETURN QUERY SELECT 'fenced'::text, NULL::jsonb, NULL::timestamptz;
         RETURN;
     END IF;
@@ -762,11 +844,11 @@ BEGIN
      ORDER BY e.id LIMIT 1;
     IF FOUND THEN
         INSERT INTO durable.journal (run_id, position, kind, name, value, attempt, started_at,
-                                     timing)
+                                     timing, segment)
         VALUES (p_run, p_position, 'event', p_name,
                 jsonb_build_object('event_id', v_event.id, 'key', p_key,
                                    'payload', v_event.payload),
-                p_attempt, v_since, v_waited);
+                p_attempt, v_since, v_waited, v_segment);
         DELETE FROM durable.waits w WHERE w.run_id = p_run AND w.position = p_position;
         RETURN QUERY SELECT 'event'::text, v_event.payload, NULL::timestamptz;
         RETURN;
@@ -778,9 +860,10 @@ BEGIN
      WHERE w.run_id = p_run AND w.position = p_position;
     IF v_deadline IS NOT NULL AND v_deadline <= durable.clock() THEN
         INSERT INTO durable.journal (run_id, position, kind, name, value, attempt, started_at,
-                                     timing)
+                                     timing, segment)
         VALUES (p_run, p_position, 'event', p_name,
-                jsonb_build_object('timeout', true, 'key', p_key), p_attempt, v_since, v_waited);
+                jsonb_build_object('timeout', true, 'key', p_key), p_attempt, v_since, v_waited,
+                v_segment);
         DELETE FROM durable.waits w WHERE w.run_id = p_run AND w.position = p_position;
         RETURN QUERY SELECT 'timeout'::text, NULL::jsonb, v_deadline;
         RETURN;
@@ -790,14 +873,19 @@ END
 $$;
 
 -- Stores an event on (name, key) and returns its id. Runs waiting on (name, key) get wakeup,
--- and a suspended one among them is due at once: it finds the event when it claims again.
-CREATE FUNCTION durable.send_event(p_name text, p_key text, p_payload jsonb) RETURNS bigint
+-- and a suspended one among them is due at once: it finds the event when it claims again. The
+-- event goes to the open segment of retention class p_retention (the sender's App's).
+CREATE FUNCTION durable.send_event(
+    p_name text, p_key text, p_payload jsonb, p_retention interval DEFAULT NULL
+) RETURNS bigint
 LANGUAGE plpgsql AS $$
 DECLARE
     v_id bigint;
+    v_segment integer := durable.open_segment(p_retention);
 BEGIN
     PERFORM durable.lock_event_key(p_name, p_key);
-    INSERT INTO durable.events (name, key, payload) VALUES (p_name, p_key, p_payload)
+    INSERT INTO durable.events (name, key, payload, segment)
+    VALUES (p_name, p_key, p_payload, v_segment)
     RETURNING id INTO v_id;
     WITH waiting AS (
         SELECT r.id FROM durable.runs r
@@ -967,14 +1055,16 @@ CREATE FUNCTION durable.start_child(
     p_run uuid, p_attempt integer, p_position text, p_child jsonb
 ) RETURNS text
 LANGUAGE plpgsql AS $$
+DECLARE
+    v_segment integer := durable.held_segment(p_run, p_attempt);
 BEGIN
-    IF NOT durable.hold_claim(p_run, p_attempt) THEN
+    IF v_segment IS NULL THEN
         RETURN 'fenced';
     END IF;
     PERFORM durable.create_runs(jsonb_build_array(p_child));
-    INSERT INTO durable.journal (run_id, position, kind, name, value, attempt)
+    INSERT INTO durable.journal (run_id, position, kind, name, value, attempt, segment)
     VALUES (p_run, p_position, 'start', p_child ->> 'function',
-            jsonb_build_object('run_id', p_child ->> 'id'), p_attempt);
+            jsonb_build_object('run_id', p_child ->> 'id'), p_attempt, v_segment);
     RETURN 'written';
 END
 $$;
@@ -988,18 +1078,19 @@ CREATE FUNCTION durable.await_child(
 LANGUAGE plpgsql AS $$
 DECLARE
     v_child record;
+    v_segment integer := durable.held_segment(p_run, p_attempt);
 BEGIN
-    IF NOT durable.hold_claim(p_run, p_attempt) THEN
+    IF v_segment IS NULL THEN
         RETURN QUERY SELECT 'fenced'::text, NULL::text, NULL::jsonb, NULL::jsonb;
         RETURN;
     END IF;
     SELECT c.status, c.result, c.error INTO v_child FROM durable.runs c WHERE c.id = p_child;
     IF v_child.status IN ('completed', 'failed', 'cancelled') THEN
-        INSERT INTO durable.journal (run_id, position, kind, name, value, attempt)
+        INSERT INTO durable.journal (run_id, position, kind, name, value, attempt, segment)
         VALUES (p_run, p_position, 'join', p_name,
                 jsonb_build_object('run_id', p_child, 'status', v_child.status,
                                    'result', v_child.result, 'error', v_child.error),
-                p_attempt);
+                p_attempt, v_segment);
         DELETE FROM durable.waits w WHERE w.run_id = p_run AND w.position = p_position;
         RETURN QUERY SELECT 'done'::text, v_child.status, v_child.result, v_child.error;
         RETURN;
@@ -1051,5 +1142,208 @@ BEGIN
     SELECT c.run_id INTO v_run FROM durable.create_runs(jsonb_build_array(p_run)) c;
     UPDATE durable.schedules s SET last_run_id = v_run WHERE s.name = p_name;
     RETURN v_run;
+END
+$$;
+
+-- Retention
+-- ---------
+-- A segment of a retention class is dropped once the class's retention has passed since it
+-- closed. What it holds that must stay is carried forward first, by copy, into the class's open
+-- segment: the runs durable.segment_keepers names, with their journal entries, and the events
+-- durable.segment_event_keepers names. Nothing else is looked at row by row: the rest goes with
+-- the partitions, so a drop costs the same whatever it removes.
+
+-- For the rest of the caller's transaction, a lock is waited for at most half the server's
+-- deadlock_timeout: in a deadlock with a transaction of the engine, retention's is the one to
+-- give up (lock_not_available: it tries again at its next pass).
+CREATE FUNCTION durable.yield_locks() RETURNS void
+LANGUAGE sql AS $$
+    SELECT set_config('lock_timeout',
+                      (extract(epoch FROM current_setting('deadlock_timeout')::interval) * 500)
+                          ::integer || 'ms',
+                      true);
+$$;
+
+-- Opens a new segment for each class whose open segment is older than the class's width (a
+-- quarter of its retention, at most a day). Returns how many it opened.
+CREATE FUNCTION durable.rotate_segments() RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_class interval;
+    v_count integer := 0;
+BEGIN
+    PERFORM durable.yield_locks();
+    FOR v_class IN
+        SELECT s.retention FROM durable.segments s
+         WHERE s.closed_at IS NULL AND s.retention IS NOT NULL
+           AND s.opened_at <= durable.clock() - least(s.retention / 4, interval '1 day')
+         ORDER BY s.id
+    LOOP
+        PERFORM durable.add_segment(v_class);
+        v_count := v_count + 1;
+    END LOOP;
+    RETURN v_count;
+END
+$$;
+
+-- The runs of segment p_segment that must outlive it, each with why: 'unfinished' (pending,
+-- running, suspended or paused), 'recent' (finished less than the retention ago), 'family' (an
+-- ancestor or a descendant is unfinished: a parent may still join a child, and a child's end
+-- wakes its parent), 'forked' (a run that is kept, or in another segment, was forked from it).
+CREATE FUNCTION durable.segment_keepers(p_segment integer)
+RETURNS TABLE (run_id uuid, reason text)
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_oldest timestamptz := durable.clock()
+                            - (SELECT s.retention FROM durable.segments s WHERE s.id = p_segment);
+    v_keep uuid[];
+    v_more uuid[];
+BEGIN
+    CREATE TEMP TABLE IF NOT EXISTS pg_temp.durable_keepers (run_id uuid PRIMARY KEY, reason text)
+        ON COMMIT DROP;
+    TRUNCATE pg_temp.durable_keepers;
+    INSERT INTO pg_temp.durable_keepers
+    SELECT r.id, CASE WHEN r.status IN ('pending', 'running', 'suspended', 'paused')
+                      THEN 'unfinished' ELSE 'recent' END
+      FROM durable.runs r
+     WHERE r.segment = p_segment
+       AND (r.status IN ('pending', 'running', 'suspended', 'paused')
+            OR r.finished_at > v_oldest);
+    -- Its own ancestors unfinished: walk up from the children of this segment.
+    INSERT INTO pg_temp.durable_keepers
+    WITH RECURSIVE chain (run_id, ancestor) AS (
+        SELECT r.id, r.parent_id FROM durable.runs r
+         WHERE r.segment = p_segment AND r.parent_id IS NOT NULL
+        UNION
+        SELECT c.run_id, p.parent_id
+          FROM chain c JOIN durable.runs p ON p.id = c.ancestor
+         WHERE p.parent_id IS NOT NULL
+           AND p.status IN ('completed', 'failed', 'cancelled')
+    )
+    SELECT DISTINCT c.run_id, 'family' FROM chain c JOIN durable.runs p ON p.id = c.ancestor
+     WHERE p.status IN ('pending', 'running', 'suspended', 'paused')
+    ON CONFLICT DO NOTHING;
+    -- A descendant unfinished: walk up from every unfinished child.
+    INSERT INTO pg_temp.durable_keepers
+    WITH RECURSIVE up (id) AS (
+        SELECT r.parent_id FROM durable.runs r
+         WHERE r.status IN ('pending', 'running', 'suspended', 'paused')
+           AND r.parent_id IS NOT NULL
+        UNION
+        SELECT p.parent_id FROM up JOIN durable.runs p ON p.id = up.id
+         WHERE p.parent_id IS NOT NULL
+    )
+    SELECT r.id, 'family' FROM up JOIN durable.runs r ON r.id = up.id
+     WHERE r.segment = p_segment
+    ON CONFLICT DO NOTHING;
+    -- Forked from: by a run elsewhere, or by one kept here (a chain of forks: until no more).
+    LOOP
+        SELECT array_agg(k.run_id) INTO v_keep FROM pg_temp.durable_keepers k;
+        INSERT INTO pg_temp.durable_keepers
+        SELECT DISTINCT f.forked_from, 'forked' FROM durable.runs f
+          JOIN durable.runs r ON r.id = f.forked_from AND r.segment = p_segment
+         WHERE f.forked_from IS NOT NULL
+           AND (f.segment <> p_segment OR f.id = ANY (coalesce(v_keep, '{}')))
+        ON CONFLICT DO NOTHING;
+        EXIT WHEN NOT FOUND;
+    END LOOP;
+    RETURN QUERY SELECT k.run_id, k.reason FROM pg_temp.durable_keepers k;
+END
+$$;
+
+-- The events of segment p_segment that an unfinished run may still receive: sent after it
+-- started (past its event cursor) and past every event it received on the same (name, key).
+CREATE FUNCTION durable.segment_event_keepers(p_segment integer) RETURNS SETOF bigint
+LANGUAGE sql STABLE AS $$
+    WITH open AS (
+        SELECT r.id, r.event_cursor FROM durable.runs r
+         WHERE r.status IN ('pending', 'running', 'suspended', 'paused')
+    )
+    SELECT e.id FROM durable.events e
+     WHERE e.segment = p_segment
+       AND e.id > (SELECT min(o.event_cursor) FROM open o)
+       AND EXISTS (
+           SELECT 1 FROM open o
+            WHERE o.event_cursor < e.id
+              AND NOT EXISTS (
+                  SELECT 1 FROM durable.journal j
+                   WHERE j.run_id = o.id AND j.kind = 'event' AND j.name = e.name
+                     AND j.value ->> 'key' = e.key
+                     AND (j.value ->> 'event_id')::bigint >= e.id));
+$$;
+
+-- The closed segments whose retention has passed since they closed, oldest first.
+CREATE FUNCTION durable.due_segments() RETURNS SETOF integer
+LANGUAGE sql STABLE AS $$
+    SELECT s.id FROM durable.segments s
+     WHERE s.dropped_at IS NULL AND s.closed_at IS NOT NULL AND s.retention IS NOT NULL
+       AND s.closed_at + s.retention <= durable.clock()
+     ORDER BY s.id;
+$$;
+
+-- Drops segment p_segment: carries its keepers forward into the open segment of its class, then
+-- drops its partitions, under an exclusive lock of the three tables taken for the move and the
+-- drop only (the keepers are found before it): a run moved to another partition while another
+-- transaction waits for its row would fail that transaction, and a DROP of a partition locks
+-- its table anyway (durable.yield_locks bounds the wait). Returns what it did.
+CREATE FUNCTION durable.drop_segment(p_segment integer) RETURNS jsonb
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_segment durable.segments%ROWTYPE;
+    v_open integer;
+    v_forks bigint;
+    v_keep uuid[];
+    v_events bigint[];
+    v_runs bigint;
+    v_bytes bigint;
+    v_table text;
+    v_report jsonb;
+BEGIN
+    SELECT * INTO v_segment FROM durable.segments s WHERE s.id = p_segment;
+    IF NOT FOUND OR v_segment.dropped_at IS NOT NULL OR v_segment.closed_at IS NULL
+       OR v_segment.retention IS NULL THEN
+        RETURN NULL;
+    END IF;
+    v_open := durable.open_segment(v_segment.retention);
+    SELECT count(*) INTO v_forks FROM durable.runs r WHERE r.forked_from IS NOT NULL;
+    SELECT coalesce(array_agg(k.run_id), '{}') INTO v_keep
+      FROM durable.segment_keepers(p_segment) k;
+    SELECT coalesce(array_agg(e), '{}') INTO v_events
+      FROM durable.segment_event_keepers(p_segment) e;
+    SELECT count(*) INTO v_runs FROM durable.runs r WHERE r.segment = p_segment;
+    SELECT sum(pg_total_relation_size(format('durable.%I', t || '_' || p_segment)))
+      INTO v_bytes FROM unnest(ARRAY['runs', 'journal', 'events']) t;
+    PERFORM durable.yield_locks();
+    LOCK TABLE durable.runs, durable.journal, durable.events IN ACCESS EXCLUSIVE MODE;
+    -- Only a fork, made since the keepers were found, can add one: find them again then.
+    IF (SELECT count(*) FROM durable.runs r WHERE r.forked_from IS NOT NULL) <> v_forks THEN
+        SELECT coalesce(array_agg(k.run_id), '{}') INTO v_keep
+          FROM durable.segment_keepers(p_segment) k;
+        SELECT coalesce(array_agg(e), '{}') INTO v_events
+          FROM durable.segment_event_keepers(p_segment) e;
+    END IF;
+    INSERT INTO durable.journal (run_id, position, kind, name, value, error, attempt, created_at,
+                                 started_at, duration_ms, timing, segment)
+    SELECT j.run_id, j.position, j.kind, j.name, j.value, j.error, j.attempt, j.created_at,
+           j.started_at, j.duration_ms, j.timing, v_open
+      FROM durable.journal j JOIN unnest(v_keep) k (id) ON k.id = j.run_id
+     WHERE j.segment = p_segment;
+    UPDATE durable.runs r SET segment = v_open
+      FROM unnest(v_keep) k (id)
+     WHERE r.segment = p_segment AND r.id = k.id;
+    INSERT INTO durable.events (id, name, key, payload, created_at, segment)
+    SELECT e.id, e.name, e.key, e.payload, e.created_at, v_open
+      FROM durable.events e JOIN unnest(v_events) k (id) ON k.id = e.id
+     WHERE e.segment = p_segment;
+    FOREACH v_table IN ARRAY ARRAY['runs', 'journal', 'events'] LOOP
+        EXECUTE format('DROP TABLE durable.%I', v_table || '_' || p_segment);
+    END LOOP;
+    v_report := jsonb_build_object(
+        'segment', p_segment, 'into', v_open, 'runs_removed', v_runs - cardinality(v_keep),
+        'runs_kept', cardinality(v_keep), 'events_kept', cardinality(v_events),
+        'bytes', v_bytes);
+    UPDATE durable.segments s SET dropped_at = durable.clock(), removed = v_report
+     WHERE s.id = p_segment;
+    RETURN v_report;
 END
 $$;

@@ -159,7 +159,7 @@ SELECT durable.append_sleep($1, $2, $3, $4, $5, $6);
 SELECT outcome, payload, timeout_at FROM durable.await_event($1, $2, $3, $4, $5, $6);
 
 -- name: send_event
-SELECT durable.send_event($1, $2, $3);
+SELECT durable.send_event($1, $2, $3, $4);
 
 -- name: suspend_run
 SELECT durable.suspend_run($1, $2, $3);
@@ -229,6 +229,54 @@ SELECT s.status, (SELECT count(*) FROM (
 SELECT queue, pending, scheduled, running, oldest_pending, now() AS now
   FROM durable.queue_depths
  ORDER BY pending DESC, queue NULLS FIRST;
+
+-- Retention (functions.sql, "Retention"): one cleaner at a time across every process, each
+-- step in a transaction of its own that takes this lock first and gives up when it is taken.
+-- name: try_cleanup_lock
+SELECT pg_try_advisory_xact_lock(hashtextextended('durable.retention', 19));
+
+-- The open segments of the retention classes $1 (NULL: for ever), opened when missing: a
+-- connecting app opens its own, so that no start has to.
+-- name: open_segments
+SELECT durable.open_segment(r) FROM unnest($1::interval[]) r;
+
+-- name: rotate_segments
+SELECT durable.rotate_segments();
+
+-- name: due_segments
+SELECT coalesce(array_agg(d), '{}') FROM durable.due_segments() d;
+
+-- name: drop_segment
+SELECT durable.drop_segment($1)::text;
+
+-- Every segment not dropped yet (its size, what it holds, what keeps a closed one of a class
+-- with retention), then the last $1 dropped (what each removed), newest first.
+-- name: retention_status
+SELECT s.id, s.retention, s.opened_at, s.closed_at, s.dropped_at,
+       s.closed_at + s.retention AS due_at,
+       (SELECT sum(pg_total_relation_size(format('durable.%I', t || '_' || s.id)::regclass))
+          FROM unnest(ARRAY['runs', 'journal', 'events']) t)::bigint AS bytes,
+       (SELECT count(*) FROM durable.runs r WHERE r.segment = s.id) AS runs,
+       (SELECT count(*) FROM durable.events e WHERE e.segment = s.id) AS events,
+       CASE WHEN s.closed_at IS NOT NULL AND s.retention IS NOT NULL THEN
+           (SELECT coalesce(jsonb_object_agg(k.reason, k.n), '{}')::text
+              FROM (SELECT reason, count(*) AS n FROM durable.segment_keepers(s.id)
+                     GROUP BY reason) k)
+       END AS kept,
+       CASE WHEN s.closed_at IS NOT NULL AND s.retention IS NOT NULL THEN
+           (SELECT count(*) FROM durable.segment_event_keepers(s.id))
+       END AS events_kept,
+       NULL::text AS removed
+  FROM durable.segments s
+ WHERE s.dropped_at IS NULL
+UNION ALL
+(SELECT s.id, s.retention, s.opened_at, s.closed_at, s.dropped_at,
+        s.closed_at + s.retention, NULL, NULL, NULL, NULL, NULL, s.removed::text
+   FROM durable.segments s
+  WHERE s.dropped_at IS NOT NULL
+  ORDER BY s.id DESC
+  LIMIT $1)
+ ORDER BY 1;
 
 -- name: count_suspended
 SELECT count(*) FROM durable.runs WHERE status = 'suspended';
@@ -321,7 +369,7 @@ SELECT set_config('durable.fake_now', $1, false);
 -- The call a caller may make on its own connection, inside its own transaction, besides
 -- create_runs (which takes its JSON as text too): the caller's connection has no codec of ours.
 -- name: send_event_on
-SELECT durable.send_event($1, $2, $3::text::jsonb);
+SELECT durable.send_event($1, $2, $3::text::jsonb, $4);
 
 -- The databases of a server whose names match $1 (a LIKE pattern): the simulation databases
 -- durable.testing made (engine._server).
@@ -330,7 +378,8 @@ SELECT datname FROM pg_database WHERE datname LIKE $1 ORDER BY datname;
 
 -- Empties a database of durable's, for a simulation to start over, in one round trip, whatever
 -- tables the migrations made: every row of every table of schema durable but the schema's own
--- records (schema_migrations, schema_functions) is deleted, referencing tables first; a table
+-- records (schema_migrations, schema_functions) and its segments (each one a partition of the
+-- tables, which stay, emptied) is deleted, referencing tables first; a table
 -- whose trigger refuses DELETE (the append-only journal) is truncated instead; every sequence
 -- starts again at 1, so that event ids repeat from one simulation to the next. DELETE, not
 -- TRUNCATE, for the rest: the tables are small, and a TRUNCATE makes new files for each table
@@ -345,7 +394,7 @@ BEGIN
     FOR v_table IN
         SELECT c.oid::regclass FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
          WHERE n.nspname = 'durable' AND c.relkind IN ('r', 'p') AND NOT c.relispartition
-           AND c.relname NOT LIKE 'schema\_%'
+           AND c.relname NOT LIKE 'schema\_%' AND c.relname <> 'segments'
          ORDER BY EXISTS (SELECT 1 FROM pg_constraint f
                            WHERE f.conrelid = c.oid AND f.contype = 'f') DESC
     LOOP
