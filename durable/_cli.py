@@ -22,6 +22,8 @@
                                                    replay unfinished runs on the code as it is
     durable versions [module:app]                  runs in flight by version of the code
     durable queues                                 queue depths: the autoscaling signal
+    durable retention run|status                   drop what retention removes now; each
+                                                   partition, its size and what keeps it
     durable dashboard [--host 127.0.0.1] [--port 8484] [--token T] [--read-only]
                                                    the web dashboard
     durable db start|stop|status|url               the embedded PostgreSQL
@@ -45,7 +47,7 @@ from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import NoReturn
 
-from durable import _commands
+from durable import _commands, _retention
 from durable._app import MAX_LISTED, App
 from durable._commands import load_app
 from engine.errors import DurableError, RunNotFound
@@ -260,6 +262,14 @@ def _parser() -> argparse.ArgumentParser:
     commands.add_parser(
         "queues", help="each queue's due, scheduled and running runs and its oldest due run"
     )
+    retention = commands.add_parser("retention", help="the partitions retention drops")
+    retention_commands = retention.add_subparsers(dest="retention_command", required=True)
+    retention_commands.add_parser(
+        "run", help="a retention pass now, as the workers make every cleanup_interval"
+    )
+    retention_commands.add_parser(
+        "status", help="each segment, its size, when it is due and what it would keep"
+    )
     versions = commands.add_parser(
         "versions", help="runs by function and version of the code, and versions to retire"
     )
@@ -372,5 +382,6 @@ async def _with_app(args: argparse.Namespace) -> int:
             "schedules": _commands.schedules,
             "versions": _commands.versions,
             "queues": _commands.queues,
+            "retention": _retention.retention,
         }
         return await handlers[args.command](app, args)
