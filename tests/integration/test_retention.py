@@ -118,7 +118,7 @@ async def test_a_pass_that_cannot_lock_or_fails_is_logged_and_tried_again(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     store = Busy()
-    cleaner = Cleaner(store, timedelta(seconds=1))  # type: ignore[arg-type]
+    cleaner = Cleaner(store, timedelta(seconds=1))
     with caplog.at_level(logging.INFO, logger="engine._retention"):
         assert await cleaner.once() is None
         assert await cleaner.once() is None
