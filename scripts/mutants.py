@@ -52,16 +52,17 @@ class Mutation:
 MUTATIONS = [
     Mutation(
         "skip-fencing",
-        "every write believes it still holds the claim (hold_claim returns true)",
+        "every write believes it still holds the claim (held_segment finds the run at any attempt)",
         [
             (
                 FUNCTIONS,
-                "       FOR SHARE;\n    RETURN FOUND;",
-                "       FOR SHARE;\n    RETURN true;",
+                "     WHERE r.id = p_run AND r.attempt = p_attempt AND r.status = 'running'\n"
+                "       FOR SHARE;\n    RETURN v_segment;",
+                "     WHERE r.id = p_run\n       FOR SHARE;\n    RETURN v_segment;",
             )
         ],
-        # One zombie write per function that hold_claim fences (sleep, event, child start and
-        # join); each catches it alone. Steps are fenced inside append_entries instead.
+        # One zombie write per function that held_segment fences (sleep, event, child start
+        # and join); each catches it alone. Steps are fenced inside append_entries instead.
         [FENCING],
     ),
     Mutation(

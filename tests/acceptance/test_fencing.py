@@ -1,5 +1,5 @@
 """Zombie writes: a worker stopped with SIGSTOP loses its run to another worker, is resumed with
-SIGCONT, and goes straight to a write. Each write here is fenced by `durable.hold_claim` alone (a
+SIGCONT, and goes straight to a write. Each write here is fenced by `durable.held_segment` alone (a
 sleep, an event wait, a child's start, a child's join); steps are fenced inside
 `durable.append_entries`, which test_crashes.py covers.
 
@@ -14,7 +14,7 @@ Why the lease is ended in the database rather than waited out: a worker renews i
 third of a lease, so a zombie stopped for a whole lease is always overdue for a renewal when it
 resumes. That renewal finds the claim gone and abandons the attempt, racing the write. The write
 usually wins (the gate's poll falls due first), but when the renewal wins nothing reaches
-`hold_claim` and the test proves nothing. So the zombie runs with a lease of ten minutes, which
+`held_segment` and the test proves nothing. So the zombie runs with a lease of ten minutes, which
 it does not renew within a test (pytest's timeout is two minutes), and the test ends that lease
 while the zombie is stopped: `available_at` set to now is what an expired lease looks like to a
 claim. The zombie's log then shows that a write, not a renewal, found the claim gone.

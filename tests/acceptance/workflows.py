@@ -97,7 +97,7 @@ async def ten_steps(ctx: durable.Context, job: dict[str, int | str | bool]) -> l
 
 
 # Zombie writes (tests/acceptance/test_fencing.py): each held_* function below reaches one write
-# that durable.hold_claim fences right after `hold`, which every attempt passes, replay included.
+# that durable.held_segment fences right after `hold`, which every attempt passes, replay included.
 
 
 async def hold(tag: str) -> None:
