@@ -1,7 +1,10 @@
 """``App``: a durable application. What it declares lives in ``durable._declarations``, its way
 to the database in ``durable._connection``, what it does with runs and events in
 ``durable._client``, and the workers it runs in ``durable._hosting``; ``App`` puts them together
-behind the public API."""
+behind the public API.
+
+Over 400 lines: the public API's signatures (the overloads of ``start`` spelled out for type
+checkers) and docstrings; the work is done in the modules it puts together."""
 
 from __future__ import annotations
 
@@ -53,6 +56,11 @@ class App(Declarations):
     deploys. Each run records the version it started on and each attempt the version it ran
     on (``durable versions``). A setting out of range (a lease that is not positive, a pool of
     no connections) raises ConfigurationError here.
+
+    With ``database_url`` through PgBouncer in transaction mode: ``listen_url`` (or
+    ``$DURABLE_LISTEN_URL``) is a direct URL of the same database to LISTEN on, and says the
+    app is pooled; ``pooled=True`` (``DURABLE_POOLED=1``) without it polls every
+    ``poll_interval``. A pooled app keeps nothing in a server session between transactions.
     """
 
     def __init__(
@@ -66,6 +74,8 @@ class App(Declarations):
         connect_timeout: float | None = None,
         max_payload_bytes: int | None = 1 << 20,
         version: str | None = None,
+        listen_url: str | None = None,
+        pooled: bool | None = None,
     ) -> None:
         if version is not None and not (
             isinstance(version, str) and 0 < len(version) <= 100 and version.isprintable()
@@ -81,6 +91,8 @@ class App(Declarations):
             pool_size=pool_size,
             connect_timeout=connect_timeout,
             max_payload_bytes=max_payload_bytes,
+            listen_url=listen_url,
+            pooled=pooled,
         )
         super().__init__(settings.max_payload_bytes, version)
         self._connection = Connection(settings, on_lost=self.stop_workers)
