@@ -80,8 +80,8 @@ class Connection:
         subscribed before the first notification can arrive."""
         if self._store is not None:
             return
+        pooled, listen_dsn = resolve_listening(self.settings)  # before a server is started
         dsn = await self._resolve_url()
-        pooled, listen_dsn = resolve_listening(self.settings)
         try:
             store = await PostgresStore.connect(
                 dsn,
@@ -99,7 +99,7 @@ class Connection:
             listener = self._listener_of(store)
             for channel, callback in subscriptions.items():
                 listener.subscribe(channel, callback)
-            await listener.start()
+            await self._start(listener, store)
         except BaseException:
             await store.close()
             await self._stop_keeper()
@@ -119,7 +119,7 @@ class Connection:
         listener = self._listener_of(store, channels)
         for channel in channels:
             listener.subscribe(channel, on_notify)
-        await listener.start()
+        await self._start(listener, store)
 
         async def renew() -> None:
             while True:
@@ -140,6 +140,18 @@ class Connection:
 
         self._watchers.add(stop)
         return stop
+
+    async def _start(self, listener: Listener, store: PostgresStore) -> None:
+        """Start ``listener`` within connect_timeout, as the pool was opened: a LISTEN URL of
+        its own may be out of reach while the database URL is not."""
+        timeout = self.settings.connect_timeout
+        try:
+            await asyncio.wait_for(listener.start(), timeout)
+        except TimeoutError:
+            await listener.close()
+            raise DatabaseUnavailable(
+                f"no LISTEN connection to {_urls.redact(store.listen_dsn or '')} within {timeout}s"
+            ) from None
 
     def _listener_of(self, store: PostgresStore, channels: Sequence[str] | None = None) -> Listener:
         """LISTEN where the store can, else poll every poll_interval (a pooler, no listen_url);

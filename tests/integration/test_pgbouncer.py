@@ -17,7 +17,7 @@ import pytest
 import durable
 from engine import PostgresStore, VirtualClock
 from engine._queries import migrations, queries
-from engine.errors import ConfigurationError, DatabaseError
+from engine.errors import ConfigurationError, DatabaseError, DatabaseUnavailable
 from tests.conftest import with_database
 from tests.helpers import running_worker
 from tests.pgbouncer import PgBouncer, pgbouncer
@@ -214,5 +214,15 @@ async def test_a_listen_url_that_cannot_serve_fails_the_connect_instead_of_hangi
 ) -> None:
     app = durable.App(bouncer.url(database_url), listen_url=with_database(database_url, "nope"))
     with pytest.raises(ConfigurationError, match="cannot LISTEN on"):
+        await asyncio.wait_for(app.connect(), 30)
+    await app.close()
+
+
+async def test_a_listen_url_out_of_reach_fails_the_connect_after_connect_timeout(
+    bouncer: PgBouncer, database_url: str
+) -> None:
+    unreachable = "postgresql://postgres@127.0.0.1:1/nothing"
+    app = durable.App(bouncer.url(database_url), listen_url=unreachable, connect_timeout=1)
+    with pytest.raises(DatabaseUnavailable, match="no LISTEN connection to"):
         await asyncio.wait_for(app.connect(), 30)
     await app.close()
