@@ -112,10 +112,9 @@ async def open_pool(dsn: str, max_size: int, clock: Clock | None, *, pooled: boo
     ``pooled``: ``dsn`` goes through a transaction pooler (PgBouncer's ``pool_mode =
     transaction``), where consecutive transactions of one connection may run on different
     server sessions, so nothing may outlive a transaction. asyncpg's statement cache names
-    prepared statements that live in a session, so it is off (each statement is parsed, as an
-    unnamed statement, in the same round trips as its execution's transaction); a clock's
-    setting is made inside a transaction around each checkout and cleared before it commits
-    (``TimedPool``)."""
+    prepared statements that live in a session, so it is off: each statement is prepared
+    unnamed, then executed, two round trips in one transaction. A clock's setting is made
+    inside a transaction around each checkout and cleared before it commits (``TimedPool``)."""
     pool = await asyncpg.create_pool(
         dsn,
         min_size=0,
@@ -142,8 +141,8 @@ class TimedPool:
     the setting is made at its start and cleared before its commit, and a rollback takes it
     back as well, so that no server session a pooler hands to another client keeps it.
 
-    Three round trips more per checkout than a session setting: for tests' virtual clocks
-    behind a pooler only."""
+    BEGIN, the setting, its clearing and COMMIT: four statements per checkout besides the
+    caller's, where a session setting costs one. For tests' virtual clocks behind a pooler."""
 
     def __init__(self, pool: asyncpg.Pool[Any], clock: Clock) -> None:
         self._pool = pool
