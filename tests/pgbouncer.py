@@ -15,6 +15,7 @@ the relay, which connects to the socket as this process.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import os
 import shutil
@@ -32,6 +33,9 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import pytest
 
 _READY_SECONDS = 10.0
+# Every PgBouncer started here and not yet stopped: stopped at exit too, should a block not
+# reach its end (pytest ended by SIGTERM: see tests/conftest.py).
+_RUNNING: set[subprocess.Popen[bytes]] = set()
 
 
 @dataclass(frozen=True)
@@ -96,6 +100,7 @@ def pgbouncer(server_url: str, *, pool_size: int = 5) -> Iterator[PgBouncer]:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
             )
+        _RUNNING.add(process)
         stack.callback(_stop, process)
         _wait_ready(process, listen, log)
         yield PgBouncer(listen, log)
@@ -128,7 +133,14 @@ def _wait_ready(process: subprocess.Popen[bytes], port: int, log: Path) -> None:
     raise RuntimeError(f"pgbouncer did not listen within {_READY_SECONDS}s:\n{log.read_text()}")
 
 
+@atexit.register
+def _stop_the_rest() -> None:
+    for process in list(_RUNNING):
+        _stop(process)
+
+
 def _stop(process: subprocess.Popen[bytes]) -> None:
+    _RUNNING.discard(process)
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)  # immediate shutdown: clients are disconnected
         try:
