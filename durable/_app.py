@@ -3,8 +3,8 @@ to the database in ``durable._connection``, what it does with runs and events in
 ``durable._client``, and the workers it runs in ``durable._hosting``; ``App`` puts them together
 behind the public API.
 
-Over 400 lines: the public API of an app is this one class, each method a few lines that hand
-the work to the modules above.
+Over 400 lines: the public API's signatures (the overloads of ``start`` spelled out for type
+checkers) and docstrings; the work is done in the modules it puts together.
 """
 
 from __future__ import annotations
@@ -60,6 +60,11 @@ class App(Declarations):
     worker cleans up every ``cleanup_interval`` (one at a time across all of them), by
     dropping whole partitions (``durable retention status`` shows them). A setting out of range
     (a lease that is not positive, a pool of no connections) raises ConfigurationError here.
+
+    With ``database_url`` through PgBouncer in transaction mode: ``listen_url`` (or
+    ``$DURABLE_LISTEN_URL``) is a direct URL of the same database to LISTEN on, and says the
+    app is pooled; ``pooled=True`` (``DURABLE_POOLED=1``) without it polls every
+    ``poll_interval``. A pooled app keeps nothing in a server session between transactions.
     """
 
     def __init__(
@@ -75,6 +80,8 @@ class App(Declarations):
         version: str | None = None,
         retention: timedelta | None = None,
         cleanup_interval: timedelta = timedelta(minutes=10),
+        listen_url: str | None = None,
+        pooled: bool | None = None,
     ) -> None:
         if version is not None and not (
             isinstance(version, str) and 0 < len(version) <= 100 and version.isprintable()
@@ -92,6 +99,8 @@ class App(Declarations):
             max_payload_bytes=max_payload_bytes,
             retention=retention,
             cleanup_interval=cleanup_interval,
+            listen_url=listen_url,
+            pooled=pooled,
         )
         super().__init__(settings.max_payload_bytes, version, settings.retention)
         self._connection = Connection(settings, on_lost=self.stop_workers)

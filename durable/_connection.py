@@ -82,12 +82,15 @@ class Connection:
         subscribed before the first notification can arrive."""
         if self._store is not None:
             return
+        pooled, listen_dsn = resolve_listening(self.settings)  # before a server is started
         dsn = await self._resolve_url()
         try:
             store = await PostgresStore.connect(
                 dsn,
                 max_size=self.settings.pool_size,
                 connect_timeout=self.settings.connect_timeout,
+                pooled=pooled,
+                listen_dsn=listen_dsn,
             )
         except BaseException:
             await self._stop_keeper()
@@ -96,10 +99,10 @@ class Connection:
             await store.migrate()
             await declare_rate_limits(store, rate_limits)
             await store.open_segments(retentions)
-            listener = Listener(store.listen)
+            listener = self._listener_of(store)
             for channel, callback in subscriptions.items():
                 listener.subscribe(channel, callback)
-            await listener.start()
+            await self._start(listener, store)
         except BaseException:
             await store.close()
             await self._stop_keeper()
@@ -116,10 +119,10 @@ class Connection:
         store = self.store
         watcher = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4()}"
         await store.touch_watcher(watcher)
-        listener = Listener(store.listen, channels=channels)
+        listener = self._listener_of(store, channels)
         for channel in channels:
             listener.subscribe(channel, on_notify)
-        await listener.start()
+        await self._start(listener, store)
 
         async def renew() -> None:
             while True:
@@ -140,6 +143,27 @@ class Connection:
 
         self._watchers.add(stop)
         return stop
+
+    async def _start(self, listener: Listener, store: PostgresStore) -> None:
+        """Start ``listener`` within connect_timeout, as the pool was opened: a LISTEN URL of
+        its own may be out of reach while the database URL is not."""
+        timeout = self.settings.connect_timeout
+        try:
+            await asyncio.wait_for(listener.start(), timeout)
+        except TimeoutError:
+            await listener.close()
+            raise DatabaseUnavailable(
+                f"no LISTEN connection to {_urls.redact(store.listen_dsn or '')} within {timeout}s"
+            ) from None
+
+    def _listener_of(self, store: PostgresStore, channels: Sequence[str] | None = None) -> Listener:
+        """LISTEN where the store can, else poll every poll_interval (a pooler, no listen_url);
+        on ``channels``, or the engine's."""
+        listen = None if store.listen_dsn is None else store.listen
+        poll = self.settings.poll_interval.total_seconds()
+        if channels is None:
+            return Listener(listen, poll_interval=poll)
+        return Listener(listen, channels, poll_interval=poll)
 
     async def close(self) -> None:
         await self._stop_keeper()  # first: no restart of the server may race the shutdown
@@ -205,8 +229,33 @@ async def resolve_url(settings: Settings) -> tuple[str, Server | None]:
     return server.dsn, server
 
 
+_YES, _NO = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
+
+
+def resolve_listening(settings: Settings) -> tuple[bool, str | None]:
+    """Whether an app's database URL goes through a transaction pooler, and the direct URL to
+    LISTEN on: ``listen_url``, else ``$DURABLE_LISTEN_URL``; ``pooled``, else
+    ``$DURABLE_POOLED``, else whether a listen URL was given (a LISTEN URL of its own is
+    what an app behind a pooler needs, and nothing else does)."""
+    listen_url = settings.listen_url or os.environ.get("DURABLE_LISTEN_URL") or None
+    if listen_url is not None:
+        _urls.check(listen_url)
+    pooled = settings.pooled
+    if pooled is None:
+        flag = os.environ.get("DURABLE_POOLED", "").strip().lower()
+        if flag not in _YES + _NO:
+            raise ConfigurationError(
+                f"DURABLE_POOLED must be 1 or 0 (true or false), got {flag[:20]!r}"
+            )
+        pooled = flag in _YES or listen_url is not None
+    return pooled, listen_url
+
+
 async def reading_store(settings: Settings) -> PostgresStore:
     """A small pool on an app's database that changes nothing there: no migrations, no
     declarations written (``durable check`` reads runs and journals only)."""
     url, _server = await resolve_url(settings)
-    return await PostgresStore.connect(url, max_size=2, connect_timeout=settings.connect_timeout)
+    pooled, _listen = resolve_listening(settings)
+    return await PostgresStore.connect(
+        url, max_size=2, connect_timeout=settings.connect_timeout, pooled=pooled
+    )

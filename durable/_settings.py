@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from engine import _limits, dump
+from engine import _limits, _urls, dump
 from engine.errors import ConfigurationError, InvalidInput, SerializationError
 
 
@@ -16,6 +16,8 @@ class Settings:
     not a worker that spins or never claims later."""
 
     database_url: str | None = None
+    listen_url: str | None = None
+    pooled: bool | None = None
     lease: timedelta = timedelta(seconds=30)
     poll_interval: timedelta = timedelta(seconds=2)
     short_wait: timedelta = timedelta(milliseconds=250)
@@ -40,6 +42,10 @@ class Settings:
         object.__setattr__(
             self, "cleanup_interval", setting(self.cleanup_interval, "App: cleanup_interval", True)
         )
+        if self.listen_url is not None:
+            _urls.check(self.listen_url)
+        if self.pooled is not None and not isinstance(self.pooled, bool):
+            raise ConfigurationError(f"App: pooled must be True or False, got {self.pooled!r}")
 
 
 def setting(value: object, what: str, positive: bool = False) -> timedelta:

@@ -11,11 +11,12 @@ store sees a driver error, and nothing past it imports asyncpg.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import inspect
 import json
-from collections.abc import Awaitable, Callable
-from typing import Any, ParamSpec, TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, ParamSpec, Protocol, TypeVar
 
 import asyncpg
 
@@ -87,20 +88,41 @@ def surfacing_methods(cls: C) -> C:
 # -- the pool ---------------------------------------------------------------------------------
 
 
-async def open_pool(dsn: str, max_size: int, clock: Clock | None) -> asyncpg.Pool[Any]:
+class Pool(Protocol):
+    """What the store asks of its pool: asyncpg's ``Pool``, or ``TimedPool`` over one."""
+
+    def acquire(self) -> contextlib.AbstractAsyncContextManager[Any]: ...
+    async def execute(self, query: str, *args: Any) -> str: ...
+    async def fetch(self, query: str, *args: Any) -> list[Any]: ...
+    async def fetchrow(self, query: str, *args: Any) -> Any: ...
+    async def fetchval(self, query: str, *args: Any) -> Any: ...
+    async def expire_connections(self) -> None: ...
+    async def close(self) -> None: ...
+    def terminate(self) -> None: ...
+
+
+async def open_pool(dsn: str, max_size: int, clock: Clock | None, *, pooled: bool = False) -> Pool:
     """A pool of up to ``max_size`` connections, its first one opened now, so that an
     unreachable database is found (and retried) by the caller.
 
     No floor of idle connections: asyncpg would restore it after every outage with a traceback
     per failed try. With a ``clock`` (a test's virtual clock), every checkout sets
-    ``durable.fake_now``, which the SQL's ``durable.clock()`` honours."""
+    ``durable.fake_now``, which the SQL's ``durable.clock()`` honours.
+
+    ``pooled``: ``dsn`` goes through a transaction pooler (PgBouncer's ``pool_mode =
+    transaction``), where consecutive transactions of one connection may run on different
+    server sessions, so nothing may outlive a transaction. asyncpg's statement cache names
+    prepared statements that live in a session, so it is off: each statement is prepared
+    unnamed, then executed, two round trips in one transaction. A clock's setting is made
+    inside a transaction around each checkout and cleared before it commits (``TimedPool``)."""
     pool = await asyncpg.create_pool(
         dsn,
         min_size=0,
         max_size=max_size,
         init=_init_connection,
-        setup=None if clock is None else _time_from(clock),
+        setup=None if clock is None or pooled else _time_from(clock),
         reset=_keep_session,
+        **({"statement_cache_size": 0} if pooled else {}),
     )
     try:
         async with pool.acquire():
@@ -108,7 +130,58 @@ async def open_pool(dsn: str, max_size: int, clock: Clock | None) -> asyncpg.Poo
     except BaseException:
         pool.terminate()
         raise
-    return pool
+    if clock is not None and pooled:
+        return TimedPool(pool, clock)
+    plain: Pool = pool
+    return plain
+
+
+class TimedPool:
+    """A pool whose every checkout is one transaction that reads its time from ``clock``:
+    the setting is made at its start and cleared before its commit, and a rollback takes it
+    back as well, so that no server session a pooler hands to another client keeps it.
+
+    BEGIN, the setting, its clearing and COMMIT: four statements per checkout besides the
+    caller's, where a session setting costs one. For tests' virtual clocks behind a pooler."""
+
+    def __init__(self, pool: asyncpg.Pool[Any], clock: Clock) -> None:
+        self._pool = pool
+        self._clock = clock
+        self._set = queries()["set_fake_time"]
+
+    @contextlib.asynccontextmanager
+    async def acquire(self) -> AsyncIterator[Any]:
+        async with self._pool.acquire() as conn, conn.transaction():
+            await conn.execute(self._set, self._clock.now().isoformat())
+            yield conn
+            await conn.execute(self._set, "")
+
+    async def execute(self, query: str, *args: Any) -> str:
+        async with self.acquire() as conn:
+            status: str = await conn.execute(query, *args)
+            return status
+
+    async def fetch(self, query: str, *args: Any) -> list[Any]:
+        async with self.acquire() as conn:
+            rows: list[Any] = await conn.fetch(query, *args)
+            return rows
+
+    async def fetchrow(self, query: str, *args: Any) -> Any:
+        async with self.acquire() as conn:
+            return await conn.fetchrow(query, *args)
+
+    async def fetchval(self, query: str, *args: Any) -> Any:
+        async with self.acquire() as conn:
+            return await conn.fetchval(query, *args)
+
+    async def expire_connections(self) -> None:
+        await self._pool.expire_connections()
+
+    async def close(self) -> None:
+        await self._pool.close()
+
+    def terminate(self) -> None:
+        self._pool.terminate()
 
 
 async def _init_connection(conn: asyncpg.Connection[Any]) -> None:
@@ -121,7 +194,7 @@ async def _init_connection(conn: asyncpg.Connection[Any]) -> None:
 async def _keep_session(conn: asyncpg.Connection[Any]) -> None:
     """Skip asyncpg's reset query on release (a round trip per call): the store leaves no
     session state behind (no LISTEN, no open cursor, advisory locks released by the same
-    call, ``durable.fake_now`` set again on every checkout)."""
+    call, ``durable.fake_now`` set again on every checkout, or within its transaction)."""
 
 
 def _time_from(clock: Clock) -> Callable[[asyncpg.Connection[Any]], Awaitable[None]]:

@@ -13,6 +13,7 @@ the SQL calls, STYLE 5), each a few lines of typed wrapper around one named quer
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import random
@@ -25,7 +26,7 @@ import asyncpg
 
 from engine import _metrics, _schema
 from engine._clock import Clock
-from engine._driver import TRANSIENT, open_pool, surfaced, surfacing_methods
+from engine._driver import TRANSIENT, Pool, open_pool, surfaced, surfacing_methods
 from engine._group_commit import GroupCommit, Outcome, PendingEntry, PendingFinish
 from engine._queries import queries
 from engine._records import (
@@ -72,9 +73,20 @@ class PostgresStore:
     """A connection pool and the engine's transitions (``engine._records.Store``), one round
     trip each."""
 
-    def __init__(self, pool: asyncpg.Pool[Any], dsn: str) -> None:
+    def __init__(
+        self,
+        pool: Pool,
+        dsn: str,
+        *,
+        pooled: bool = False,
+        listen_dsn: str | None = None,
+    ) -> None:
         self._pool = pool
         self.dsn = dsn
+        self.pooled = pooled
+        # Where LISTEN goes: never through a transaction pooler, which would hand the session
+        # that listens to other clients. None: nowhere, notifications are to be polled for.
+        self.listen_dsn = listen_dsn or (None if pooled else dsn)
         self._q = queries()
         self.appends: GroupCommit[PendingEntry, Outcome] = GroupCommit(self._append_entries)
         self.finishes: GroupCommit[PendingFinish, bool] = GroupCommit(self._finish_runs)
@@ -88,6 +100,8 @@ class PostgresStore:
         connect_timeout: float | None = None,
         rng: random.Random | None = None,
         clock: Clock | None = None,
+        pooled: bool = False,
+        listen_dsn: str | None = None,
     ) -> Self:
         """Open a pool, retrying an unreachable database with capped exponential backoff.
 
@@ -95,6 +109,11 @@ class PostgresStore:
         malformed URL fails at once with ConfigurationError. With a ``clock`` (a test's virtual
         clock), the database reads its time from that clock instead of its own: every call sets
         ``durable.fake_now``, which ``durable.clock()`` honours.
+
+        ``pooled``: ``dsn`` goes through a transaction pooler (PgBouncer in transaction mode),
+        so no call leaves anything in a server session (``engine._driver.open_pool``), and
+        LISTEN goes to ``listen_dsn`` (a direct connection) or nowhere (``listen_dsn`` is then
+        None: poll). Without ``pooled``, LISTEN goes to ``listen_dsn`` or else to ``dsn``.
         """
         rng = rng or random.Random()
         loop = asyncio.get_running_loop()
@@ -102,7 +121,7 @@ class PostgresStore:
         delay = 0.1
         while True:
             try:
-                pool = await open_pool(dsn, max_size, clock)
+                pool = await open_pool(dsn, max_size, clock, pooled=pooled)
             except (
                 ValueError,
                 asyncpg.InvalidCatalogNameError,
@@ -122,7 +141,7 @@ class PostgresStore:
                 continue
             except asyncpg.PostgresError as exc:  # refused for good, not out of reach
                 raise surfaced(exc) from exc
-            return cls(pool, dsn)
+            return cls(pool, dsn, pooled=pooled, listen_dsn=listen_dsn)
 
     async def close(self) -> None:
         await self._pool.close()
@@ -167,10 +186,23 @@ class PostgresStore:
         on_notify: Callable[[str, str], None],
         on_lost: Callable[[], None],
     ) -> Callable[[], None]:
-        """LISTEN on ``channels`` on a connection of its own, outside the pool: each
-        notification calls ``on_notify(channel, payload)``, and ``on_lost()`` is called when
-        that connection ends. Returns the function that closes it."""
-        conn = await asyncpg.connect(self.dsn)
+        """LISTEN on ``channels`` on a connection of its own to ``listen_dsn``, outside the
+        pool: each notification calls ``on_notify(channel, payload)``, and ``on_lost()`` is
+        called when that connection ends. Returns the function that closes it.
+        ConfigurationError when there is nowhere to listen (pooled, with no ``listen_dsn``)."""
+        if self.listen_dsn is None:
+            raise ConfigurationError(
+                f"{redact(self.dsn)} goes through a transaction pooler and no URL to LISTEN "
+                f"on was given: poll instead, or give a direct URL to listen on"
+            )
+        try:
+            conn = await asyncpg.connect(self.listen_dsn)
+        except (
+            ValueError,
+            asyncpg.InvalidCatalogNameError,
+            asyncpg.InvalidAuthorizationSpecificationError,
+        ) as exc:
+            raise ConfigurationError(f"cannot LISTEN on {redact(self.listen_dsn)}: {exc}") from exc
         try:
             conn.add_termination_listener(lambda _conn: on_lost())
             for channel in channels:
@@ -187,8 +219,13 @@ class PostgresStore:
 
     async def migrate(self) -> list[int]:
         """Bring the schema to this code's (``engine._schema.migrate``); returns the versions of
-        the migrations applied now. ConfigurationError for a database it must not touch."""
+        the migrations applied now. ConfigurationError for a database it must not touch.
+
+        Behind a transaction pooler the whole of it is one transaction, which keeps it on one
+        server session (``_migrate_pooled``)."""
         async with self._pool.acquire() as conn:
+            if self.pooled:
+                return await _migrate_pooled(conn)
             return await _schema.migrate(conn)
 
     async def empty(self) -> None:
@@ -763,6 +800,36 @@ class PostgresStore:
         """Runs by function, the version they started on (None: not started) and status."""
         rows = await self._retrying(lambda: self._pool.fetch(self._q["list_versions"]))
         return [dict(r.items()) for r in rows]
+
+
+# Belongs in engine/sql/queries.sql beside lock_migrations (which the pooler branch could not
+# change): the same lock, held until the transaction ends.
+_LOCK_MIGRATIONS_IN_TRANSACTION = (
+    "SELECT pg_advisory_xact_lock(hashtextextended('durable.migrations', 0))"
+)
+
+
+async def _migrate_pooled(conn: asyncpg.Connection[Any]) -> list[int]:
+    """``engine._schema.migrate`` in one transaction, for a connection through a transaction
+    pooler. Its session advisory lock is released before its end, and a second process would
+    take it before this transaction commits, and migrate again: so the same lock is also held
+    at transaction level, until the commit. The session lock is taken and released within the
+    transaction; after a failed statement, which the savepoint rolls back, it is released here
+    (the unlock in ``migrate`` failed in the aborted transaction), since a rollback does not
+    release it and the pooler would hand the session holding it to another client."""
+    async with conn.transaction():
+        await conn.execute(_LOCK_MIGRATIONS_IN_TRANSACTION)
+        try:
+            async with conn.transaction():  # a savepoint
+                return await _schema.migrate(conn)
+        except asyncpg.InFailedSQLTransactionError as exc:
+            # The unlock after the failed statement failed: the statement's error is the one.
+            await conn.execute(queries()["unlock_migrations"])
+            raise (exc.__context__ or exc) from None
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await conn.execute(queries()["unlock_migrations"])
+            raise
 
 
 async def _isolating(

@@ -28,6 +28,7 @@ import pytest
 
 from durable import _embedded
 from engine import PostgresStore
+from tests.pgbouncer import PgBouncer, pgbouncer
 
 _TEST_URL = os.environ.get("DURABLE_TEST_DATABASE_URL")
 for _name in list(os.environ):
@@ -107,6 +108,15 @@ def server_url() -> Iterator[str]:
         server = _embedded.ensure_running(control, user_pid=os.getpid())
         yield server.dsn
         _embedded.release(control, os.getpid())
+
+
+@pytest.fixture(scope="session")
+def bouncer(server_url: str) -> Iterator[PgBouncer]:
+    """PgBouncer in transaction mode in front of the session's server, five server connections
+    per database (``tests/pgbouncer.py``); ``bouncer.url(database_url)`` reaches a test's
+    database through it."""
+    with pgbouncer(server_url) as running:
+        yield running
 
 
 async def _admin(url: str) -> asyncpg.Connection:
