@@ -21,11 +21,14 @@ prepares the statement again by itself outside a transaction, and raises
 InvalidCachedStatementError inside one (a caller's transaction, ``start_runs_on``), once.
 
 Everything runs under a session advisory lock, so a second process waits for the first instead
-of migrating twice, and then finds nothing to do.
+of migrating twice, and then finds nothing to do. Behind a transaction pooler, where a session
+lock outlives nothing, it all runs in one transaction holding the lock until it commits
+(``migrate_pooled``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any
 
@@ -72,6 +75,30 @@ async def migrate(conn: asyncpg.Connection[Any]) -> list[int]:
     finally:
         await conn.execute(q["unlock_migrations"])
     return applied_now
+
+
+async def migrate_pooled(conn: asyncpg.Connection[Any]) -> list[int]:
+    """``migrate`` in one transaction, for a connection through a transaction
+    pooler. Its session advisory lock is released before its end, and a second process would
+    take it before this transaction commits, and migrate again: so the same lock is also held
+    at transaction level, until the commit. The session lock is taken and released within the
+    transaction; after a failed statement, which the savepoint rolls back, it is released here
+    (the unlock in ``migrate`` failed in the aborted transaction), since a rollback does not
+    release it and the pooler would hand the session holding it to another client."""
+    q = queries()
+    async with conn.transaction():
+        await conn.execute(q["lock_migrations_in_transaction"])
+        try:
+            async with conn.transaction():  # a savepoint
+                return await migrate(conn)
+        except asyncpg.InFailedSQLTransactionError as exc:
+            # The unlock after the failed statement failed: the statement's error is the one.
+            await conn.execute(q["unlock_migrations"])
+            raise (exc.__context__ or exc) from None
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await conn.execute(q["unlock_migrations"])
+            raise
 
 
 def _check_applied(applied: dict[int, asyncpg.Record], code: dict[int, Migration]) -> None:

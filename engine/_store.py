@@ -13,7 +13,6 @@ the SQL calls, STYLE 5), each a few lines of typed wrapper around one named quer
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import random
@@ -225,7 +224,7 @@ class PostgresStore:
         server session (``_migrate_pooled``)."""
         async with self._pool.acquire() as conn:
             if self.pooled:
-                return await _migrate_pooled(conn)
+                return await _schema.migrate_pooled(conn)
             return await _schema.migrate(conn)
 
     async def empty(self) -> None:
@@ -800,36 +799,6 @@ class PostgresStore:
         """Runs by function, the version they started on (None: not started) and status."""
         rows = await self._retrying(lambda: self._pool.fetch(self._q["list_versions"]))
         return [dict(r.items()) for r in rows]
-
-
-# Belongs in engine/sql/queries.sql beside lock_migrations (which the pooler branch could not
-# change): the same lock, held until the transaction ends.
-_LOCK_MIGRATIONS_IN_TRANSACTION = (
-    "SELECT pg_advisory_xact_lock(hashtextextended('durable.migrations', 0))"
-)
-
-
-async def _migrate_pooled(conn: asyncpg.Connection[Any]) -> list[int]:
-    """``engine._schema.migrate`` in one transaction, for a connection through a transaction
-    pooler. Its session advisory lock is released before its end, and a second process would
-    take it before this transaction commits, and migrate again: so the same lock is also held
-    at transaction level, until the commit. The session lock is taken and released within the
-    transaction; after a failed statement, which the savepoint rolls back, it is released here
-    (the unlock in ``migrate`` failed in the aborted transaction), since a rollback does not
-    release it and the pooler would hand the session holding it to another client."""
-    async with conn.transaction():
-        await conn.execute(_LOCK_MIGRATIONS_IN_TRANSACTION)
-        try:
-            async with conn.transaction():  # a savepoint
-                return await _schema.migrate(conn)
-        except asyncpg.InFailedSQLTransactionError as exc:
-            # The unlock after the failed statement failed: the statement's error is the one.
-            await conn.execute(queries()["unlock_migrations"])
-            raise (exc.__context__ or exc) from None
-        except BaseException:
-            with contextlib.suppress(Exception):
-                await conn.execute(queries()["unlock_migrations"])
-            raise
 
 
 async def _isolating(

@@ -31,6 +31,11 @@ SELECT pg_advisory_lock(hashtextextended('durable.migrations', 0));
 -- name: unlock_migrations
 SELECT pg_advisory_unlock(hashtextextended('durable.migrations', 0));
 
+-- The same lock, held until the transaction ends: behind a transaction pooler, where migrate
+-- runs in one transaction (engine._schema.migrate_pooled).
+-- name: lock_migrations_in_transaction
+SELECT pg_advisory_xact_lock(hashtextextended('durable.migrations', 0));
+
 -- name: applied_migrations
 SELECT version, name, checksum FROM durable.schema_migrations ORDER BY version;
 
