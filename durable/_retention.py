@@ -19,9 +19,10 @@ async def retention(app: App, args: argparse.Namespace) -> int:
         print(f"opened {done.opened} segment(s); dropped {len(done.dropped)}")
         for report in done.dropped:
             print(
-                f"  segment {report['segment']}: {report['runs_removed']:,} runs removed "
-                f"({report['bytes']:,} bytes); carried {report['runs_kept']:,} runs and "
-                f"{report['events_kept']:,} events forward into segment {report['into']}"
+                f"  segment {report['segment']}: {report['runs_removed']:,} runs removed, "
+                f"{report['bytes']:,} bytes of partitions dropped; carried "
+                f"{report['runs_kept']:,} runs and {report['events_kept']:,} events forward "
+                f"into segment {report['into']}"
             )
         return 0
     print(f"{'segment':>7} {'retention':<12} {'state':<26} {'size':>10} {'runs':>9} {'events':>8}")

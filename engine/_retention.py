@@ -16,6 +16,7 @@ from engine.errors import DatabaseError, DatabaseUnavailable
 log = logging.getLogger(__name__)
 
 LOCK_NOT_AVAILABLE = "55P03"
+STARVED = 3  # passes in a row without the tables' lock before it is a warning
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,7 @@ class Cleaner:
         self.store = store
         self.interval = interval.total_seconds()
         self.rng = rng or random.Random()
+        self.failed = 0  # passes in a row that could not be made
 
     async def run(self) -> None:
         while True:
@@ -73,19 +75,29 @@ class Cleaner:
         try:
             done = await self.store.clean_up()
         except DatabaseError as exc:
-            if exc.sqlstate == LOCK_NOT_AVAILABLE:
-                log.info("retention: the tables were too busy to lock; trying again later")
-            else:
+            self.failed += 1
+            if exc.sqlstate != LOCK_NOT_AVAILABLE:
                 log.error("retention: the pass failed (%s); trying again later", exc)
+            elif self.failed >= STARVED:
+                log.warning(
+                    "retention: the tables have been too busy to lock for %d passes in a row "
+                    "(a long transaction on durable.runs, journal or events?); nothing is "
+                    "removed meanwhile",
+                    self.failed,
+                )
+            else:
+                log.info("retention: the tables were too busy to lock; trying again later")
             return None
         except DatabaseUnavailable as exc:
+            self.failed += 1
             log.warning("retention: %s; trying again later", exc)
             return None
+        self.failed = 0
         if done is not None:
             for report in done.dropped:
                 log.info(
-                    "retention: dropped segment %s (%s runs, %s bytes); carried %s runs and "
-                    "%s events forward into segment %s",
+                    "retention: dropped segment %s (%s runs, %s bytes of partitions); carried "
+                    "%s runs and %s events forward into segment %s",
                     report["segment"],
                     report["runs_removed"],
                     report["bytes"],

@@ -258,6 +258,28 @@ $$;
 -- Segments
 -- --------
 
+-- Takes ACCESS EXCLUSIVE locks on the three partitioned tables, which a new partition and a
+-- dropped one need, without ever waiting in their queue: a waiting request would hold up every
+-- statement of the engine behind it, and could lose a deadlock to one of them, or win it and
+-- fail the engine's transaction. So it tries NOWAIT every 10 ms, p_tries times, and then
+-- raises lock_not_available (retention tries again at its next pass).
+CREATE FUNCTION durable.lock_partitioned_tables(p_tries integer DEFAULT 200) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    FOR i IN 1..p_tries LOOP
+        BEGIN
+            LOCK TABLE durable.runs, durable.journal, durable.events
+                IN ACCESS EXCLUSIVE MODE NOWAIT;
+            RETURN;
+        EXCEPTION WHEN lock_not_available THEN
+            PERFORM pg_sleep(0.01);
+        END;
+    END LOOP;
+    RAISE EXCEPTION 'the tables durable.runs, durable.journal and durable.events stayed busy'
+        USING ERRCODE = 'lock_not_available';
+END
+$$;
+
 -- Opens a segment of retention class p_retention (NULL: for ever) and closes the class's open
 -- one: a row of durable.segments and a partition of each of runs, journal and events. Returns
 -- its id. Under a lock of its own, so that two callers make two segments, not one twice.
@@ -268,6 +290,7 @@ DECLARE
     v_table text;
 BEGIN
     PERFORM pg_advisory_xact_lock(hashtextextended('durable.segments', 13));
+    PERFORM durable.lock_partitioned_tables();
     SELECT coalesce(max(s.id), 0) + 1 INTO v_id FROM durable.segments s;
     FOREACH v_table IN ARRAY ARRAY['runs', 'journal', 'events'] LOOP
         EXECUTE format('CREATE TABLE durable.%I PARTITION OF durable.%I FOR VALUES IN (%s)',
@@ -360,11 +383,17 @@ BEGIN
     FOREACH v_class IN ARRAY v_classes LOOP
         v_segments := v_segments || durable.open_segment(v_class);
     END LOOP;
-    IF p_runs @? '$[*].idempotency_key ? (@ != null)' THEN
+    -- A key, and the id of a run started alone (App.start, a child, a schedule's tick: the
+    -- starts that name their run; start_many's ids are new uuids), is locked until the commit,
+    -- so that two starts of it in two segments see each other.
+    IF jsonb_array_length(p_runs) = 1 OR p_runs @? '$[*].idempotency_key ? (@ != null)' THEN
         PERFORM pg_advisory_xact_lock(hashtextextended(k.key, 17))
-           FROM (SELECT DISTINCT g.idempotency_key AS key
-                   FROM durable.given_runs(p_runs, v_now) g
-                  WHERE g.idempotency_key IS NOT NULL ORDER BY 1) k;
+           FROM (SELECT DISTINCT u.key
+                   FROM durable.given_runs(p_runs, v_now) g,
+                        LATERAL (VALUES (g.idempotency_key),
+                                        (CASE WHEN jsonb_array_length(p_runs) = 1
+                                              THEN g.id::text END)) u (key)
+                  WHERE u.key IS NOT NULL ORDER BY 1) k;
     END IF;
     WITH inserted AS (
         INSERT INTO durable.runs (id, function, input, idempotency_key, trace_context,
@@ -1153,36 +1182,26 @@ $$;
 -- durable.segment_event_keepers names. Nothing else is looked at row by row: the rest goes with
 -- the partitions, so a drop costs the same whatever it removes.
 
--- For the rest of the caller's transaction, a lock is waited for at most half the server's
--- deadlock_timeout: in a deadlock with a transaction of the engine, retention's is the one to
--- give up (lock_not_available: it tries again at its next pass).
-CREATE FUNCTION durable.yield_locks() RETURNS void
-LANGUAGE sql AS $$
-    SELECT set_config('lock_timeout',
-                      (extract(epoch FROM current_setting('deadlock_timeout')::interval) * 500)
-                          ::integer || 'ms',
-                      true);
-$$;
-
 -- Opens a new segment for each class whose open segment is older than the class's width (a
--- quarter of its retention, at most a day). Returns how many it opened.
+-- quarter of its retention: a class keeps five or six segments) and holds a run or an event
+-- (an idle class keeps its one segment). Returns how many it opened.
 CREATE FUNCTION durable.rotate_segments() RETURNS integer
 LANGUAGE plpgsql AS $$
 DECLARE
+    v_classes interval[];
     v_class interval;
-    v_count integer := 0;
 BEGIN
-    PERFORM durable.yield_locks();
-    FOR v_class IN
-        SELECT s.retention FROM durable.segments s
-         WHERE s.closed_at IS NULL AND s.retention IS NOT NULL
-           AND s.opened_at <= durable.clock() - least(s.retention / 4, interval '1 day')
-         ORDER BY s.id
-    LOOP
+    -- Read whole first: a new partition cannot be made while a query reads the tables.
+    SELECT coalesce(array_agg(s.retention ORDER BY s.id), '{}') INTO v_classes
+      FROM durable.segments s
+     WHERE s.closed_at IS NULL AND s.retention IS NOT NULL
+       AND s.opened_at <= durable.clock() - s.retention / 4
+       AND (EXISTS (SELECT 1 FROM durable.runs r WHERE r.segment = s.id)
+            OR EXISTS (SELECT 1 FROM durable.events e WHERE e.segment = s.id));
+    FOREACH v_class IN ARRAY v_classes LOOP
         PERFORM durable.add_segment(v_class);
-        v_count := v_count + 1;
     END LOOP;
-    RETURN v_count;
+    RETURN cardinality(v_classes);
 END
 $$;
 
@@ -1272,6 +1291,28 @@ LANGUAGE sql STABLE AS $$
                      AND (j.value ->> 'event_id')::bigint >= e.id));
 $$;
 
+-- Copies the journal entries of runs p_runs and the events p_events from segment p_from into
+-- segment p_into, but those copied already (a second call copies what was written since).
+CREATE FUNCTION durable.carry_forward(
+    p_from integer, p_into integer, p_runs uuid[], p_events bigint[]
+) RETURNS void
+LANGUAGE sql AS $$
+    INSERT INTO durable.journal (run_id, position, kind, name, value, error, attempt, created_at,
+                                 started_at, duration_ms, timing, segment)
+    SELECT j.run_id, j.position, j.kind, j.name, j.value, j.error, j.attempt, j.created_at,
+           j.started_at, j.duration_ms, j.timing, p_into
+      FROM durable.journal j JOIN unnest(p_runs) k (id) ON k.id = j.run_id
+     WHERE j.segment = p_from
+       AND NOT EXISTS (SELECT 1 FROM durable.journal c
+                        WHERE c.run_id = j.run_id AND c.position = j.position
+                          AND c.segment = p_into);
+    INSERT INTO durable.events (id, name, key, payload, created_at, segment)
+    SELECT e.id, e.name, e.key, e.payload, e.created_at, p_into
+      FROM durable.events e JOIN unnest(p_events) k (id) ON k.id = e.id
+     WHERE e.segment = p_from
+       AND NOT EXISTS (SELECT 1 FROM durable.events c WHERE c.id = e.id AND c.segment = p_into);
+$$;
+
 -- The closed segments whose retention has passed since they closed, oldest first.
 CREATE FUNCTION durable.due_segments() RETURNS SETOF integer
 LANGUAGE sql STABLE AS $$
@@ -1282,10 +1323,11 @@ LANGUAGE sql STABLE AS $$
 $$;
 
 -- Drops segment p_segment: carries its keepers forward into the open segment of its class, then
--- drops its partitions, under an exclusive lock of the three tables taken for the move and the
--- drop only (the keepers are found before it): a run moved to another partition while another
--- transaction waits for its row would fail that transaction, and a DROP of a partition locks
--- its table anyway (durable.yield_locks bounds the wait). Returns what it did.
+-- drops its partitions. The keepers are found, and their journal entries and events copied,
+-- before the exclusive lock of the three tables (durable.lock_partitioned_tables; the copies
+-- are seen by nobody until the commit); under it, only what changed meanwhile is copied, the
+-- keepers' rows are moved (a run moved to another partition while another transaction waits
+-- for its row would fail that transaction) and the partitions dropped. Returns what it did.
 CREATE FUNCTION durable.drop_segment(p_segment integer) RETURNS jsonb
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -1313,28 +1355,21 @@ BEGIN
     SELECT count(*) INTO v_runs FROM durable.runs r WHERE r.segment = p_segment;
     SELECT sum(pg_total_relation_size(format('durable.%I', t || '_' || p_segment)))
       INTO v_bytes FROM unnest(ARRAY['runs', 'journal', 'events']) t;
-    PERFORM durable.yield_locks();
-    LOCK TABLE durable.runs, durable.journal, durable.events IN ACCESS EXCLUSIVE MODE;
+    PERFORM durable.carry_forward(p_segment, v_open, v_keep, v_events);
+    PERFORM durable.lock_partitioned_tables();
     -- Only a fork, made since the keepers were found, can add one: find them again then.
     IF (SELECT count(*) FROM durable.runs r WHERE r.forked_from IS NOT NULL) <> v_forks THEN
-        SELECT coalesce(array_agg(k.run_id), '{}') INTO v_keep
-          FROM durable.segment_keepers(p_segment) k;
-        SELECT coalesce(array_agg(e), '{}') INTO v_events
-          FROM durable.segment_event_keepers(p_segment) e;
+        SELECT coalesce(array_agg(DISTINCT k.id), '{}') INTO v_keep
+          FROM (SELECT unnest(v_keep) UNION SELECT run_id FROM durable.segment_keepers(p_segment))
+               k (id);
+        SELECT coalesce(array_agg(DISTINCT k.id), '{}') INTO v_events
+          FROM (SELECT unnest(v_events) UNION SELECT durable.segment_event_keepers(p_segment))
+               k (id);
     END IF;
-    INSERT INTO durable.journal (run_id, position, kind, name, value, error, attempt, created_at,
-                                 started_at, duration_ms, timing, segment)
-    SELECT j.run_id, j.position, j.kind, j.name, j.value, j.error, j.attempt, j.created_at,
-           j.started_at, j.duration_ms, j.timing, v_open
-      FROM durable.journal j JOIN unnest(v_keep) k (id) ON k.id = j.run_id
-     WHERE j.segment = p_segment;
+    PERFORM durable.carry_forward(p_segment, v_open, v_keep, v_events);
     UPDATE durable.runs r SET segment = v_open
       FROM unnest(v_keep) k (id)
      WHERE r.segment = p_segment AND r.id = k.id;
-    INSERT INTO durable.events (id, name, key, payload, created_at, segment)
-    SELECT e.id, e.name, e.key, e.payload, e.created_at, v_open
-      FROM durable.events e JOIN unnest(v_events) k (id) ON k.id = e.id
-     WHERE e.segment = p_segment;
     FOREACH v_table IN ARRAY ARRAY['runs', 'journal', 'events'] LOOP
         EXECUTE format('DROP TABLE durable.%I', v_table || '_' || p_segment);
     END LOOP;

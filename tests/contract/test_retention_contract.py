@@ -9,6 +9,7 @@ database's clock with a VirtualClock."""
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from collections.abc import AsyncIterator
 from datetime import timedelta
@@ -193,7 +194,7 @@ async def test_an_event_a_run_may_still_receive_is_carried_forward_and_no_other(
 
 
 async def test_a_fork_made_while_the_keepers_were_found_is_kept(
-    store: PostgresStore, clock: VirtualClock, db: asyncpg.Connection
+    store: PostgresStore, clock: VirtualClock, db: asyncpg.Connection, database_url: str
 ) -> None:
     source = await start(store)
     await finish(store, source)
@@ -202,21 +203,29 @@ async def test_a_fork_made_while_the_keepers_were_found_is_kept(
     await store.clean_up()  # a newer segment opens
     clock.advance(2 * DAY)
     # Between finding the keepers and locking the tables: a transaction that forks the run and
-    # holds its lock on the runs table, so that the drop waits for it.
+    # holds its lock on the runs table, so that the drop tries for the lock until it commits.
     forking = db.transaction()
     await forking.start()
     fork = "SELECT durable.fork_run($1, $2, '{}', '1', NULL, false)"
     await db.execute(fork, source, uuid.uuid4())
-    dropping = asyncio.create_task(store.clean_up())
-    await until(
-        lambda: db.fetchval("SELECT count(*) > 0 FROM pg_locks WHERE NOT granted"),
-        what="the drop, having found no keeper, waiting for the tables' lock",
-    )
-    await forking.commit()
-    done = await dropping
-    assert done is not None
-    [report] = [d for d in done.dropped if d["segment"] == segment]
-    assert report["runs_kept"] == 1
+    dropper = await asyncpg.connect(database_url)
+    try:
+        await dropper.execute(f"SET durable.fake_now = '{clock.now().isoformat()}'")
+        dropping = asyncio.create_task(
+            dropper.fetchval("SELECT durable.drop_segment($1)::text", segment)
+        )
+        await until(
+            lambda: db.fetchval(
+                "SELECT count(*) > 0 FROM pg_stat_activity WHERE query LIKE '%drop_segment%' "
+                "AND wait_event = 'PgSleep' AND datname = current_database()"
+            ),
+            what="the drop, having found no keeper, trying for the tables' lock",
+        )
+        await forking.commit()
+        report = json.loads(await dropping)
+    finally:
+        await dropper.close()
+    assert (report["runs_kept"], report["runs_removed"]) == (1, 0)
     assert await db.fetchval("SELECT count(*) FROM durable.runs WHERE id = $1", source) == 1
 
 

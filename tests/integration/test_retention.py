@@ -129,6 +129,19 @@ async def test_a_pass_that_cannot_lock_or_fails_is_logged_and_tried_again(
     assert "dropped segment 1 (5 runs" in caplog.records[2].getMessage()
 
 
+async def test_a_cleaner_starved_of_the_lock_says_so(caplog: pytest.LogCaptureFixture) -> None:
+    class Locked:
+        async def clean_up(self) -> Cleanup | None:
+            raise DatabaseError("the tables stayed busy", "55P03")
+
+    cleaner = Cleaner(Locked(), timedelta(seconds=1))
+    with caplog.at_level(logging.INFO, logger="engine._retention"):
+        for _ in range(3):
+            assert await cleaner.once() is None
+    assert [r.levelname for r in caplog.records] == ["INFO", "INFO", "WARNING"]
+    assert "3 passes in a row" in caplog.records[2].getMessage()
+
+
 async def test_the_command_line_makes_a_pass_and_shows_each_segment(database_url: str) -> None:
     app = make_app(database_url, retention=DAY)
 
