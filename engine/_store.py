@@ -669,10 +669,19 @@ class PostgresStore:
         return Cleanup(opened, dropped)
 
     async def open_segments(self, retentions: Sequence[timedelta | None]) -> None:
-        """Open the segments of these retention classes (None: for ever) where missing."""
-        await self._retrying(
-            lambda: self._pool.execute(self._q["open_segments"], list(set(retentions)))
-        )
+        """Open the segments of these retention classes (None: for ever) where missing. A new
+        partition needs the tables' lock, which is never queued for: tried again a few times
+        while the tables stay busy."""
+        for delay in (0.5, 1.0, 2.0, 4.0, None):
+            try:
+                await self._retrying(
+                    lambda: self._pool.execute(self._q["open_segments"], list(set(retentions)))
+                )
+                return
+            except asyncpg.LockNotAvailableError:
+                if delay is None:
+                    raise
+                await asyncio.sleep(delay)
 
     async def retention_status(self, dropped: int = 10) -> list[SegmentRow]:
         """Every segment not dropped yet, then the last ``dropped`` dropped ones."""
