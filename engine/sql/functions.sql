@@ -407,10 +407,12 @@ BEGIN
                g.rate_key, g.tags, g.queue,
                v_segments[array_position(v_classes, g.retention)]
           FROM durable.given_runs(p_runs, v_now) g
-         WHERE NOT EXISTS (SELECT 1 FROM durable.runs r WHERE r.id = g.id)
+         -- Scalar subqueries, one index probe per run and segment: as NOT EXISTS, the planner
+         -- may hash every run of the table to check one.
+         WHERE (SELECT 1 FROM durable.runs r WHERE r.id = g.id LIMIT 1) IS NULL
            AND (g.idempotency_key IS NULL
-                OR NOT EXISTS (SELECT 1 FROM durable.runs r
-                                WHERE r.idempotency_key = g.idempotency_key))
+                OR (SELECT 1 FROM durable.runs r
+                     WHERE r.idempotency_key = g.idempotency_key LIMIT 1) IS NULL)
          ORDER BY g.n
         ON CONFLICT DO NOTHING
         RETURNING durable.runs.id
