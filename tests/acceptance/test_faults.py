@@ -198,25 +198,30 @@ async def own_server() -> AsyncIterator[tuple[str, Control]]:
             await asyncio.to_thread(_embedded.release, control, os.getpid())
 
 
+async def restart_under_load(dsn: str, control: Control, workers: Workers) -> Tally:
+    """Two workers of concurrency 8 run the load on ``dsn``'s server, which is stopped and
+    started again a third of the way through; what the load came to. The workers stop after."""
+    try:
+        for _ in range(2):
+            workers.start(concurrency=8)
+        async with durable.App(dsn) as app:
+            run_ids = await start_load(app, "restart", RUNS)
+            await until(
+                counted(workers, "restart-executions", RUNS * STEPS // 3),
+                timeout=120,
+                what="a third of the steps executed",
+            )
+            await asyncio.to_thread(control.stop)
+            await asyncio.to_thread(control.start)
+            await wait_finished(dsn, run_ids)
+        return await tally(dsn, workers, "restart", killed=set())
+    finally:
+        workers.stop_all()
+
+
 async def test_runs_survive_a_restart_of_the_database_server(tmp_path: Path) -> None:
     async with own_server() as (dsn, control):
-        workers = Workers(dsn, tmp_path)
-        try:
-            for _ in range(2):
-                workers.start(concurrency=8)
-            async with durable.App(dsn) as app:
-                run_ids = await start_load(app, "restart", RUNS)
-                await until(
-                    counted(workers, "restart-executions", RUNS * STEPS // 3),
-                    timeout=120,
-                    what="a third of the steps executed",
-                )
-                await asyncio.to_thread(control.stop)
-                await asyncio.to_thread(control.start)
-                await wait_finished(dsn, run_ids)
-            figures = await tally(dsn, workers, "restart", killed=set())
-        finally:
-            workers.stop_all()
+        figures = await restart_under_load(dsn, control, Workers(dsn, tmp_path))
     report("database restart", {"restarts": 1, **vars(figures)})
     assert (figures.lost, figures.wrong, figures.duplicate_positions) == (0, 0, 0), figures
     # A step whose journal write died with the server runs again, once per restart at most.

@@ -22,7 +22,6 @@ waves of eight, still held every slot when the timers fell due (5.8 s later in o
 
 from __future__ import annotations
 
-import asyncio
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,22 +29,16 @@ from typing import Any
 
 import pytest
 
-import durable
-from tests.acceptance.conftest import Workers, counted
+from tests.acceptance.conftest import Workers
 from tests.acceptance.test_faults import (
-    RUNS,
-    STEPS,
     own_server,
     report,
-    start_load,
-    tally,
+    restart_under_load,
     test_a_step_that_returned_before_a_kill_never_runs_again,
     test_runs_survive_connections_terminated_again_and_again,
     test_runs_under_random_sigkills_complete_exactly_once_with_the_right_result,
     test_workers_with_skewed_clocks_neither_wake_timers_early_nor_steal_leases,
-    wait_finished,
 )
-from tests.helpers import until
 from tests.pgbouncer import PgBouncer, pgbouncer
 
 pytestmark = [pytest.mark.postgres, pytest.mark.crash, pytest.mark.slow]
@@ -94,22 +87,7 @@ async def test_runs_behind_pgbouncer_survive_a_restart_of_the_database_server(
     async with own_server() as (dsn, control):
         with pgbouncer(dsn) as bouncer:
             workers = PooledWorkers(bouncer, dsn, tmp_path, mode)
-            try:
-                for _ in range(2):
-                    workers.start(concurrency=8)
-                async with durable.App(dsn) as app:
-                    run_ids = await start_load(app, "restart", RUNS)
-                    await until(
-                        counted(workers, "restart-executions", RUNS * STEPS // 3),
-                        timeout=120,
-                        what="a third of the steps executed",
-                    )
-                    await asyncio.to_thread(control.stop)
-                    await asyncio.to_thread(control.start)
-                    await wait_finished(dsn, run_ids)
-                figures = await tally(dsn, workers, "restart", killed=set())
-            finally:
-                workers.stop_all()
+            figures = await restart_under_load(dsn, control, workers)
     report(f"database restart behind pgbouncer ({mode})", {"restarts": 1, **vars(figures)})
     assert (figures.lost, figures.wrong, figures.duplicate_positions) == (0, 0, 0), figures
     assert figures.reexecutions <= 2 * 8, figures
