@@ -9,8 +9,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-import uuid
-from collections.abc import AsyncIterator
 from importlib import resources
 
 import asyncpg
@@ -19,7 +17,6 @@ import pytest
 from engine import PostgresStore
 from engine._queries import checksum, functions, migrations, queries
 from engine.errors import ConfigurationError
-from tests.conftest import with_database
 
 _DEFINED = re.compile(r"^CREATE (?:OR REPLACE )?FUNCTION durable\.(\w+)\s*\(", re.MULTILINE)
 _CALLED = re.compile(r"\bdurable\.(\w+)\s*\(")
@@ -89,23 +86,6 @@ def test_the_schema_is_in_one_place_tables_in_migrations_and_each_function_defin
         "functions.sql",
         "queries.sql",
     ]
-
-
-@pytest.fixture
-async def empty_database_url(server_url: str) -> AsyncIterator[str]:
-    """A database with nothing in it, dropped after the test."""
-    name = f"durable_empty_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(server_url)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    yield with_database(server_url, name)
-    admin = await asyncpg.connect(server_url)
-    try:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await admin.close()
 
 
 async def _migrate(url: str) -> list[int]:
