@@ -120,14 +120,16 @@ async def w1(url: str, n: int) -> dict[str, Any]:
         await app.start(noop, i)
     single = n / (time.perf_counter() - began)
     await conn.execute("ANALYZE durable.runs")
-    began = time.perf_counter()
+    began, cpu = time.perf_counter(), time.process_time()
     worker = asyncio.create_task(app.run_worker(concurrency=CONCURRENCY))
     drain = n / (await until_completed(conn, n) - began)
+    drain_cpu = (time.process_time() - cpu) / n
     await asyncio.sleep(1.0)  # idle and listening
-    began = time.perf_counter()
+    began, cpu = time.perf_counter(), time.process_time()
     for i in range(n):
         await app.start(noop, i)
     e2e = n / (await until_completed(conn, 2 * n) - began)
+    e2e_cpu = (time.process_time() - cpu) / n
     app.stop_workers()
     await worker
     began = time.perf_counter()
@@ -140,6 +142,8 @@ async def w1(url: str, n: int) -> dict[str, Any]:
         "start_batch_per_s": batched,
         "drain_per_s": drain,
         "e2e_per_s": e2e,
+        "drain_cpu_us_per_run": drain_cpu * 1e6,
+        "e2e_cpu_us_per_run": e2e_cpu * 1e6,
     }
 
 
@@ -150,21 +154,23 @@ async def w2(url: str, n: int) -> dict[str, Any]:
 
     async def work() -> dict[str, Any]:
         before = await completed(conn)
-        began = time.perf_counter()
+        began, cpu = time.perf_counter(), time.process_time()
         for i in range(n):
             await app.start(five_steps, i)
         finished = await until_completed(conn, before + n)
         rate = n / (finished - began)
-        return {"workflows_per_s": rate, "steps_per_s": 5 * rate}
+        per_step = (time.process_time() - cpu) / (5 * n)
+        return {"workflows_per_s": rate, "steps_per_s": 5 * rate, "cpu_us_per_step": per_step * 1e6}
 
     try:
         singly = await with_worker(work)
         before = await completed(conn)  # W7 counts on top of its seeded history
         await app.start_many(five_steps, range(n))
         await conn.execute("ANALYZE durable.runs")
-        began = time.perf_counter()
+        began, cpu = time.perf_counter(), time.process_time()
         worker = asyncio.create_task(app.run_worker(concurrency=CONCURRENCY))
         drained = n / (await until_completed(conn, before + n) - began)
+        drain_cpu = (time.process_time() - cpu) / (5 * n)
         app.stop_workers()
         await worker
     finally:
@@ -173,6 +179,7 @@ async def w2(url: str, n: int) -> dict[str, Any]:
         **singly,
         "drain_workflows_per_s": drained,
         "drain_steps_per_s": 5 * drained,
+        "drain_cpu_us_per_step": drain_cpu * 1e6,
         "rss_mb": _rss_mb(),
     }
 

@@ -56,6 +56,8 @@ SYSTEMS = (
 ROWS = (
     ("W1", "drain_per_s", "W1 no-op runs drained (runs/s)", True),
     ("W1", "e2e_per_s", "W1 no-op runs, started singly while a worker runs (runs/s)", True),
+    ("W1", "drain_cpu_us_per_run", "W1 drained: worker CPU per run (µs)", False),
+    ("W1", "e2e_cpu_us_per_run", "W1 started singly: process CPU per run (µs)", False),
     ("W1", "start_single_per_s", "W1 start rate, one call per run (starts/s)", True),
     ("W1", "start_batch_per_s", "W1 start rate, batched (starts/s)", True),
     ("W2", "workflows_per_s", "W2 five-step workflows, started singly (wf/s)", True),
@@ -67,6 +69,8 @@ ROWS = (
         True,
     ),
     ("W2", "drain_steps_per_s", "W2 journaled steps, drained (steps/s)", True),
+    ("W2", "cpu_us_per_step", "W2 started singly: process CPU per step (µs)", False),
+    ("W2", "drain_cpu_us_per_step", "W2 drained: worker CPU per step (µs)", False),
     ("W3", "p50_ms", "W3 start to first step, p50 (ms)", False),
     ("W3", "p99_ms", "W3 start to first step, p99 (ms)", False),
     ("W4", "late_p50_ms", "W4 1 s sleep, lateness p50 (ms)", False),

@@ -79,14 +79,16 @@ async def w1(url: str, n: int) -> dict[str, Any]:
         await queries.enqueue("noop", None)
     single = n / (time.perf_counter() - began)
     await producer.execute("ANALYZE pgqueuer")
-    began = time.perf_counter()
+    began, cpu = time.perf_counter(), time.process_time()
     worker = await start_worker(url)
     drain = n / (await until_empty(producer) - began)
+    drain_cpu = (time.process_time() - cpu) / n
     await asyncio.sleep(1.0)
-    began = time.perf_counter()
+    began, cpu = time.perf_counter(), time.process_time()
     for _ in range(n):
         await queries.enqueue("noop", None)
     e2e = n / (await until_empty(producer) - began)
+    e2e_cpu = (time.process_time() - cpu) / n
     await stop_worker(worker)
     began = time.perf_counter()
     await queries.enqueue(["noop"] * n, [None] * n, [0] * n)
@@ -97,6 +99,8 @@ async def w1(url: str, n: int) -> dict[str, Any]:
         "start_batch_per_s": batched,
         "drain_per_s": drain,
         "e2e_per_s": e2e,
+        "drain_cpu_us_per_run": drain_cpu * 1e6,
+        "e2e_cpu_us_per_run": e2e_cpu * 1e6,
     }
 
 
