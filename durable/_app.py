@@ -65,6 +65,10 @@ class App(Declarations):
     ``$DURABLE_LISTEN_URL``) is a direct URL of the same database to LISTEN on, and says the
     app is pooled; ``pooled=True`` (``DURABLE_POOLED=1``) without it polls every
     ``poll_interval``. A pooled app keeps nothing in a server session between transactions.
+
+    ``eager_start`` (on by default): a run started beside a worker of this app that serves its
+    function and has a slot free is claimed by that worker in the start's own statement and
+    begins at once; off, every start goes through the queue.
     """
 
     def __init__(
@@ -82,6 +86,7 @@ class App(Declarations):
         cleanup_interval: timedelta = timedelta(minutes=10),
         listen_url: str | None = None,
         pooled: bool | None = None,
+        eager_start: bool = True,
     ) -> None:
         if version is not None and not (
             isinstance(version, str) and 0 < len(version) <= 100 and version.isprintable()
@@ -101,12 +106,13 @@ class App(Declarations):
             cleanup_interval=cleanup_interval,
             listen_url=listen_url,
             pooled=pooled,
+            eager_start=eager_start,
         )
         super().__init__(settings.max_payload_bytes, version, settings.retention)
         self._connection = Connection(settings, on_lost=self.stop_workers)
-        self._client = Client(self, self._connection)
-        self._reads = Reads(self._connection)
         self._hosting = Hosting(self, self._connection, self.connect)
+        self._client = Client(self, self._connection, self._hosting.worker_for)
+        self._reads = Reads(self._connection)
 
     @property
     def settings(self) -> Settings:

@@ -4,6 +4,7 @@ a ``RunHandle`` asks (``durable._handle.RunSource``)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
@@ -24,12 +25,13 @@ from engine import (
     RunStatus,
     ScheduleRow,
     WaitRow,
+    Worker,
     _limits,
     current_carrier,
     new_run,
     validate_input,
 )
-from engine.errors import InvalidInput, RunNotFound
+from engine.errors import DatabaseUnavailable, InvalidInput, RunNotFound
 
 log = logging.getLogger("durable._app")
 
@@ -53,9 +55,15 @@ class VersionCount:
 class Client:
     """Runs and events through an app's connection, with its declarations for validation."""
 
-    def __init__(self, declarations: Declarations, connection: Connection) -> None:
+    def __init__(
+        self,
+        declarations: Declarations,
+        connection: Connection,
+        worker_for: Callable[[str], Worker | None] = lambda _function: None,
+    ) -> None:
         self._declarations = declarations
         self._connection = connection
+        self._worker_for = worker_for
         self._done_waiters: dict[uuid.UUID, set[Callable[[], None]]] = {}
 
     # -- starting -------------------------------------------------------------------------------
@@ -87,10 +95,21 @@ class Client:
         if connection is not None:
             found, created = await store.start_run_on(connection, new)
         else:
-            [(found, created)] = await store.start_runs([new])
+            found, created = await self._start_eagerly_or_queue(new)
         if not created:
             log.info("run %s already exists; returning it", found, extra={"run_id": str(found)})
         return RunHandle(self, found, self.return_type_of(new.function))
+
+    async def _start_eagerly_or_queue(self, new: NewRun) -> tuple[uuid.UUID, bool]:
+        """Start ``new`` on a worker of this process with a slot free, claimed in the same
+        round trip (an eager start); else, or after a lost connection, into the queue."""
+        started = None
+        if (worker := self._worker_for(new.function)) is not None:
+            with contextlib.suppress(DatabaseUnavailable):
+                started = await worker.start_here(new)
+        if started is None:
+            [started] = await self._connection.store.start_runs([new])
+        return started
 
     async def start_many(
         self,

@@ -95,6 +95,16 @@ class Hosting:
         for hosted in list(self._hosted):
             hosted.stop()
 
+    def worker_for(self, function: str) -> Worker | None:
+        """A worker of this process that can run a run of ``function`` started now, at once
+        (``Worker.can_start``), if the app starts runs eagerly."""
+        if not self._connection.settings.eager_start:
+            return None
+        for hosted in self._hosted:
+            if hosted.worker is not None and hosted.worker.can_start(function):
+                return hosted.worker
+        return None
+
 
 class _Hosted:
     """One ``run_worker`` call: its worker once it has one, and whether it was told to stop."""

@@ -26,6 +26,7 @@ class Settings:
     max_payload_bytes: int | None = 1 << 20
     retention: timedelta | None = None
     cleanup_interval: timedelta = timedelta(minutes=10)
+    eager_start: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "lease", setting(self.lease, "App: lease", positive=True))
@@ -46,6 +47,10 @@ class Settings:
             _urls.check(self.listen_url)
         if self.pooled is not None and not isinstance(self.pooled, bool):
             raise ConfigurationError(f"App: pooled must be True or False, got {self.pooled!r}")
+        if not isinstance(self.eager_start, bool):
+            raise ConfigurationError(
+                f"App: eager_start must be True or False, got {self.eager_start!r}"
+            )
 
 
 def setting(value: object, what: str, positive: bool = False) -> timedelta:

@@ -50,15 +50,29 @@ class SystemClock:
 
 
 class DatabaseTime:
-    """The database's time, estimated from a local clock and the last offset measured."""
+    """The database's time, estimated from a local clock and the offsets measured.
+
+    A reading of the database's clock arrives some time after it was taken (the rest of its
+    statement, the commit, the trip back, the event loop's turn: 1 to 15 ms on a loaded
+    machine), so each offset it gives is at most the true one: the estimate lags, and a timer
+    waited for on it is late, never early. Of the readings of the last ``WINDOW`` seconds the
+    largest offset, the one that lagged least, is kept; an older one gives way to the next
+    reading. (A database clock stepped back by D within the window reads up to D early until
+    the window passes.)"""
+
+    WINDOW = 2.0
 
     def __init__(self, clock: Clock) -> None:
         self._clock = clock
         self._offset = timedelta(0)
+        self._taken: float | None = None  # when the kept offset was read (monotonic)
 
     def observe(self, db_now: datetime) -> None:
         """Record a reading of the database's clock taken just now."""
-        self._offset = db_now - self._clock.now()
+        offset = db_now - self._clock.now()
+        at = self._clock.monotonic()
+        if self._taken is None or offset >= self._offset or at - self._taken > self.WINDOW:
+            self._offset, self._taken = offset, at
 
     def now(self) -> datetime:
         return self._clock.now() + self._offset

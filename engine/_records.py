@@ -83,6 +83,7 @@ class Claim:
     # A fork (durable runs fork/retry) has journal entries before its first claim.
     forked: bool = False
     created_at: datetime | None = None
+    due_at: datetime | None = None  # a claim made ahead of it (claim_due's ahead) waits
 
 
 @dataclass(frozen=True)
@@ -212,6 +213,19 @@ class Store(Protocol):
         wins. Idempotency keys must be distinct within one call."""
         ...
 
+    async def start_claimed(
+        self,
+        run: NewRun,
+        worker: str,
+        lease: timedelta,
+        functions: Sequence[str],
+        versions: Sequence[str],
+        pinned: Sequence[str] = (),
+    ) -> tuple[uuid.UUID, bool, Claim | None]:
+        """``start_runs`` for one run that, if created, due and free of concurrency keys and
+        rate limits, ``worker`` claims in the same round trip: (id, created, claim or None)."""
+        ...
+
     async def claim(
         self,
         functions: Sequence[str],
@@ -236,9 +250,11 @@ class Store(Protocol):
         lease: timedelta,
         versions: Sequence[str] | None = None,
         pinned: Sequence[str] = (),
+        ahead: timedelta = timedelta(0),
     ) -> tuple[list[Claim], datetime | None, datetime]:
         """``claim``, then ``next_due``, in one round trip: the claims, when the next run
-        falls due (counting these claims' leases), and the store's now."""
+        falls due (counting these claims' leases), and the store's now. With ``ahead``, runs
+        due within it are claimed too, each with its ``due_at``."""
         ...
 
     async def next_due(

@@ -132,6 +132,17 @@ class JournalStore:
     async def start_runs(self, runs: Sequence[NewRun]) -> list[tuple[uuid.UUID, bool]]:
         _refuse("start_runs")
 
+    async def start_claimed(
+        self,
+        run: NewRun,
+        worker: str,
+        lease: timedelta,
+        functions: Sequence[str],
+        versions: Sequence[str],
+        pinned: Sequence[str] = (),
+    ) -> tuple[uuid.UUID, bool, Claim | None]:
+        _refuse("start_claimed")
+
     async def claim(
         self,
         functions: Sequence[str],
@@ -151,6 +162,7 @@ class JournalStore:
         lease: timedelta,
         versions: Sequence[str] | None = None,
         pinned: Sequence[str] = (),
+        ahead: timedelta = timedelta(0),
     ) -> tuple[list[Claim], datetime | None, datetime]:
         _refuse("claim_due")
 

@@ -25,8 +25,11 @@ log = logging.getLogger(__name__)
 class Runner:
     """One attempt of one run (``claim``), executed as ``execution`` says."""
 
-    def __init__(self, execution: Execution, claim: Claim) -> None:
+    def __init__(self, execution: Execution, claim: Claim, *, observed: bool = False) -> None:
+        """``observed``: the caller gave ``execution.db_time`` the claim's ``db_now`` as it
+        arrived (a worker does); otherwise the runner does, when it begins."""
         self.execution = execution
+        self._observed = observed
         self.store = execution.store
         self.spec = execution.functions[claim.function]
         self.claim = claim
@@ -43,6 +46,7 @@ class Runner:
         self.ending = False
         self._handing_back = False
         self._released = False
+        self._interrupted = asyncio.Event()  # cancelled, lost or handed back
 
     def cancel(self) -> None:
         """Deliver a cancellation: the run's tasks (its running step included) receive
@@ -56,6 +60,7 @@ class Runner:
     def _interrupt(self) -> None:
         if self.state is not None:
             self.state.cancelled = True
+        self._interrupted.set()
         self._stop_tasks()
 
     def _stop_tasks(self) -> None:
@@ -78,6 +83,7 @@ class Runner:
         self.lost_because = reason
         if self.state is not None:
             self.state.lost = True
+        self._interrupted.set()
         self._stop_tasks()
 
     def hand_back(self, reason: str) -> None:
@@ -95,7 +101,8 @@ class Runner:
     async def execute(self) -> None:
         claim = self.claim
         self._began = time.monotonic()
-        self.db_time.observe(claim.db_now)
+        if not self._observed:
+            self.db_time.observe(claim.db_now)
         labels = {"function": claim.function}
         if claim.attempt == 1:
             _metrics.runs_started.add(1, labels)
@@ -122,6 +129,11 @@ class Runner:
             len(journal),
             extra=self.extra,
         )
+        await self._until_due()
+        if state.lost:  # handed back or lost while it waited to be due
+            if self._handing_back:
+                await self._release()
+            return
         if self.cancel_requested:  # told before the attempt began
             await self._end_interrupted(state)
             return
@@ -140,6 +152,20 @@ class Runner:
                 watchdog.cancel()
         if self._handing_back:
             await self._release()
+
+    async def _until_due(self) -> None:
+        """A run claimed ahead of its time (a timer about to fall due: ``claim_due``'s
+        ``ahead``) begins when it is due, or when it is cancelled or lost before then."""
+        due = self.claim.due_at
+        if due is None or due <= self.claim.db_now or self._interrupted.is_set():
+            return
+        sleeping = asyncio.ensure_future(self.db_time.sleep(self.db_time.seconds_until(due)))
+        interrupted = asyncio.ensure_future(self._interrupted.wait())
+        try:
+            await asyncio.wait({sleeping, interrupted}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            sleeping.cancel()
+            interrupted.cancel()
 
     async def _drive(self, state: RunState) -> None:
         loop = asyncio.get_running_loop()

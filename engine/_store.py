@@ -260,6 +260,35 @@ class PostgresStore:
         rows = await self._retrying(lambda: self._pool.fetch(self._q["create_runs"], docs))
         return [(row["run_id"], row["created"]) for row in rows]
 
+    async def start_claimed(
+        self,
+        run: NewRun,
+        worker: str,
+        lease: timedelta,
+        functions: Sequence[str],
+        versions: Sequence[str],
+        pinned: Sequence[str] = (),
+    ) -> tuple[uuid.UUID, bool, Claim | None]:
+        """Start ``run`` and claim it for ``worker`` in one statement when nothing stands between
+        it and a worker (durable.start_claimed): its id, whether it was created, and the claim
+        (None: the run waits for a claim, and workers were told). Runs once: a connection lost
+        under it is raised, and the caller starts the run the usual way, which finds it if it
+        was created (its lease then lapses for another claim, as a crashed worker's does)."""
+        row = await self._once(
+            lambda: self._pool.fetchrow(
+                self._q["start_claimed"],
+                _json(_run_doc(run)),
+                worker,
+                lease,
+                list(functions),
+                _versions(functions, versions),
+                list(pinned),
+            )
+        )
+        assert row is not None
+        claim = _claim(row) if row["id"] is not None else None
+        return row["run_id"], row["created"], claim
+
     async def claim(
         self,
         functions: Sequence[str],
@@ -288,14 +317,20 @@ class PostgresStore:
         lease: timedelta,
         versions: Sequence[str] | None = None,
         pinned: Sequence[str] = (),
+        ahead: timedelta = timedelta(0),
     ) -> tuple[list[Claim], datetime | None, datetime]:
         """``claim`` and ``next_due`` in one statement (a worker's every wake-up)."""
         names, at, pins = list(functions), _versions(functions, versions), list(pinned)
         rows = await self._once(
-            lambda: self._pool.fetch(self._q["claim_due"], names, limit, worker, lease, at, pins)
+            lambda: self._pool.fetch(
+                self._q["claim_due"], names, limit, worker, lease, at, pins, ahead
+            )
         )
         *claimed, last = rows
-        return [_claim(r) for r in claimed], last["next_due"], last["db_now"]
+        # The claims' db_now is when the claim began; the last row's, when it ended: closer to
+        # the moment the worker reads it, so the database time it estimates lags less.
+        now = last["db_now"]
+        return [_claim(r, now) for r in claimed], last["next_due"], now
 
     async def next_due(
         self, functions: Sequence[str], versions: Sequence[str] | None = None
@@ -829,17 +864,18 @@ async def _isolating(
     return outcomes
 
 
-def _claim(row: asyncpg.Record) -> Claim:
+def _claim(row: asyncpg.Record, db_now: datetime | None = None) -> Claim:
     return Claim(
         run_id=row["id"],
         function=row["function"],
         input=row["input"],
         attempt=row["attempt"],
         trace_context=row["trace_context"],
-        db_now=row["db_now"],
+        db_now=row["db_now"] if db_now is None else db_now,
         deadline_at=row["deadline_at"],
         forked=bool(row["forked"]),
         created_at=row["created_at"],
+        due_at=row["due_at"],
     )
 
 

@@ -10,22 +10,34 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from opentelemetry import propagate, trace
+from opentelemetry import context, propagate, trace
 
 _tracer = trace.get_tracer("durable")
 
 
 def current_carrier() -> dict[str, str] | None:
     """The caller's trace context as a dict to store with a run (None outside any trace)."""
+    if not context.get_current():  # nothing set, nothing to carry: no propagator call per start
+        return None
     carrier: dict[str, str] = {}
     propagate.inject(carrier)
     return carrier or None
+
+
+def _recording() -> bool:
+    """Whether the process has set a tracer provider (an SDK): without one, every span is a
+    no-op that only carries its parent's context along."""
+    provider = trace.get_tracer_provider()
+    return not isinstance(provider, trace.ProxyTracerProvider | trace.NoOpTracerProvider)
 
 
 @contextmanager
 def run_span(
     run_id: uuid.UUID, function: str, attempt: int, carrier: dict[str, str] | None
 ) -> Iterator[trace.Span]:
+    if not carrier and not _recording():  # no span to record, no context to carry
+        yield trace.INVALID_SPAN
+        return
     parent = propagate.extract(carrier or {})
     with _tracer.start_as_current_span(
         f"durable.run {function}",
@@ -44,6 +56,9 @@ def run_span(
 def step_span(
     run_id: uuid.UUID, function: str, step: str, position: str, attempt: int
 ) -> Iterator[trace.Span]:
+    if not _recording():  # a no-op span would carry the run's context, already current
+        yield trace.INVALID_SPAN
+        return
     with _tracer.start_as_current_span(
         f"durable.step {step}",
         attributes={

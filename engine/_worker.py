@@ -19,7 +19,7 @@ from datetime import timedelta
 from engine import _limits, _lineage, _metrics
 from engine._clock import Clock, DatabaseTime, SystemClock
 from engine._listener import Listener
-from engine._records import Claim, Store
+from engine._records import Claim, NewRun, Store
 from engine._registry import CodeVersions, FunctionSpec
 from engine._run_state import Execution
 from engine._runner import Runner
@@ -28,6 +28,10 @@ from engine.errors import ConfigurationError, DatabaseUnavailable
 log = logging.getLogger(__name__)
 
 _MIN_WAIT = 0.005
+# A timer due within this (or short_wait, if shorter) is claimed that much ahead and waits in
+# its worker, so it is not late by a claim's round trip and a journal load; the run holds its
+# slot for that long.
+_CLAIM_AHEAD = timedelta(milliseconds=50)
 
 
 @dataclass(frozen=True)
@@ -94,11 +98,62 @@ class Worker:
         self.active: dict[uuid.UUID, tuple[Runner, asyncio.Task[None]]] = {}
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None  # set while run() claims
+        self._reserved = 0  # slots held for eager starts in flight
+        self._claiming = 0  # slots a claim in flight may fill
+        # The last claim left no slot free, so due runs may be waiting for one: a run that
+        # ends then wakes the loop to claim again (else only a notification or a timer does).
+        self._full = False
+        self._ahead = min(_CLAIM_AHEAD, options.short_wait)
 
     def stop(self) -> None:
         """Ask the worker to stop claiming and shut down gracefully."""
         self._stopping.set()
         self._wake.set()
+
+    @property
+    def free_slots(self) -> int:
+        return self.options.concurrency - len(self.active) - self._reserved - self._claiming
+
+    def can_start(self, function: str) -> bool:
+        """Whether ``start_here`` may claim a run of ``function`` now: this worker serves it,
+        claims, and has a slot free, on the caller's event loop."""
+        return (
+            function in self.functions
+            and self.free_slots > 0
+            and not self._stopping.is_set()
+            and self._loop is asyncio.get_running_loop()
+        )
+
+    async def start_here(self, run: NewRun) -> tuple[uuid.UUID, bool] | None:
+        """Start ``run`` (built by ``engine.new_run``) and, when nothing stands between it and
+        a worker, claim it in the same round trip and run it here at once: an eager start,
+        with no notification and no claim. Returns the run's id and whether it was created;
+        None when this worker cannot take a run of its function now (``can_start``), and the
+        caller starts it the usual way. A lost connection is raised (DatabaseUnavailable)
+        and the caller starts the run the usual way, which finds it if it was created."""
+        if not self.can_start(run.function):
+            return None
+        code = self.code
+        self._reserved += 1
+        try:
+            found, created, claim = await self.store.start_claimed(
+                run,
+                self.options.worker_id,
+                self.options.lease,
+                code.names,
+                code.versions,
+                code.pinned,
+            )
+        finally:
+            self._reserved -= 1
+        if claim is not None:
+            self.db_time.observe(claim.db_now)
+            if self._loop is None:  # stopped meanwhile: back to the queue, for any worker
+                await self.store.release(claim.run_id, claim.attempt)
+            else:
+                self._start(claim)
+        return found, created
 
     async def run(self) -> None:
         if not self.functions:
@@ -108,6 +163,7 @@ class Worker:
         unsubscribe = self.listener.subscribe("durable_work", lambda _p: self._wake.set())
         stop_cancels = self.listener.subscribe("durable_cancel", self._on_cancel)
         renewer = loop.create_task(self._renew_leases(), context=_lineage.detached_context())
+        self._loop = loop
         log.info(
             "worker %s serving %d functions with concurrency %d",
             self.options.worker_id,
@@ -120,6 +176,7 @@ class Worker:
                 timeout = await self._claim_due()
                 await self._wait(timeout)
         finally:
+            self._loop = None
             unsubscribe()
             stop_cancels()
             try:
@@ -148,16 +205,24 @@ class Worker:
         poll = self.options.poll_interval.total_seconds()
         due, db_now = None, None
         try:
-            while (free := self.options.concurrency - len(self.active)) > 0:
+            while (free := self.free_slots) > 0:
                 self._wake.clear()
-                claims, due, db_now = await self.store.claim_due(
-                    code.names,
-                    free,
-                    self.options.worker_id,
-                    self.options.lease,
-                    code.versions,
-                    code.pinned,
-                )
+                self._claiming = free
+                try:
+                    claims, due, db_now = await self.store.claim_due(
+                        code.names,
+                        free,
+                        self.options.worker_id,
+                        self.options.lease,
+                        code.versions,
+                        code.pinned,
+                        self._ahead,
+                    )
+                finally:
+                    self._claiming = 0
+                # Read as the claim arrives: a runner that began later would take the
+                # database's time to be that much earlier, and wake its timer that much late.
+                self.db_time.observe(db_now)
                 for claim in claims:
                     self._start(claim)
                 if len(claims) < free:
@@ -165,11 +230,13 @@ class Worker:
         except DatabaseUnavailable as exc:
             log.warning("claiming failed (%s); retrying", exc)
             return min(poll, 1.0)
-        if len(self.active) >= self.options.concurrency or due is None or db_now is None:
+        finally:
+            self._full = self.free_slots <= 0
+        if self._full or due is None or db_now is None:
             return poll
         # A due run that the claim skipped is locked by another worker for a moment; a short
         # floor keeps this loop from spinning on it (a notification still wakes it at once).
-        return max(_MIN_WAIT, min(poll, (due - db_now).total_seconds()))
+        return max(_MIN_WAIT, min(poll, (due - db_now - self._ahead).total_seconds()))
 
     async def _wait(self, timeout: float) -> None:
         if timeout <= 0:
@@ -178,7 +245,7 @@ class Worker:
             await asyncio.wait_for(self._wake.wait(), timeout)
 
     def _start(self, claim: Claim) -> None:
-        runner = Runner(self.execution, claim)
+        runner = Runner(self.execution, claim, observed=True)
         task = asyncio.get_running_loop().create_task(
             self._execute(runner), context=_lineage.detached_context()
         )
@@ -203,7 +270,8 @@ class Worker:
             log.exception("run %s: engine error", run_id, extra={"run_id": str(run_id)})
         finally:
             self.active.pop(run_id, None)
-            self._wake.set()
+            if self._full:
+                self._wake.set()
 
     async def _renew_leases(self) -> None:
         interval = self.options.lease.total_seconds() / 3

@@ -1,7 +1,7 @@
 -- durable: every function of schema durable but the journal's trigger functions, which its table
 -- needs and which live with the tables in the migrations.
 --
--- version: 5
+-- version: 6
 --
 -- How this file is applied. engine/_schema.py runs it after the migrations, under their advisory
 -- lock, and records the version above with the file's checksum (durable.schema_functions):
@@ -366,7 +366,10 @@ $$;
 -- The strategies act on the active runs of the same concurrency key:
 -- 'cancel_newest' cancels the new run when its key is already at its limit;
 -- 'cancel_in_progress' cancels the oldest runs of the key so that the newest stay within it.
-CREATE FUNCTION durable.create_runs(p_runs jsonb) RETURNS TABLE (run_id uuid, created boolean)
+-- Workers are told (durable_work) unless p_notify is false: durable.start_claimed's caller
+-- executes the run itself.
+CREATE FUNCTION durable.create_runs(p_runs jsonb, p_notify boolean DEFAULT true)
+RETURNS TABLE (run_id uuid, created boolean)
 LANGUAGE plpgsql AS $$
 DECLARE
     v_cursor bigint := (SELECT coalesce(max(e.id), 0) FROM durable.events e);
@@ -456,7 +459,9 @@ BEGIN
            LIMIT 1
       ) existing ON true
      ORDER BY g.n;
-    PERFORM pg_notify('durable_work', '');
+    IF p_notify THEN
+        PERFORM pg_notify('durable_work', '');
+    END IF;
 END
 $$;
 
@@ -576,6 +581,34 @@ LANGUAGE sql IMMUTABLE AS $$
            OR r_versions[1] = p_versions[array_position(p_functions, p_function)];
 $$;
 
+-- Gives the runs p_take (locked by the caller, each found claimable) to worker p_worker for a
+-- lease from p_now: the next attempt, recorded with the version the worker runs of the run's
+-- function (and pinned to it on a first claim when the function is one of p_pinned). Returns
+-- each claim as the worker starts it, with when the run is due (due_at: a run claimed ahead of
+-- its time waits in the worker until then). durable.claim_runs and durable.start_claimed end
+-- here.
+CREATE FUNCTION durable.take_runs(
+    p_take uuid[], p_functions text[], p_worker text, p_lease interval, p_versions text[],
+    p_pinned text[], p_now timestamptz
+) RETURNS TABLE (id uuid, function text, input jsonb, attempt integer, trace_context jsonb,
+                 db_now timestamptz, deadline_at timestamptz, forked boolean,
+                 created_at timestamptz, due_at timestamptz)
+LANGUAGE sql AS $$
+    UPDATE durable.runs r
+       SET status = 'running', attempt = r.attempt + 1, lease_owner = p_worker,
+           versions = r.versions
+                      || coalesce(p_versions[array_position(p_functions, r.function)], ''),
+           pinned = CASE WHEN cardinality(r.versions) = 0
+                         THEN r.function = ANY (coalesce(p_pinned, '{}')) ELSE r.pinned END,
+           available_at = p_now + p_lease, wakeup = false,
+           started_at = coalesce(r.started_at, p_now),
+           deadline_at = coalesce(r.deadline_at, p_now + r.run_timeout), updated_at = p_now
+      FROM (SELECT o.id, o.available_at FROM durable.runs o WHERE o.id = ANY (p_take)) was
+     WHERE r.id = was.id
+    RETURNING r.id, r.function, r.input, r.attempt, r.trace_context, p_now, r.deadline_at,
+              r.forked_from IS NOT NULL, r.created_at, was.available_at;
+$$;
+
 -- Claims up to p_limit due runs of p_functions, which this worker runs at p_versions (aligned
 -- with p_functions; each claim records the version it runs on): the highest priority first,
 -- then the earliest due. Each priority present is visited through the index (a loose scan), so
@@ -586,12 +619,15 @@ $$;
 -- is one of p_pinned (declared versioning="pinned" in the code it starts on); a pinned run that
 -- started on another version is left to the workers of that version. A caller that passes no
 -- p_versions claims no pinned run that has started, and records its attempts as version ''.
+-- With p_ahead, a run due within p_ahead is claimed too (its claim's due_at says when it is
+-- due; the worker waits until then, so that a timer is not late by the claim's round trip).
 CREATE FUNCTION durable.claim_runs(
     p_functions text[], p_limit integer, p_worker text, p_lease interval,
-    p_versions text[] DEFAULT NULL, p_pinned text[] DEFAULT NULL
+    p_versions text[] DEFAULT NULL, p_pinned text[] DEFAULT NULL,
+    p_ahead interval DEFAULT '0 s'
 ) RETURNS TABLE (id uuid, function text, input jsonb, attempt integer, trace_context jsonb,
                  db_now timestamptz, deadline_at timestamptz, forked boolean,
-                 created_at timestamptz)
+                 created_at timestamptz, due_at timestamptz)
 LANGUAGE plpgsql AS $$
 DECLARE
     v_now timestamptz := durable.clock();
@@ -613,7 +649,7 @@ BEGIN
                        r.rate_key, r.started_at, r.expires_at, r.deadline_at, r.cancel_requested
                   FROM durable.runs r
                  WHERE r.status IN ('pending', 'suspended', 'running')
-                   AND r.priority = v_priority AND r.available_at <= v_now
+                   AND r.priority = v_priority AND r.available_at <= v_now + p_ahead
                    AND r.function = ANY (p_functions) AND NOT r.id = ANY (v_take)
                    AND durable.claimable_by(r.pinned, r.versions, r.function, p_functions,
                                             p_versions)
@@ -661,18 +697,8 @@ BEGIN
          WHERE r.status IN ('pending', 'suspended', 'running') AND r.priority < v_priority;
     END LOOP;
     RETURN QUERY
-    UPDATE durable.runs r
-       SET status = 'running', attempt = r.attempt + 1, lease_owner = p_worker,
-           versions = r.versions
-                      || coalesce(p_versions[array_position(p_functions, r.function)], ''),
-           pinned = CASE WHEN cardinality(r.versions) = 0
-                         THEN r.function = ANY (coalesce(p_pinned, '{}')) ELSE r.pinned END,
-           available_at = v_now + p_lease, wakeup = false,
-           started_at = coalesce(r.started_at, v_now),
-           deadline_at = coalesce(r.deadline_at, v_now + r.run_timeout), updated_at = v_now
-     WHERE r.id = ANY (v_take)
-    RETURNING r.id, r.function, r.input, r.attempt, r.trace_context, v_now, r.deadline_at,
-              r.forked_from IS NOT NULL, r.created_at;
+        SELECT * FROM durable.take_runs(v_take, p_functions, p_worker, p_lease, p_versions,
+                                        p_pinned, v_now);
 END
 $$;
 
@@ -712,21 +738,67 @@ $$;
 -- (durable.next_due, counted after this claim). A worker calls this on every wake-up.
 CREATE FUNCTION durable.claim_due(
     p_functions text[], p_limit integer, p_worker text, p_lease interval,
-    p_versions text[] DEFAULT NULL, p_pinned text[] DEFAULT NULL
+    p_versions text[] DEFAULT NULL, p_pinned text[] DEFAULT NULL,
+    p_ahead interval DEFAULT '0 s'
 ) RETURNS TABLE (id uuid, function text, input jsonb, attempt integer, trace_context jsonb,
                  db_now timestamptz, next_due timestamptz, deadline_at timestamptz,
-                 forked boolean, created_at timestamptz)
+                 forked boolean, created_at timestamptz, due_at timestamptz)
 LANGUAGE plpgsql AS $$
 BEGIN
     RETURN QUERY
         SELECT c.id, c.function, c.input, c.attempt, c.trace_context, c.db_now,
-               NULL::timestamptz, c.deadline_at, c.forked, c.created_at
+               NULL::timestamptz, c.deadline_at, c.forked, c.created_at, c.due_at
           FROM durable.claim_runs(p_functions, p_limit, p_worker, p_lease, p_versions,
-                                  p_pinned) c;
+                                  p_pinned, p_ahead) c;
     RETURN QUERY
         SELECT NULL::uuid, NULL::text, NULL::jsonb, NULL::integer, NULL::jsonb, durable.clock(),
                durable.next_due(p_functions, p_versions), NULL::timestamptz, NULL::boolean,
-               NULL::timestamptz;
+               NULL::timestamptz, NULL::timestamptz;
+END
+$$;
+
+-- Starts run p_run (a durable.create_runs object) and, when it was created and nothing stands
+-- between it and a worker (it is due now and has no concurrency key, rate limit or start
+-- timeout already passed), claims it in the same transaction for worker p_worker, which runs
+-- p_functions at p_versions (durable.take_runs): the worker of the process that started it runs
+-- it at once, with no notification and no claim round trip (App.start beside a worker with a
+-- free slot). Otherwise the run waits for a claim as any other, and workers are told. Returns
+-- the run's id, whether it was created, and the claim's columns (NULL when not claimed).
+CREATE FUNCTION durable.start_claimed(
+    p_run jsonb, p_worker text, p_lease interval, p_functions text[], p_versions text[],
+    p_pinned text[]
+) RETURNS TABLE (run_id uuid, created boolean, id uuid, function text, input jsonb,
+                 attempt integer, trace_context jsonb, db_now timestamptz,
+                 deadline_at timestamptz, forked boolean, created_at timestamptz,
+                 due_at timestamptz)
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_id uuid;
+    v_created boolean;
+    v_now timestamptz;
+    v_take uuid;
+BEGIN
+    SELECT c.run_id, c.created INTO v_id, v_created
+      FROM durable.create_runs(jsonb_build_array(p_run), false) c;
+    v_now := durable.clock();
+    IF v_created THEN
+        SELECT r.id INTO v_take FROM durable.runs r
+         WHERE r.id = v_id AND r.status = 'pending' AND r.available_at <= v_now
+           AND r.function = ANY (p_functions) AND r.concurrency_key IS NULL
+           AND r.rate_limit IS NULL AND NOT r.cancel_requested
+           AND (r.expires_at IS NULL OR r.expires_at > v_now)
+           FOR UPDATE;
+    END IF;
+    IF v_take IS NULL THEN
+        PERFORM pg_notify('durable_work', '');
+        RETURN QUERY SELECT v_id, v_created, NULL::uuid, NULL::text, NULL::jsonb,
+                            NULL::integer, NULL::jsonb, NULL::timestamptz, NULL::timestamptz,
+                            NULL::boolean, NULL::timestamptz, NULL::timestamptz;
+        RETURN;
+    END IF;
+    RETURN QUERY SELECT v_id, v_created, t.*
+                   FROM durable.take_runs(ARRAY[v_take], p_functions, p_worker, p_lease,
+                                          p_versions, p_pinned, v_now) t;
 END
 $$;
 
@@ -997,9 +1069,11 @@ BEGIN
         SELECT g.* FROM unnest(p_runs, p_attempts, p_statuses, p_results, p_errors)
                AS g (run_id, attempt, status, result, error)
     ), locked AS (
+        -- r.id = ANY: found by primary key whatever the statistics say (planned on those of a
+        -- table that was empty, the join read every running run, and slowed as they grew).
         SELECT r.id, r.holds_slot, r.concurrency_key FROM durable.runs r
           JOIN given g ON g.run_id = r.id AND g.attempt = r.attempt
-         WHERE r.status = 'running'
+         WHERE r.id = ANY (p_runs) AND r.status = 'running'
          ORDER BY r.id
            FOR UPDATE OF r
     ), finished AS (

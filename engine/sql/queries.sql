@@ -69,14 +69,20 @@ $$;
 -- name: create_runs
 SELECT run_id, created FROM durable.create_runs($1::text::jsonb);
 
+-- name: start_claimed
+SELECT run_id, created, id, function, input, attempt, trace_context, db_now, deadline_at, forked,
+       created_at, due_at
+  FROM durable.start_claimed($1::text::jsonb, $2, $3, $4, $5, $6);
+
 -- name: claim_runs
-SELECT id, function, input, attempt, trace_context, db_now, deadline_at, forked, created_at
+SELECT id, function, input, attempt, trace_context, db_now, deadline_at, forked, created_at,
+       due_at
   FROM durable.claim_runs($1, $2, $3, $4, $5, $6);
 
 -- name: claim_due
 SELECT id, function, input, attempt, trace_context, db_now, next_due, deadline_at, forked,
-       created_at
-  FROM durable.claim_due($1, $2, $3, $4, $5, $6);
+       created_at, due_at
+  FROM durable.claim_due($1, $2, $3, $4, $5, $6, $7);
 
 -- name: next_due
 SELECT durable.next_due($1, $2), durable.clock();

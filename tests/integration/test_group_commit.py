@@ -4,6 +4,7 @@ committed, and a statement that fails makes none of the steps in it return succe
 from __future__ import annotations
 
 import asyncio
+from datetime import timedelta
 
 import asyncpg
 import pytest
@@ -32,7 +33,10 @@ async def test_a_flush_killed_mid_commit_returns_no_step_and_its_steps_run_again
     database_url: str, db: asyncpg.Connection
 ) -> None:
     await db.execute(STALL)  # every journal insert now hangs until its backend is terminated
-    app = make_app(database_url)
+    # A lease longer than the test: the hanging flush holds its runs' rows, so no renewal gets
+    # through, and with the suite's 2 s lease the worker gave the runs up (cancelling the flush
+    # before the test could kill it) when a loaded machine took that long to see it hang.
+    app = make_app(database_url, lease=timedelta(seconds=60))
     order: list[tuple[str, str]] = []
 
     def slow(tag: str) -> str:
