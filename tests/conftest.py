@@ -31,6 +31,10 @@ from engine import PostgresStore
 from tests.pgbouncer import PgBouncer, pgbouncer
 
 _TEST_URL = os.environ.get("DURABLE_TEST_DATABASE_URL")
+EMBEDDED = not _TEST_URL  # the session's server is the embedded PostgreSQL
+# The ways through PgBouncer the fault suite takes, when asked for (see
+# tests/acceptance/test_faults_pgbouncer.py): read before the environment is cleaned.
+PGBOUNCER_MODES = os.environ.get("DURABLE_TEST_PGBOUNCER_MODES")
 for _name in list(os.environ):
     if _name.startswith(("DURABLE_", "PG")):
         del os.environ[_name]

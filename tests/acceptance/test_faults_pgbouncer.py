@@ -12,6 +12,19 @@ the workers; dropping every backend of the database also drops PgBouncer's serve
 under them. The restart starts a server of its own, which no fixture can put PgBouncer in front
 of, so it is composed here from the suite's parts.
 
+Each session takes one of the two ways, so that CI, which runs the suite once on each server,
+takes both for the price of one: ``listen`` on the embedded PostgreSQL, which is on this
+machine, so a direct URL beside the pooler is always there (as it is where the embedded server
+is deployed), and ``poll`` on the server of ``$DURABLE_TEST_DATABASE_URL``, the kind of server
+that may be reachable only through its pooler. (The restart, on its own embedded server, takes
+the session's way too.) To take both, or to choose one, in a run of your own:
+
+    DURABLE_TEST_PGBOUNCER_MODES=listen,poll scripts/test tests/acceptance/test_faults_pgbouncer.py
+
+Both ways are also covered on every run, cheaply, by ``tests/integration/test_pgbouncer.py``:
+an in-process worker behind the pooler with no listen URL, which polls, and one that listens
+on its listen URL.
+
 One number differs: a worker started without a concurrency (the skewed clocks' two) gets 20
 slots, not 4, so that the 40-run load beside the timers is claimed at once. Due runs are
 claimed oldest first, and a timer falls due after the load was started: behind the pooler a
@@ -39,6 +52,7 @@ from tests.acceptance.test_faults import (
     test_runs_under_random_sigkills_complete_exactly_once_with_the_right_result,
     test_workers_with_skewed_clocks_neither_wake_timers_early_nor_steal_leases,
 )
+from tests.conftest import EMBEDDED, PGBOUNCER_MODES
 from tests.pgbouncer import PgBouncer, pgbouncer
 
 pytestmark = [pytest.mark.postgres, pytest.mark.crash, pytest.mark.slow]
@@ -49,7 +63,22 @@ __all__ = [  # collected here again, with this module's workers
     "test_runs_under_random_sigkills_complete_exactly_once_with_the_right_result",
     "test_workers_with_skewed_clocks_neither_wake_timers_early_nor_steal_leases",
 ]
-MODES = ["listen", "poll"]
+
+
+def modes() -> list[str]:
+    """The ways through PgBouncer this session takes (see the module docstring)."""
+    if PGBOUNCER_MODES is None:
+        return ["listen"] if EMBEDDED else ["poll"]
+    asked = [mode.strip() for mode in PGBOUNCER_MODES.split(",")]
+    if not set(asked) <= {"listen", "poll"}:
+        raise pytest.UsageError(
+            f"DURABLE_TEST_PGBOUNCER_MODES={PGBOUNCER_MODES!r}: the modes are listen and poll, "
+            "separated by commas"
+        )
+    return list(dict.fromkeys(asked))
+
+
+MODES = modes()
 
 
 class PooledWorkers(Workers):
