@@ -20,7 +20,11 @@
 -- Every transition the engine makes is one call of a function below (claim, append, await_event,
 -- suspend, complete, send_event), so each is one round trip. Lock order everywhere: the event
 -- advisory lock for (name, key), then the runs row, then journal/waits rows. Every function reads
--- time from durable.clock(), so a test can move the database's time.
+-- time from durable.clock(), so a test can move the database's time. A function that runs its
+-- own statements on a hot path (an append, a claim) is plpgsql, not SQL: PostgreSQL before 18
+-- plans a SQL function's statements again on every call (0.3 to 0.7 ms for an UPDATE of the
+-- partitioned runs), a plpgsql function's once per session. SQL functions here are inlined
+-- into their callers' statements, or called rarely.
 
 -- The clock and the locks every transition shares
 -- -----------------------------------------------
@@ -593,7 +597,9 @@ CREATE FUNCTION durable.take_runs(
 ) RETURNS TABLE (id uuid, function text, input jsonb, attempt integer, trace_context jsonb,
                  db_now timestamptz, deadline_at timestamptz, forked boolean,
                  created_at timestamptz, due_at timestamptz)
-LANGUAGE sql AS $$
+LANGUAGE plpgsql AS $$
+BEGIN
+    RETURN QUERY
     UPDATE durable.runs r
        SET status = 'running', attempt = r.attempt + 1, lease_owner = p_worker,
            versions = r.versions
@@ -607,6 +613,7 @@ LANGUAGE sql AS $$
      WHERE r.id = was.id
     RETURNING r.id, r.function, r.input, r.attempt, r.trace_context, p_now, r.deadline_at,
               r.forked_from IS NOT NULL, r.created_at, was.available_at;
+END
 $$;
 
 -- Claims up to p_limit due runs of p_functions, which this worker runs at p_versions (aligned
@@ -853,7 +860,9 @@ CREATE FUNCTION durable.append_entries(
     p_values text[], p_errors text[], p_started timestamptz[], p_ms double precision[],
     p_timings text[]
 ) RETURNS TABLE (outcome text)
-LANGUAGE sql AS $$
+LANGUAGE plpgsql AS $$
+BEGIN
+    RETURN QUERY
     WITH given AS (
         SELECT g.* FROM unnest(p_runs, p_attempts, p_positions, p_kinds, p_names, p_values,
                                p_errors, p_started, p_ms, p_timings)
@@ -883,6 +892,7 @@ LANGUAGE sql AS $$
       LEFT JOIN held h ON h.id = g.run_id AND h.attempt = g.attempt
       LEFT JOIN inserted i ON i.run_id = g.run_id AND i.position = g.position
      ORDER BY g.n;
+END
 $$;
 
 -- Journals a sleep whose wake time is fixed here, once, on the database's clock. Returns NULL
