@@ -370,10 +370,15 @@ $$;
 -- The strategies act on the active runs of the same concurrency key:
 -- 'cancel_newest' cancels the new run when its key is already at its limit;
 -- 'cancel_in_progress' cancels the oldest runs of the key so that the newest stay within it.
--- Workers are told (durable_work) unless p_notify is false: durable.start_claimed's caller
--- executes the run itself.
-CREATE FUNCTION durable.create_runs(p_runs jsonb, p_notify boolean DEFAULT true)
-RETURNS TABLE (run_id uuid, created boolean)
+-- Workers are told (durable_work) unless p_notify is false. Given p_worker (durable.start_claimed),
+-- a run due at once with no concurrency key or rate limit is inserted claimed by that worker,
+-- as durable.take_runs would leave it (the two set the same columns), for p_lease, at the
+-- version p_versions gives its function among p_functions.
+CREATE FUNCTION durable.create_runs(
+    p_runs jsonb, p_notify boolean DEFAULT true, p_worker text DEFAULT NULL,
+    p_lease interval DEFAULT NULL, p_functions text[] DEFAULT NULL,
+    p_versions text[] DEFAULT NULL, p_pinned text[] DEFAULT NULL
+) RETURNS TABLE (run_id uuid, created boolean)
 LANGUAGE plpgsql AS $$
 DECLARE
     v_cursor bigint := (SELECT coalesce(max(e.id), 0) FROM durable.events e);
@@ -407,13 +412,30 @@ BEGIN
                                   available_at, event_cursor, priority, expires_at, run_timeout,
                                   parent_id, concurrency_key, concurrency_limit,
                                   slot_while_suspended, rate_limit, rate_key, tags, queue,
-                                  segment)
-        SELECT g.id, g.function, g.input, g.idempotency_key, g.trace_context, g.available_at,
+                                  segment, status, attempt, lease_owner, versions, pinned,
+                                  started_at, deadline_at)
+        SELECT g.id, g.function, g.input, g.idempotency_key, g.trace_context,
+               CASE WHEN c.claimed THEN v_now + p_lease ELSE g.available_at END,
                v_cursor, g.priority, g.expires_at, g.run_timeout, g.parent_id,
                g.concurrency_key, g.concurrency_limit, g.slot_while_suspended, g.rate_limit,
                g.rate_key, g.tags, g.queue,
-               v_segments[array_position(v_classes, g.retention)]
-          FROM durable.given_runs(p_runs, v_now) g
+               v_segments[array_position(v_classes, g.retention)],
+               CASE WHEN c.claimed THEN 'running' ELSE 'pending' END,
+               CASE WHEN c.claimed THEN 1 ELSE 0 END,
+               CASE WHEN c.claimed THEN p_worker END,
+               CASE WHEN c.claimed
+                    THEN ARRAY[coalesce(p_versions[array_position(p_functions, g.function)],
+                                        '')]
+                    ELSE '{}' END,
+               c.claimed AND g.function = ANY (coalesce(p_pinned, '{}')),
+               CASE WHEN c.claimed THEN v_now END,
+               CASE WHEN c.claimed THEN v_now + g.run_timeout END
+          FROM durable.given_runs(p_runs, v_now) g,
+               LATERAL (SELECT p_worker IS NOT NULL AND g.function = ANY (p_functions)
+                               AND g.concurrency_key IS NULL AND g.rate_limit IS NULL
+                               AND g.available_at <= v_now
+                               AND (g.expires_at IS NULL OR g.expires_at > v_now)
+                               AS claimed) c
          -- Scalar subqueries, one index probe per run and segment: as NOT EXISTS, the planner
          -- may hash every run of the table to check one.
          WHERE (SELECT 1 FROM durable.runs r WHERE r.id = g.id LIMIT 1) IS NULL
@@ -589,8 +611,8 @@ $$;
 -- lease from p_now: the next attempt, recorded with the version the worker runs of the run's
 -- function (and pinned to it on a first claim when the function is one of p_pinned). Returns
 -- each claim as the worker starts it, with when the run is due (due_at: a run claimed ahead of
--- its time waits in the worker until then). durable.claim_runs and durable.start_claimed end
--- here.
+-- its time waits in the worker until then). durable.claim_runs ends here; durable.create_runs
+-- inserts a run claimed the same way (change the two together).
 CREATE FUNCTION durable.take_runs(
     p_take uuid[], p_functions text[], p_worker text, p_lease interval, p_versions text[],
     p_pinned text[], p_now timestamptz
@@ -764,13 +786,13 @@ BEGIN
 END
 $$;
 
--- Starts run p_run (a durable.create_runs object) and, when it was created and nothing stands
+-- Starts run p_run (a durable.create_runs object) and, when it is created and nothing stands
 -- between it and a worker (it is due now and has no concurrency key, rate limit or start
--- timeout already passed), claims it in the same transaction for worker p_worker, which runs
--- p_functions at p_versions (durable.take_runs): the worker of the process that started it runs
--- it at once, with no notification and no claim round trip (App.start beside a worker with a
--- free slot). Otherwise the run waits for a claim as any other, and workers are told. Returns
--- the run's id, whether it was created, and the claim's columns (NULL when not claimed).
+-- timeout already passed), inserts it claimed by worker p_worker, which runs p_functions at
+-- p_versions: the worker of the process that started it runs it at once, with no notification
+-- and no claim round trip (App.start beside a worker with a free slot). Otherwise the run waits
+-- for a claim as any other, and workers are told. Returns the run's id, whether it was created,
+-- and the claim's columns (NULL when not claimed).
 CREATE FUNCTION durable.start_claimed(
     p_run jsonb, p_worker text, p_lease interval, p_functions text[], p_versions text[],
     p_pinned text[]
@@ -782,30 +804,22 @@ LANGUAGE plpgsql AS $$
 DECLARE
     v_id uuid;
     v_created boolean;
-    v_now timestamptz;
-    v_take uuid;
 BEGIN
     SELECT c.run_id, c.created INTO v_id, v_created
-      FROM durable.create_runs(jsonb_build_array(p_run), false) c;
-    v_now := durable.clock();
-    IF v_created THEN
-        SELECT r.id INTO v_take FROM durable.runs r
-         WHERE r.id = v_id AND r.status = 'pending' AND r.available_at <= v_now
-           AND r.function = ANY (p_functions) AND r.concurrency_key IS NULL
-           AND r.rate_limit IS NULL AND NOT r.cancel_requested
-           AND (r.expires_at IS NULL OR r.expires_at > v_now)
-           FOR UPDATE;
-    END IF;
-    IF v_take IS NULL THEN
+      FROM durable.create_runs(jsonb_build_array(p_run), false, p_worker, p_lease,
+                               p_functions, p_versions, p_pinned) c;
+    RETURN QUERY
+        SELECT v_id, v_created, r.id, r.function, r.input, r.attempt, r.trace_context,
+               r.started_at, r.deadline_at, false, r.created_at, r.started_at
+          FROM durable.runs r
+         WHERE v_created AND r.id = v_id AND r.status = 'running'
+           AND r.lease_owner = p_worker AND r.attempt = 1;
+    IF NOT FOUND THEN
         PERFORM pg_notify('durable_work', '');
         RETURN QUERY SELECT v_id, v_created, NULL::uuid, NULL::text, NULL::jsonb,
                             NULL::integer, NULL::jsonb, NULL::timestamptz, NULL::timestamptz,
                             NULL::boolean, NULL::timestamptz, NULL::timestamptz;
-        RETURN;
     END IF;
-    RETURN QUERY SELECT v_id, v_created, t.*
-                   FROM durable.take_runs(ARRAY[v_take], p_functions, p_worker, p_lease,
-                                          p_versions, p_pinned, v_now) t;
 END
 $$;
 
