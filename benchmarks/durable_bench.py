@@ -268,22 +268,26 @@ async def w7(url: str, n: int, rows: int, suspended: int) -> dict[str, Any]:
     return {**result, "journal_rows": rows, "suspended_runs": suspended, "seed_s": seeded}
 
 
+# Into the segment of runs kept for ever (the app sets no retention), as the app's own are.
 _SEED_HISTORY = """
-WITH done AS (
-    INSERT INTO durable.runs (id, function, status, attempt, result, finished_at)
-    SELECT gen_random_uuid(), 'history', 'completed', 1, '1', now()
-      FROM generate_series(1, $1)
-    RETURNING id
+WITH segment AS (
+    SELECT durable.open_segment(NULL) AS id
+), done AS (
+    INSERT INTO durable.runs (id, function, status, attempt, result, finished_at, segment)
+    SELECT gen_random_uuid(), 'history', 'completed', 1, '1', now(), segment.id
+      FROM generate_series(1, $1), segment
+    RETURNING id, segment
 )
-INSERT INTO durable.journal (run_id, position, kind, name, value, attempt)
-SELECT done.id, s::text, 'step', 's', '{"i": 1}', 1
+INSERT INTO durable.journal (run_id, position, kind, name, value, attempt, segment)
+SELECT done.id, s::text, 'step', 's', '{"i": 1}', 1, done.segment
   FROM done, generate_series(0, 9) AS s
 """
 
 _SEED_WAITING = """
 WITH waiting AS (
-    INSERT INTO durable.runs (id, function, status, attempt, available_at)
-    SELECT gen_random_uuid(), 'waiter', 'suspended', 1, NULL FROM generate_series(1, $1)
+    INSERT INTO durable.runs (id, function, status, attempt, available_at, segment)
+    SELECT gen_random_uuid(), 'waiter', 'suspended', 1, NULL, durable.open_segment(NULL)
+      FROM generate_series(1, $1)
     RETURNING id
 )
 INSERT INTO durable.waits (run_id, position, name, key, timeout_at)
@@ -328,7 +332,7 @@ _STORE_CALLS = [
     "release",
     "resume",
     "get_run",
-    "list_runs",
+    "find_runs",
     "list_waits",
 ]
 
