@@ -213,6 +213,7 @@ def main() -> int:
     chosen = [s for s in SYSTEMS if not args.only or s.name in args.only.split(",")]
     wanted = args.workloads.split(",") if args.workloads else list(WORKLOADS)
     samples: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    failed: list[str] = []
     for round_ in range(args.repeat):
         for workload in wanted:
             for system in chosen:
@@ -222,6 +223,8 @@ def main() -> int:
                 figures = run_one(system, workload, server, args.quick)
                 if figures:
                     samples.setdefault(system.name, {}).setdefault(workload, []).append(figures)
+                else:
+                    failed.append(f"{system.name} {workload} (round {round_ + 1})")
     results = {
         name: {w: median_of(runs) for w, runs in by_workload.items()}
         for name, by_workload in samples.items()
@@ -250,6 +253,9 @@ def main() -> int:
     print(table(results))
     RESULTS.write_text(json.dumps({"context": context, "results": results}, indent=2) + "\n")
     print(f"\nwritten to {RESULTS.relative_to(ROOT)}", file=sys.stderr)
+    if failed:  # the table has gaps: say so in the exit status, not only in the log above
+        print(f"failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
     return 0
 
 
