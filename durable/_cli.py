@@ -3,6 +3,7 @@
 ::
 
     durable worker module:app [--concurrency N] [--queue Q ...] [--metrics-port 9464]
+                              [--loop auto|asyncio|uvloop]
                                                    execute runs of the app's functions
     durable migrate                                apply the schema migrations
     durable runs list [--status S] [--function F] [--tag NAME=VALUE] [--limit N]
@@ -33,6 +34,9 @@ embedded server. A command gives up on an unreachable database after --connect-t
 seconds (10); a worker keeps trying unless it is given one. Every error is one line on
 standard error: exit status 2 for a usage or configuration error, 1 when the operation failed
 (no such run, a run that is not paused) or ``durable check`` found runs that would fail.
+
+Over 400 lines: the parser of every command, with its help text, is here in one place; what the
+commands do is in ``durable._commands``.
 """
 
 from __future__ import annotations
