@@ -160,7 +160,7 @@ async def test_capacity_shows_queues_keys_rate_limits_and_events(database_url: s
         await app.start("waiting", "q")
         await app.send_event("hello", {"n": 1}, key="k")
         async with running_worker(app):
-            await until(lambda: _holding(app), what="a slot held and one awaited")
+            await until(lambda: _holding(app), what="a slot held, one awaited, the rate used")
             capacity = await app.capacity()
             gate.set()
             await first.result(timeout=20)
@@ -177,8 +177,17 @@ async def test_capacity_shows_queues_keys_rate_limits_and_events(database_url: s
 
 
 async def _holding(app: durable.App) -> bool:
-    keys = (await app.capacity()).keys
-    return bool(keys) and keys[0].holding == 1 and keys[0].awaiting == 1
+    """A slot held, one awaited, and the holder's first step through the rate limit: the
+    claim takes the slot before the step takes its units, so the slot alone is not enough."""
+    capacity = await app.capacity()
+    keys, rates = capacity.keys, capacity.rate_limits
+    return (
+        bool(keys)
+        and keys[0].holding == 1
+        and keys[0].awaiting == 1
+        and bool(rates)
+        and rates[0].used == 2
+    )
 
 
 async def test_each_try_of_a_step_is_journaled_with_its_start_and_duration(
