@@ -6,11 +6,13 @@ import asyncio
 import contextlib
 import socket
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
 from typing import Any
 
 import durable
+from engine import Claim
 
 FAST = {
     "lease": timedelta(seconds=2),
@@ -31,6 +33,23 @@ async def running_worker(app: durable.App, concurrency: int = 8) -> AsyncIterato
     finally:
         app.stop_workers()
         await asyncio.wait_for(task, 30)
+
+
+def claims_seen(app: durable.App) -> dict[uuid.UUID, list[Claim]]:
+    """Every claim the app's workers take from the queue from now on, by run (a run an eager
+    start claimed is not among them)."""
+    store = app._connection.store  # a test that calls this looks inside on purpose
+    seen: dict[uuid.UUID, list[Claim]] = {}
+    original = store.claim_due
+
+    async def claim_due(*args: Any, **kwargs: Any) -> Any:
+        claims, due, now = await original(*args, **kwargs)
+        for claim in claims:
+            seen.setdefault(claim.run_id, []).append(claim)
+        return claims, due, now
+
+    store.claim_due = claim_due  # type: ignore[method-assign]
+    return seen
 
 
 async def until(predicate: Callable[[], Any], timeout: float = 20.0, what: str = "") -> Any:

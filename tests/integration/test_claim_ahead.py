@@ -6,33 +6,15 @@ early, and a cancellation while it waits ends it at once."""
 from __future__ import annotations
 
 import time
-import uuid
 from datetime import datetime, timedelta
-from typing import Any
 
 import pytest
 
 import durable
 from engine import _worker
-from tests.helpers import make_app, running_worker, status_is, until
+from tests.helpers import claims_seen, make_app, running_worker, status_is, until
 
 pytestmark = pytest.mark.postgres
-
-
-def claims_seen(app: durable.App) -> dict[uuid.UUID, list[Any]]:
-    """Every claim the app's workers make from now on, by run."""
-    store = app._connection.store  # the test looks inside on purpose: it reads the claims
-    seen: dict[uuid.UUID, list[Any]] = {}
-    original = store.claim_due
-
-    async def claim_due(*args: Any, **kwargs: Any) -> Any:
-        claims, due, now = await original(*args, **kwargs)
-        for claim in claims:
-            seen.setdefault(claim.run_id, []).append(claim)
-        return claims, due, now
-
-    store.claim_due = claim_due  # type: ignore[method-assign]
-    return seen
 
 
 async def test_a_sleeping_run_is_claimed_before_it_is_due_and_resumes_no_earlier(
@@ -75,7 +57,8 @@ async def test_a_run_cancelled_while_it_waits_to_be_due_ends_without_resuming(
         handle = await app.start(long_nap, None)
 
         def ahead() -> bool:  # its first claim, when the worker was not serving yet, is not
-            return any(c.due_at > c.db_now for c in claims.get(handle.run_id, []))
+            seen = claims.get(handle.run_id, [])
+            return any(c.due_at is not None and c.due_at > c.db_now for c in seen)
 
         await until(ahead, what="the run claimed ahead of its timer")
         await handle.cancel("changed our mind")

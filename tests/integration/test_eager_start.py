@@ -10,28 +10,14 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
+import asyncpg
 import pytest
 
 import durable
 from engine import FunctionSpec, PostgresStore
-from tests.helpers import make_app, running_worker, status_is, until
+from tests.helpers import claims_seen, make_app, running_worker, status_is, until
 
 pytestmark = pytest.mark.postgres
-
-
-def claims_seen(app: durable.App) -> list[uuid.UUID]:
-    """The ids of the runs the app's workers claim from the queue from now on."""
-    store = app._connection.store  # the test looks inside on purpose: it counts claims
-    seen: list[uuid.UUID] = []
-    original = store.claim_due
-
-    async def claim_due(*args: Any, **kwargs: Any) -> Any:
-        claims, due, now = await original(*args, **kwargs)
-        seen.extend(c.run_id for c in claims)
-        return claims, due, now
-
-    store.claim_due = claim_due  # type: ignore[method-assign]
-    return seen
 
 
 def app_with(database_url: str, **options: Any) -> tuple[durable.App, Callable[..., Any]]:
@@ -72,6 +58,33 @@ async def test_a_run_started_beside_a_free_worker_runs_there_without_a_claim(
         open_gate("second")
         assert await handle.result(timeout=20) == "second"
         assert handle.run_id not in claimed
+
+
+async def test_a_run_named_by_its_starter_is_one_run_however_often_it_is_started(
+    database_url: str,
+) -> None:
+    # Only a run whose id the start made itself is fresh (not locked nor looked for); a named
+    # one started again beside a free worker is found, not inserted claimed a second time.
+    app, open_gate = app_with(database_url)
+    async with app, running_worker(app, concurrency=4):
+        await serving(app, open_gate)
+        named = uuid.uuid4()
+        first = await app.start("gated", "named", run_id=named)
+        again = await app.start("gated", "named", run_id=named)
+        assert first.run_id == again.run_id == named
+        unnamed = await app.start("gated", "unnamed")
+        assert unnamed.run_id != named
+        open_gate("named")
+        open_gate("unnamed")
+        assert await first.result(timeout=20) == "named"
+        assert await unnamed.result(timeout=20) == "unnamed"
+        info = await first.info()
+        assert info.attempt == 1
+    conn = await asyncpg.connect(database_url)
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM durable.runs WHERE id = $1", named) == 1
+    finally:
+        await conn.close()
 
 
 async def test_a_full_worker_leaves_the_run_to_the_queue_and_claims_it_when_a_slot_frees(
