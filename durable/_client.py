@@ -180,7 +180,7 @@ class Client:
             self._declarations.functions,
             name,
             data,
-            run_id=uuid.uuid4() if run_id is None else parse_run_id(run_id),
+            run_id=None if run_id is None else parse_run_id(run_id),
             idempotency_key=idempotency_key,
             trace_context=current_carrier(),
             priority=priority,

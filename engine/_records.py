@@ -19,6 +19,9 @@ everything else.) The contract, in short:
 - Rate limits are a sliding-window log: units are granted at the earliest t, no earlier than
   now nor than the latest grant, at which the units granted in (t - period, t] plus the new ones
   stay within the budget; a t in the future is a reservation its holder collects then.
+
+Over 400 lines: the records and the ``Store`` protocol, with the contract each method keeps,
+are read together, so they stay in one module.
 """
 
 from __future__ import annotations
@@ -45,7 +48,8 @@ class NewRun:
     ``run_timeout`` fixes its deadline at its first claim. With a ``concurrency_key``,
     at most ``concurrency_limit`` runs of that key hold a slot at once (``strategy`` says what a
     new run does when the key is full). ``rate_limit``/``rate_key`` name the budget its start
-    consumes."""
+    consumes. A ``fresh`` run's id was just made at random by its starter: no other start can
+    name it, so the store neither locks it nor looks for it before inserting the run."""
 
     run_id: uuid.UUID
     function: str
@@ -67,6 +71,7 @@ class NewRun:
     tags: Mapping[str, str] | None = None
     queue: str | None = None
     retention: timedelta | None = None
+    fresh: bool = False
 
 
 @dataclass(frozen=True)

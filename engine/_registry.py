@@ -173,7 +173,7 @@ class FunctionSpec:
         self,
         data: Any,
         *,
-        run_id: uuid.UUID,
+        run_id: uuid.UUID | None,
         idempotency_key: str | None = None,
         trace_context: dict[str, str] | None = None,
         priority: int | None = None,
@@ -183,7 +183,8 @@ class FunctionSpec:
         tags: Mapping[str, str] | None = None,
     ) -> NewRun:
         """A run of this function with ``data`` (its input as stored), with the function's
-        options; ``priority``, ``delay`` and ``start_at`` override them for this run."""
+        options; ``priority``, ``delay`` and ``start_at`` override them for this run. With no
+        ``run_id``, the run is fresh: its id a new random one."""
         options = self.options
         concurrency = options.concurrency
         key = None
@@ -195,7 +196,7 @@ class FunctionSpec:
         if options.rate_limit is not None and options.rate_key is not None:
             rate_key = self._key(options.rate_key, data, "rate limit")
         return NewRun(
-            run_id=run_id,
+            run_id=uuid.uuid4() if run_id is None else run_id,
             function=self.name,
             input=data,
             idempotency_key=idempotency_key,
@@ -215,6 +216,7 @@ class FunctionSpec:
             tags=tags,
             queue=options.queue,
             retention=options.retention,
+            fresh=run_id is None,
         )
 
     def _key(self, key: Callable[[Any], object], data: Any, what: str) -> str:
@@ -310,7 +312,7 @@ def new_run(
     function: str,
     data: Any,
     *,
-    run_id: uuid.UUID,
+    run_id: uuid.UUID | None,
     idempotency_key: str | None = None,
     trace_context: dict[str, str] | None = None,
     priority: int | None = None,
@@ -335,7 +337,7 @@ def new_run(
             tags=tags,
         )
     return NewRun(
-        run_id,
+        uuid.uuid4() if run_id is None else run_id,
         function,
         data,
         idempotency_key,
@@ -345,4 +347,5 @@ def new_run(
         delay=delay,
         tags=tags,
         retention=retention,
+        fresh=run_id is None,
     )

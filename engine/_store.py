@@ -912,6 +912,8 @@ def _run_doc(run: NewRun) -> dict[str, Any]:
         "retention": _seconds(run.retention),
     }
     doc.update((k, v) for k, v in options.items() if v is not None)
+    if run.fresh:
+        doc["fresh"] = True
     return doc
 
 

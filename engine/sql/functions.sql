@@ -1,7 +1,7 @@
 -- durable: every function of schema durable but the journal's trigger functions, which its table
 -- needs and which live with the tables in the migrations.
 --
--- version: 6
+-- version: 7
 --
 -- How this file is applied. engine/_schema.py runs it after the migrations, under their advisory
 -- lock, and records the version above with the file's checksum (durable.schema_functions):
@@ -31,11 +31,15 @@
 
 -- The database's clock, as every function below reads it. Tests move it with
 -- `SET durable.fake_now = '<timestamptz>'` (a session setting; unset or empty: the real clock).
--- Declared STABLE so that a claim compares against one reading per statement.
+-- Declared STABLE so that a claim compares against one reading per statement. plpgsql: a SQL
+-- function reading clock_timestamp() is never inlined, and PostgreSQL before 18 parses and plans
+-- it again on every call.
 CREATE FUNCTION durable.clock() RETURNS timestamptz
-LANGUAGE sql STABLE AS $$
-    SELECT coalesce(nullif(current_setting('durable.fake_now', true), '')::timestamptz,
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    RETURN coalesce(nullif(current_setting('durable.fake_now', true), '')::timestamptz,
                     clock_timestamp());
+END
 $$;
 
 -- Serialises send_event and await_event for one (name, key), so that an event is either seen by
@@ -333,13 +337,14 @@ $$;
 
 -- The runs given to durable.create_runs, one row per JSON object, in order (n). A run starts at
 -- available_at, else after delay seconds, else now; it expires start_timeout seconds after that.
+-- A fresh run's id is a random UUID its caller has just made, which no other start can name.
 CREATE FUNCTION durable.given_runs(p_runs jsonb, p_now timestamptz)
 RETURNS TABLE (n bigint, id uuid, function text, input jsonb, idempotency_key text,
                trace_context jsonb, priority integer, available_at timestamptz,
                expires_at timestamptz, run_timeout interval, parent_id uuid,
                concurrency_key text, concurrency_limit integer, strategy text,
                slot_while_suspended boolean, rate_limit text, rate_key text, tags jsonb,
-               queue text, retention interval)
+               queue text, retention interval, fresh boolean)
 LANGUAGE sql STABLE AS $$
     SELECT e.n, (e.doc ->> 'id')::uuid, e.doc ->> 'function', e.doc -> 'input',
            e.doc ->> 'idempotency_key', e.doc -> 'trace_context',
@@ -351,7 +356,8 @@ LANGUAGE sql STABLE AS $$
            coalesce((e.doc ->> 'slot_while_suspended')::boolean, false),
            e.doc ->> 'rate_limit', coalesce(e.doc ->> 'rate_key', ''),
            coalesce(e.doc -> 'tags', '{}'), e.doc ->> 'queue',
-           make_interval(secs => (e.doc ->> 'retention')::double precision)
+           make_interval(secs => (e.doc ->> 'retention')::double precision),
+           coalesce((e.doc ->> 'fresh')::boolean, false)
       FROM jsonb_array_elements(p_runs) WITH ORDINALITY AS e (doc, n),
            LATERAL (SELECT coalesce(
                                (e.doc ->> 'available_at')::timestamptz,
@@ -366,16 +372,17 @@ $$;
 -- seconds; absent ones take their defaults). Returns one row per given run, in order: its id (an
 -- existing run's when the id or idempotency key is taken) and whether it was created. A run goes
 -- to the open segment of its retention class; its id and idempotency key are looked for in every
--- segment first (a segment's keys are unique only within it), under a lock per idempotency key.
+-- segment first (a segment's keys are unique only within it), under a lock per idempotency key;
+-- a fresh run's id is not (see durable.given_runs).
 -- The strategies act on the active runs of the same concurrency key:
 -- 'cancel_newest' cancels the new run when its key is already at its limit;
 -- 'cancel_in_progress' cancels the oldest runs of the key so that the newest stay within it.
--- Workers are told (durable_work) unless p_notify is false. Given p_worker (durable.start_claimed),
--- a run due at once with no concurrency key or rate limit is inserted claimed by that worker,
--- as durable.take_runs would leave it (the two set the same columns), for p_lease, at the
--- version p_versions gives its function among p_functions.
+-- Given p_worker (durable.start_claimed), a run due at once with no concurrency key or rate
+-- limit is inserted claimed by that worker, as durable.claim_runs would leave it (the two set the
+-- same columns), for p_lease, at the version p_versions gives its function among p_functions.
+-- Workers are told (durable_work) unless every run created was inserted claimed.
 CREATE FUNCTION durable.create_runs(
-    p_runs jsonb, p_notify boolean DEFAULT true, p_worker text DEFAULT NULL,
+    p_runs jsonb, p_worker text DEFAULT NULL,
     p_lease interval DEFAULT NULL, p_functions text[] DEFAULT NULL,
     p_versions text[] DEFAULT NULL, p_pinned text[] DEFAULT NULL
 ) RETURNS TABLE (run_id uuid, created boolean)
@@ -384,27 +391,33 @@ DECLARE
     v_cursor bigint := (SELECT coalesce(max(e.id), 0) FROM durable.events e);
     v_now timestamptz := durable.clock();
     v_ids uuid[];
+    v_queued boolean;
     v_new record;
     v_old uuid;
     v_classes interval[];
     v_segments integer[] := '{}';
     v_class interval;
 BEGIN
-    SELECT coalesce(array_agg(DISTINCT g.retention), '{}') INTO v_classes
-      FROM durable.given_runs(p_runs, v_now) g;
+    -- Each statement costs its executor's start-up, which for a single start is most of the
+    -- time: the common case (no retention, no concurrency strategy) skips what it does not need.
+    IF p_runs @? '$[*].retention' THEN
+        SELECT coalesce(array_agg(DISTINCT g.retention), '{}') INTO v_classes
+          FROM durable.given_runs(p_runs, v_now) g;
+    ELSE
+        v_classes := ARRAY[NULL::interval];
+    END IF;
     FOREACH v_class IN ARRAY v_classes LOOP
         v_segments := v_segments || durable.open_segment(v_class);
     END LOOP;
-    -- A key, and the id of a run started alone (App.start, a child, a schedule's tick: the
-    -- starts that name their run; start_many's ids are new uuids), is locked until the commit,
-    -- so that two starts of it in two segments see each other.
-    IF jsonb_array_length(p_runs) = 1 OR p_runs @? '$[*].idempotency_key ? (@ != null)' THEN
+    -- A key, and the id of a run that is not fresh (a child's, a run named by App.start's
+    -- caller), is locked until the commit, so that two starts of it in two segments see each
+    -- other.
+    IF p_runs @? '$[*] ? (@.idempotency_key != null || !(@.fresh == true))' THEN
         PERFORM pg_advisory_xact_lock(hashtextextended(k.key, 17))
            FROM (SELECT DISTINCT u.key
                    FROM durable.given_runs(p_runs, v_now) g,
                         LATERAL (VALUES (g.idempotency_key),
-                                        (CASE WHEN jsonb_array_length(p_runs) = 1
-                                              THEN g.id::text END)) u (key)
+                                        (CASE WHEN NOT g.fresh THEN g.id::text END)) u (key)
                   WHERE u.key IS NOT NULL ORDER BY 1) k;
     END IF;
     WITH inserted AS (
@@ -438,54 +451,64 @@ BEGIN
                                AS claimed) c
          -- Scalar subqueries, one index probe per run and segment: as NOT EXISTS, the planner
          -- may hash every run of the table to check one.
-         WHERE (SELECT 1 FROM durable.runs r WHERE r.id = g.id LIMIT 1) IS NULL
+         WHERE (g.fresh OR (SELECT 1 FROM durable.runs r WHERE r.id = g.id LIMIT 1) IS NULL)
            AND (g.idempotency_key IS NULL
                 OR (SELECT 1 FROM durable.runs r
                      WHERE r.idempotency_key = g.idempotency_key LIMIT 1) IS NULL)
          ORDER BY g.n
         ON CONFLICT DO NOTHING
-        RETURNING durable.runs.id
+        RETURNING durable.runs.id, durable.runs.status
     )
-    SELECT coalesce(array_agg(i.id), '{}') INTO v_ids FROM inserted i;
-    FOR v_new IN SELECT g.id, g.concurrency_key AS key, g.concurrency_limit AS lim, g.strategy
-                   FROM durable.given_runs(p_runs, v_now) g
-                  WHERE p_runs @? '$[*].concurrency_strategy'
-                    AND g.strategy IN ('cancel_newest', 'cancel_in_progress')
-                    AND g.id = ANY (v_ids)
-                  ORDER BY g.n LOOP
-        PERFORM durable.lock_slot_key(v_new.key);
-        IF v_new.strategy = 'cancel_newest' THEN
-            IF (SELECT count(*) FROM durable.runs r
-                 WHERE r.concurrency_key = v_new.key AND r.id <> v_new.id
-                   AND r.status IN ('pending', 'running', 'suspended', 'paused')) >= v_new.lim THEN
-                PERFORM durable.end_run(v_new.id, 'cancelled', durable.cancelled_error(
-                    'cancel-newest: concurrency key ' || v_new.key || ' already has '
-                    || v_new.lim || ' active run(s)'));
+    SELECT coalesce(array_agg(i.id), '{}'), coalesce(bool_or(i.status = 'pending'), true)
+      INTO v_ids, v_queued
+      FROM inserted i;
+    IF p_runs @? '$[*].concurrency_strategy' THEN
+        FOR v_new IN SELECT g.id, g.concurrency_key AS key, g.concurrency_limit AS lim, g.strategy
+                       FROM durable.given_runs(p_runs, v_now) g
+                      WHERE g.strategy IN ('cancel_newest', 'cancel_in_progress')
+                        AND g.id = ANY (v_ids)
+                      ORDER BY g.n LOOP
+            PERFORM durable.lock_slot_key(v_new.key);
+            IF v_new.strategy = 'cancel_newest' THEN
+                IF (SELECT count(*) FROM durable.runs r
+                     WHERE r.concurrency_key = v_new.key AND r.id <> v_new.id
+                       AND r.status IN ('pending', 'running', 'suspended', 'paused'))
+                   >= v_new.lim THEN
+                    PERFORM durable.end_run(v_new.id, 'cancelled', durable.cancelled_error(
+                        'cancel-newest: concurrency key ' || v_new.key || ' already has '
+                        || v_new.lim || ' active run(s)'));
+                END IF;
+            ELSE
+                FOR v_old IN SELECT r.id FROM durable.runs r
+                              WHERE r.concurrency_key = v_new.key AND r.id <> v_new.id
+                                AND r.status IN ('pending', 'running', 'suspended', 'paused')
+                              ORDER BY r.created_at DESC, r.id DESC
+                             OFFSET v_new.lim - 1 LOOP
+                    PERFORM durable.cancel_run(v_old, 'cancel-in-progress: run ' || v_new.id
+                                                      || ' replaced it');
+                END LOOP;
             END IF;
-        ELSE
-            FOR v_old IN SELECT r.id FROM durable.runs r
-                          WHERE r.concurrency_key = v_new.key AND r.id <> v_new.id
-                            AND r.status IN ('pending', 'running', 'suspended', 'paused')
-                          ORDER BY r.created_at DESC, r.id DESC
-                         OFFSET v_new.lim - 1 LOOP
-                PERFORM durable.cancel_run(v_old, 'cancel-in-progress: run ' || v_new.id
-                                                  || ' replaced it');
-            END LOOP;
-        END IF;
-    END LOOP;
-    RETURN QUERY
-    SELECT coalesce(i.id, existing.id), i.id IS NOT NULL
-      FROM durable.given_runs(p_runs, v_now) g
-      LEFT JOIN unnest(v_ids) AS i (id) ON i.id = g.id
-      LEFT JOIN LATERAL (
-          SELECT r.id FROM durable.runs r
-           WHERE i.id IS NULL
-             AND (r.id = g.id OR (g.idempotency_key IS NOT NULL
-                                  AND r.idempotency_key = g.idempotency_key))
-           LIMIT 1
-      ) existing ON true
-     ORDER BY g.n;
-    IF p_notify THEN
+        END LOOP;
+    END IF;
+    IF jsonb_array_length(p_runs) = 1 AND cardinality(v_ids) = 1 THEN
+        run_id := v_ids[1];
+        created := true;
+        RETURN NEXT;
+    ELSE
+        RETURN QUERY
+        SELECT coalesce(i.id, existing.id), i.id IS NOT NULL
+          FROM durable.given_runs(p_runs, v_now) g
+          LEFT JOIN unnest(v_ids) AS i (id) ON i.id = g.id
+          LEFT JOIN LATERAL (
+              SELECT r.id FROM durable.runs r
+               WHERE i.id IS NULL
+                 AND (r.id = g.id OR (g.idempotency_key IS NOT NULL
+                                      AND r.idempotency_key = g.idempotency_key))
+               LIMIT 1
+          ) existing ON true
+         ORDER BY g.n;
+    END IF;
+    IF v_queued THEN
         PERFORM pg_notify('durable_work', '');
     END IF;
 END
@@ -607,37 +630,6 @@ LANGUAGE sql IMMUTABLE AS $$
            OR r_versions[1] = p_versions[array_position(p_functions, p_function)];
 $$;
 
--- Gives the runs p_take (locked by the caller, each found claimable) to worker p_worker for a
--- lease from p_now: the next attempt, recorded with the version the worker runs of the run's
--- function (and pinned to it on a first claim when the function is one of p_pinned). Returns
--- each claim as the worker starts it, with when the run is due (due_at: a run claimed ahead of
--- its time waits in the worker until then). durable.claim_runs ends here; durable.create_runs
--- inserts a run claimed the same way (change the two together).
-CREATE FUNCTION durable.take_runs(
-    p_take uuid[], p_functions text[], p_worker text, p_lease interval, p_versions text[],
-    p_pinned text[], p_now timestamptz
-) RETURNS TABLE (id uuid, function text, input jsonb, attempt integer, trace_context jsonb,
-                 db_now timestamptz, deadline_at timestamptz, forked boolean,
-                 created_at timestamptz, due_at timestamptz)
-LANGUAGE plpgsql AS $$
-BEGIN
-    RETURN QUERY
-    UPDATE durable.runs r
-       SET status = 'running', attempt = r.attempt + 1, lease_owner = p_worker,
-           versions = r.versions
-                      || coalesce(p_versions[array_position(p_functions, r.function)], ''),
-           pinned = CASE WHEN cardinality(r.versions) = 0
-                         THEN r.function = ANY (coalesce(p_pinned, '{}')) ELSE r.pinned END,
-           available_at = p_now + p_lease, wakeup = false,
-           started_at = coalesce(r.started_at, p_now),
-           deadline_at = coalesce(r.deadline_at, p_now + r.run_timeout), updated_at = p_now
-      FROM (SELECT o.id, o.available_at FROM durable.runs o WHERE o.id = ANY (p_take)) was
-     WHERE r.id = was.id
-    RETURNING r.id, r.function, r.input, r.attempt, r.trace_context, p_now, r.deadline_at,
-              r.forked_from IS NOT NULL, r.created_at, was.available_at;
-END
-$$;
-
 -- Claims up to p_limit due runs of p_functions, which this worker runs at p_versions (aligned
 -- with p_functions; each claim records the version it runs on): the highest priority first,
 -- then the earliest due. Each priority present is visited through the index (a loose scan), so
@@ -650,6 +642,8 @@ $$;
 -- p_versions claims no pinned run that has started, and records its attempts as version ''.
 -- With p_ahead, a run due within p_ahead is claimed too (its claim's due_at says when it is
 -- due; the worker waits until then, so that a timer is not late by the claim's round trip).
+-- Each claim is the run's next attempt, recorded with the version the worker runs of its
+-- function; durable.create_runs inserts a run claimed the same way (change the two together).
 CREATE FUNCTION durable.claim_runs(
     p_functions text[], p_limit integer, p_worker text, p_lease interval,
     p_versions text[] DEFAULT NULL, p_pinned text[] DEFAULT NULL,
@@ -726,8 +720,19 @@ BEGIN
          WHERE r.status IN ('pending', 'suspended', 'running') AND r.priority < v_priority;
     END LOOP;
     RETURN QUERY
-        SELECT * FROM durable.take_runs(v_take, p_functions, p_worker, p_lease, p_versions,
-                                        p_pinned, v_now);
+    UPDATE durable.runs r
+       SET status = 'running', attempt = r.attempt + 1, lease_owner = p_worker,
+           versions = r.versions
+                      || coalesce(p_versions[array_position(p_functions, r.function)], ''),
+           pinned = CASE WHEN cardinality(r.versions) = 0
+                         THEN r.function = ANY (coalesce(p_pinned, '{}')) ELSE r.pinned END,
+           available_at = v_now + p_lease, wakeup = false,
+           started_at = coalesce(r.started_at, v_now),
+           deadline_at = coalesce(r.deadline_at, v_now + r.run_timeout), updated_at = v_now
+      FROM (SELECT o.id, o.available_at FROM durable.runs o WHERE o.id = ANY (v_take)) was
+     WHERE r.id = was.id
+    RETURNING r.id, r.function, r.input, r.attempt, r.trace_context, v_now, r.deadline_at,
+              r.forked_from IS NOT NULL, r.created_at, was.available_at;
 END
 $$;
 
@@ -791,8 +796,8 @@ $$;
 -- timeout already passed), inserts it claimed by worker p_worker, which runs p_functions at
 -- p_versions: the worker of the process that started it runs it at once, with no notification
 -- and no claim round trip (App.start beside a worker with a free slot). Otherwise the run waits
--- for a claim as any other, and workers are told. Returns the run's id, whether it was created,
--- and the claim's columns (NULL when not claimed).
+-- for a claim as any other, and workers are told (by durable.create_runs). Returns the run's id,
+-- whether it was created, and the claim's columns (NULL when not claimed).
 CREATE FUNCTION durable.start_claimed(
     p_run jsonb, p_worker text, p_lease interval, p_functions text[], p_versions text[],
     p_pinned text[]
@@ -802,24 +807,33 @@ CREATE FUNCTION durable.start_claimed(
                  due_at timestamptz)
 LANGUAGE plpgsql AS $$
 DECLARE
-    v_id uuid;
-    v_created boolean;
+    v_run record;
 BEGIN
-    SELECT c.run_id, c.created INTO v_id, v_created
-      FROM durable.create_runs(jsonb_build_array(p_run), false, p_worker, p_lease,
-                               p_functions, p_versions, p_pinned) c;
-    RETURN QUERY
-        SELECT v_id, v_created, r.id, r.function, r.input, r.attempt, r.trace_context,
-               r.started_at, r.deadline_at, false, r.created_at, r.started_at
+    SELECT c.run_id, c.created INTO run_id, created
+      FROM durable.create_runs(jsonb_build_array(p_run), p_worker, p_lease, p_functions,
+                               p_versions, p_pinned) c;
+    IF created THEN
+        -- By its id alone, so that the primary key is the plan whatever the statistics say
+        -- (with the status among the conditions, a stale estimate once chose the claim index).
+        SELECT r.function, r.input, r.attempt, r.trace_context, r.started_at, r.deadline_at,
+               r.created_at, r.status, r.lease_owner
+          INTO v_run
           FROM durable.runs r
-         WHERE v_created AND r.id = v_id AND r.status = 'running'
-           AND r.lease_owner = p_worker AND r.attempt = 1;
-    IF NOT FOUND THEN
-        PERFORM pg_notify('durable_work', '');
-        RETURN QUERY SELECT v_id, v_created, NULL::uuid, NULL::text, NULL::jsonb,
-                            NULL::integer, NULL::jsonb, NULL::timestamptz, NULL::timestamptz,
-                            NULL::boolean, NULL::timestamptz, NULL::timestamptz;
+         WHERE r.id = run_id;
+        IF v_run.status = 'running' AND v_run.lease_owner = p_worker AND v_run.attempt = 1 THEN
+            id := run_id;
+            function := v_run.function;
+            input := v_run.input;
+            attempt := 1;
+            trace_context := v_run.trace_context;
+            db_now := v_run.started_at;
+            deadline_at := v_run.deadline_at;
+            forked := false;
+            created_at := v_run.created_at;
+            due_at := v_run.started_at;
+        END IF;
     END IF;
+    RETURN NEXT;
 END
 $$;
 

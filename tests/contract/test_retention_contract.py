@@ -97,6 +97,11 @@ async def test_a_run_goes_to_its_classes_open_segment_and_its_keys_stay_unique_a
         [NewRun(uuid.uuid4(), "f", None, idempotency_key="order-1")]
     )
     assert (again, created) == (kept, False)
+    # A fresh run (its id new, so neither locked nor looked for) still has its key looked for.
+    [(again, created)] = await store.start_runs(
+        [NewRun(uuid.uuid4(), "f", None, idempotency_key="order-1", fresh=True)]
+    )
+    assert (again, created) == (kept, False)
     [(same, created)] = await store.start_runs([NewRun(forever, "f", None, retention=DAY)])
     assert (same, created) == (forever, False)
     assert await db.fetchval("SELECT count(*) FROM durable.runs") == 2
