@@ -6,9 +6,10 @@ The peers are installed from PyPI, pinned, into their own virtual environments u
 (created on first use). Each (system, workload) pair runs as a fresh process with a freshly
 created database of its own on the same server; pairs run round-robin so machine noise hits
 every system alike. With --repeat N each figure is the median of N runs. Prints a table with
-each figure and durable's ratio to each peer, and writes every figure to
-benchmarks/results.json. Without --database-url: $DURABLE_DATABASE_URL, else the embedded
-PostgreSQL.
+each figure and durable's ratio to each peer, then (with --repeat above 1) each round's ratios,
+so that a goal met by the median but not in every round shows; writes every figure, and every
+round's, to benchmarks/results.json. Without --database-url: $DURABLE_DATABASE_URL, else the
+embedded PostgreSQL.
 """
 
 from __future__ import annotations
@@ -182,6 +183,29 @@ def table(results: dict[str, dict[str, dict[str, Any]]]) -> str:
     return "\n".join(lines)
 
 
+def ratios_by_round(samples: dict[str, dict[str, dict[int, dict[str, Any]]]], rounds: int) -> str:
+    """Each figure's ratio to each peer in every round (rounds where either side failed: -)."""
+    peers = [s.name for s in SYSTEMS if s.name != "durable" and s.name in samples]
+    head = ["figure", *(f"durable vs {p}, round by round" for p in peers)]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    ours_by_round = samples.get("durable", {})
+    for workload, key, label, higher in ROWS:
+        cells = [label]
+        for peer in peers:
+            each = []
+            for round_ in range(rounds):
+                ours = ours_by_round.get(workload, {}).get(round_, {}).get(key)
+                theirs = samples[peer].get(workload, {}).get(round_, {}).get(key)
+                if not ours or not theirs:
+                    each.append("-")
+                else:
+                    each.append(f"{(ours / theirs if higher else theirs / ours):.1f}x")
+            cells.append(", ".join(each) if any(c != "-" for c in each) else "")
+        if any(cells[1:]):
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def _fmt(value: Any) -> str:
     if value is None:
         return "n/a"
@@ -212,7 +236,7 @@ def main() -> int:
     server = resolve_server(args.database_url)
     chosen = [s for s in SYSTEMS if not args.only or s.name in args.only.split(",")]
     wanted = args.workloads.split(",") if args.workloads else list(WORKLOADS)
-    samples: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    samples: dict[str, dict[str, dict[int, dict[str, Any]]]] = {}  # system, workload, round
     failed: list[str] = []
     for round_ in range(args.repeat):
         for workload in wanted:
@@ -222,11 +246,11 @@ def main() -> int:
                 print(f"round {round_ + 1}: {system.name} {workload}", file=sys.stderr)
                 figures = run_one(system, workload, server, args.quick)
                 if figures:
-                    samples.setdefault(system.name, {}).setdefault(workload, []).append(figures)
+                    samples.setdefault(system.name, {}).setdefault(workload, {})[round_] = figures
                 else:
                     failed.append(f"{system.name} {workload} (round {round_ + 1})")
     results = {
-        name: {w: median_of(runs) for w, runs in by_workload.items()}
+        name: {w: median_of(list(runs.values())) for w, runs in by_workload.items()}
         for name, by_workload in samples.items()
     }
     context = {
@@ -251,7 +275,16 @@ def main() -> int:
         f"theirs/ours).\n"
     )
     print(table(results))
-    RESULTS.write_text(json.dumps({"context": context, "results": results}, indent=2) + "\n")
+    if args.repeat > 1:
+        print(f"\nEach round's ratio (rounds 1 to {args.repeat}, in order):\n")
+        print(ratios_by_round(samples, args.repeat))
+    rounds = {
+        name: {w: [runs.get(r) for r in range(args.repeat)] for w, runs in by_workload.items()}
+        for name, by_workload in samples.items()
+    }
+    RESULTS.write_text(
+        json.dumps({"context": context, "results": results, "rounds": rounds}, indent=2) + "\n"
+    )
     print(f"\nwritten to {RESULTS.relative_to(ROOT)}", file=sys.stderr)
     if failed:  # the table has gaps: say so in the exit status, not only in the log above
         print(f"failed: {', '.join(failed)}", file=sys.stderr)
