@@ -4,7 +4,7 @@ a ``RunHandle`` asks (``durable._handle.RunSource``)."""
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
@@ -81,7 +81,6 @@ class Client:
         start_at: datetime | None,
         tags: Mapping[str, str] | None = None,
     ) -> RunHandle[Any]:
-        store = self._connection.store
         new = self.new_run(
             fn,
             input,
@@ -93,7 +92,7 @@ class Client:
             tags=tags,
         )
         if connection is not None:
-            found, created = await store.start_run_on(connection, new)
+            found, created = await self._connection.store.start_run_on(connection, new)
         else:
             found, created = await self._start_eagerly_or_queue(new)
         if not created:
@@ -101,12 +100,13 @@ class Client:
         return RunHandle(self, found, self.return_type_of(new.function))
 
     async def _start_eagerly_or_queue(self, new: NewRun) -> tuple[uuid.UUID, bool]:
-        """Start ``new`` on a worker of this process with a slot free, claimed in the same
-        round trip (an eager start); else, or after a lost connection, into the queue."""
+        """Start ``new`` claimed by this process's worker if it has a slot free, else queued."""
         started = None
         if (worker := self._worker_for(new.function)) is not None:
-            with contextlib.suppress(DatabaseUnavailable):
+            try:
                 started = await worker.start_here(new)
+            except DatabaseUnavailable:  # it may be in: the queued start must look for it
+                new = dataclasses.replace(new, fresh=False)
         if started is None:
             [started] = await self._connection.store.start_runs([new])
         return started

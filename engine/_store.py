@@ -13,6 +13,7 @@ the SQL calls, STYLE 5), each a few lines of typed wrapper around one named quer
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import random
@@ -242,6 +243,10 @@ class PostgresStore:
         once; errors are the caller's, as its transaction is."""
         if not runs:
             return []
+        if len(runs) == 1 and _one_statement(runs[0]):
+            row = await conn.fetchrow(self._q["start_run"], _json(_run_doc(runs[0])), *_UNCLAIMED)
+            if row is not None:
+                return [(row["id"], True)]
         rows = await conn.fetch(self._q["create_runs"], _json([_run_doc(r) for r in runs]))
         return [(row["run_id"], row["created"]) for row in rows]
 
@@ -253,11 +258,32 @@ class PostgresStore:
         return started
 
     async def start_runs(self, runs: Sequence[NewRun]) -> list[tuple[uuid.UUID, bool]]:
-        """Start many runs in one statement, in order (durable.create_runs)."""
+        """Start many runs in one statement, in order (durable.create_runs; one fresh run by
+        start_run). Tried again when the connection is lost, each run then looked for first:
+        a try that was lost may have inserted it, so a fresh run is fresh no more."""
         if not runs:
             return []
-        docs = _json([_run_doc(r) for r in runs])
-        rows = await self._retrying(lambda: self._pool.fetch(self._q["create_runs"], docs))
+        if len(runs) == 1 and _one_statement(runs[0]):
+            doc = _json(_run_doc(runs[0]))
+            try:
+                row = await self._pool.fetchrow(self._q["start_run"], doc, *_UNCLAIMED)
+            except TRANSIENT:
+                await self._pool.expire_connections()
+                runs = [_named(runs[0])]
+            else:
+                if row is not None:
+                    return [(row["id"], True)]
+        tries = 0
+
+        async def create() -> list[asyncpg.Record]:
+            nonlocal tries
+            tries += 1
+            given = runs if tries == 1 else [_named(r) for r in runs]
+            return await self._pool.fetch(
+                self._q["create_runs"], _json([_run_doc(r) for r in given])
+            )
+
+        rows = await self._retrying(create)
         return [(row["run_id"], row["created"]) for row in rows]
 
     async def start_claimed(
@@ -273,7 +299,23 @@ class PostgresStore:
         it and a worker (durable.start_claimed): its id, whether it was created, and the claim
         (None: the run waits for a claim, and workers were told). Runs once: a connection lost
         under it is raised, and the caller starts the run the usual way, which finds it if it
-        was created (its lease then lapses for another claim, as a crashed worker's does)."""
+        was created (its lease then lapses for another claim, as a crashed worker's does): the
+        caller must start it as not fresh (``dataclasses.replace(run, fresh=False)``)."""
+        if _one_statement(run):
+            started = await self._once(
+                lambda: self._pool.fetchrow(
+                    self._q["start_run"],
+                    _json(_run_doc(run)),
+                    worker,
+                    lease,
+                    list(functions),
+                    _versions(functions, versions),
+                    list(pinned),
+                )
+            )
+            if started is not None:
+                claim = _claim(started, forked=False) if started["claimed"] else None
+                return started["id"], True, claim
         row = await self._once(
             lambda: self._pool.fetchrow(
                 self._q["start_claimed"],
@@ -864,7 +906,9 @@ async def _isolating(
     return outcomes
 
 
-def _claim(row: asyncpg.Record, db_now: datetime | None = None) -> Claim:
+def _claim(
+    row: asyncpg.Record, db_now: datetime | None = None, forked: bool | None = None
+) -> Claim:
     return Claim(
         run_id=row["id"],
         function=row["function"],
@@ -873,10 +917,25 @@ def _claim(row: asyncpg.Record, db_now: datetime | None = None) -> Claim:
         trace_context=row["trace_context"],
         db_now=row["db_now"] if db_now is None else db_now,
         deadline_at=row["deadline_at"],
-        forked=bool(row["forked"]),
+        forked=bool(row["forked"]) if forked is None else forked,
         created_at=row["created_at"],
         due_at=row["due_at"],
     )
+
+
+# start_run's worker, lease, functions, versions and pinned functions for a start not claimed.
+_UNCLAIMED = (None, None, None, None, None)
+
+
+def _one_statement(run: NewRun) -> bool:
+    """Whether ``run`` may start by queries.sql's start_run: fresh (nothing to look for or
+    lock), with no idempotency key and no concurrency strategy that acts on other runs."""
+    return run.fresh and run.idempotency_key is None and run.strategy == "queue"
+
+
+def _named(run: NewRun) -> NewRun:
+    """``run`` as not fresh: started again after a try that may have inserted it."""
+    return dataclasses.replace(run, fresh=False) if run.fresh else run
 
 
 def _versions(functions: Sequence[str], versions: Sequence[str] | None) -> list[str]:

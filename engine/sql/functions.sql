@@ -1,7 +1,7 @@
 -- durable: every function of schema durable but the journal's trigger functions, which its table
 -- needs and which live with the tables in the migrations.
 --
--- version: 7
+-- version: 8
 --
 -- How this file is applied. engine/_schema.py runs it after the migrations, under their advisory
 -- lock, and records the version above with the file's checksum (durable.schema_functions):
@@ -312,18 +312,26 @@ BEGIN
 END
 $$;
 
+-- The open segment of each retention class that has one: where its new runs go.
+CREATE FUNCTION durable.open_segments() RETURNS TABLE (retention interval, id integer)
+LANGUAGE sql STABLE AS $$
+    SELECT s.retention, max(s.id) FROM durable.segments s
+     WHERE s.closed_at IS NULL
+     GROUP BY s.retention;
+$$;
+
 -- The open segment of retention class p_retention, opened when the class has none yet.
 CREATE FUNCTION durable.open_segment(p_retention interval) RETURNS integer
 LANGUAGE plpgsql AS $$
 DECLARE
     v_id integer;
 BEGIN
-    SELECT max(s.id) INTO v_id FROM durable.segments s
-     WHERE s.retention IS NOT DISTINCT FROM p_retention AND s.closed_at IS NULL;
+    SELECT o.id INTO v_id FROM durable.open_segments() o
+     WHERE o.retention IS NOT DISTINCT FROM p_retention;
     IF v_id IS NULL THEN
         PERFORM pg_advisory_xact_lock(hashtextextended('durable.segments', 13));
-        SELECT max(s.id) INTO v_id FROM durable.segments s
-         WHERE s.retention IS NOT DISTINCT FROM p_retention AND s.closed_at IS NULL;
+        SELECT o.id INTO v_id FROM durable.open_segments() o
+         WHERE o.retention IS NOT DISTINCT FROM p_retention;
         IF v_id IS NULL THEN
             v_id := durable.add_segment(p_retention);
         END IF;
@@ -365,6 +373,48 @@ LANGUAGE sql STABLE AS $$
                                p_now) AS at) s;
 $$;
 
+-- The rows durable.create_runs and the one-statement start (queries.sql, start_run) insert for
+-- the given runs, one definition for both: each in the open segment of its retention class
+-- (NULL when the class has none open), with the event cursor of now (an event counts for a run
+-- when sent after it started). Given p_worker, a run due at once with no concurrency key or rate
+-- limit is claimed by that worker as durable.claim_runs would leave it (the two set the same
+-- columns), for p_lease, at the version p_versions gives its function among p_functions, and
+-- pinned to it when the function is one of p_pinned. Also n and fresh (durable.given_runs).
+CREATE FUNCTION durable.new_runs(
+    p_runs jsonb, p_now timestamptz, p_worker text, p_lease interval, p_functions text[],
+    p_versions text[], p_pinned text[]
+) RETURNS TABLE (n bigint, fresh boolean, id uuid, function text, input jsonb,
+                 idempotency_key text, trace_context jsonb, available_at timestamptz,
+                 event_cursor bigint, priority integer, expires_at timestamptz,
+                 run_timeout interval, parent_id uuid, concurrency_key text,
+                 concurrency_limit integer, slot_while_suspended boolean, rate_limit text,
+                 rate_key text, tags jsonb, queue text, segment integer, status text,
+                 attempt integer, lease_owner text, versions text[], pinned boolean,
+                 started_at timestamptz, deadline_at timestamptz)
+LANGUAGE sql STABLE AS $$
+    SELECT g.n, g.fresh, g.id, g.function, g.input, g.idempotency_key, g.trace_context,
+           CASE WHEN c.claimed THEN p_now + p_lease ELSE g.available_at END,
+           (SELECT coalesce(max(e.id), 0) FROM durable.events e), g.priority, g.expires_at,
+           g.run_timeout, g.parent_id, g.concurrency_key, g.concurrency_limit,
+           g.slot_while_suspended, g.rate_limit, g.rate_key, g.tags, g.queue,
+           o.id,
+           CASE WHEN c.claimed THEN 'running' ELSE 'pending' END,
+           CASE WHEN c.claimed THEN 1 ELSE 0 END,
+           CASE WHEN c.claimed THEN p_worker END,
+           CASE WHEN c.claimed
+                THEN ARRAY[coalesce(p_versions[array_position(p_functions, g.function)], '')]
+                ELSE '{}' END,
+           c.claimed AND g.function = ANY (coalesce(p_pinned, '{}')),
+           CASE WHEN c.claimed THEN p_now END,
+           CASE WHEN c.claimed THEN p_now + g.run_timeout END
+      FROM durable.given_runs(p_runs, p_now) g
+      LEFT JOIN durable.open_segments() o ON o.retention IS NOT DISTINCT FROM g.retention,
+           LATERAL (SELECT p_worker IS NOT NULL AND g.function = ANY (p_functions)
+                           AND g.concurrency_key IS NULL AND g.rate_limit IS NULL
+                           AND g.available_at <= p_now
+                           AND (g.expires_at IS NULL OR g.expires_at > p_now) AS claimed) c;
+$$;
+
 -- Starts runs (App.start, App.start_many, Context.start): one JSON object per run with its id,
 -- function, input, idempotency_key, trace_context and options (priority, available_at, delay,
 -- start_timeout and run_timeout in seconds, parent_id, concurrency_key, concurrency_limit,
@@ -378,9 +428,8 @@ $$;
 -- 'cancel_newest' cancels the new run when its key is already at its limit;
 -- 'cancel_in_progress' cancels the oldest runs of the key so that the newest stay within it.
 -- Given p_worker (durable.start_claimed), a run due at once with no concurrency key or rate
--- limit is inserted claimed by that worker, as durable.claim_runs would leave it (the two set the
--- same columns), for p_lease, at the version p_versions gives its function among p_functions.
--- Workers are told (durable_work) unless every run created was inserted claimed.
+-- limit is inserted claimed by that worker (durable.new_runs). Workers are told (durable_work)
+-- unless every run created was inserted claimed.
 CREATE FUNCTION durable.create_runs(
     p_runs jsonb, p_worker text DEFAULT NULL,
     p_lease interval DEFAULT NULL, p_functions text[] DEFAULT NULL,
@@ -388,14 +437,12 @@ CREATE FUNCTION durable.create_runs(
 ) RETURNS TABLE (run_id uuid, created boolean)
 LANGUAGE plpgsql AS $$
 DECLARE
-    v_cursor bigint := (SELECT coalesce(max(e.id), 0) FROM durable.events e);
     v_now timestamptz := durable.clock();
     v_ids uuid[];
     v_queued boolean;
     v_new record;
     v_old uuid;
     v_classes interval[];
-    v_segments integer[] := '{}';
     v_class interval;
 BEGIN
     -- Each statement costs its executor's start-up, which for a single start is most of the
@@ -407,7 +454,7 @@ BEGIN
         v_classes := ARRAY[NULL::interval];
     END IF;
     FOREACH v_class IN ARRAY v_classes LOOP
-        v_segments := v_segments || durable.open_segment(v_class);
+        PERFORM durable.open_segment(v_class);
     END LOOP;
     -- A key, and the id of a run that is not fresh (a child's, a run named by App.start's
     -- caller), is locked until the commit, so that two starts of it in two segments see each
@@ -427,35 +474,20 @@ BEGIN
                                   slot_while_suspended, rate_limit, rate_key, tags, queue,
                                   segment, status, attempt, lease_owner, versions, pinned,
                                   started_at, deadline_at)
-        SELECT g.id, g.function, g.input, g.idempotency_key, g.trace_context,
-               CASE WHEN c.claimed THEN v_now + p_lease ELSE g.available_at END,
-               v_cursor, g.priority, g.expires_at, g.run_timeout, g.parent_id,
-               g.concurrency_key, g.concurrency_limit, g.slot_while_suspended, g.rate_limit,
-               g.rate_key, g.tags, g.queue,
-               v_segments[array_position(v_classes, g.retention)],
-               CASE WHEN c.claimed THEN 'running' ELSE 'pending' END,
-               CASE WHEN c.claimed THEN 1 ELSE 0 END,
-               CASE WHEN c.claimed THEN p_worker END,
-               CASE WHEN c.claimed
-                    THEN ARRAY[coalesce(p_versions[array_position(p_functions, g.function)],
-                                        '')]
-                    ELSE '{}' END,
-               c.claimed AND g.function = ANY (coalesce(p_pinned, '{}')),
-               CASE WHEN c.claimed THEN v_now END,
-               CASE WHEN c.claimed THEN v_now + g.run_timeout END
-          FROM durable.given_runs(p_runs, v_now) g,
-               LATERAL (SELECT p_worker IS NOT NULL AND g.function = ANY (p_functions)
-                               AND g.concurrency_key IS NULL AND g.rate_limit IS NULL
-                               AND g.available_at <= v_now
-                               AND (g.expires_at IS NULL OR g.expires_at > v_now)
-                               AS claimed) c
+        SELECT w.id, w.function, w.input, w.idempotency_key, w.trace_context, w.available_at,
+               w.event_cursor, w.priority, w.expires_at, w.run_timeout, w.parent_id,
+               w.concurrency_key, w.concurrency_limit, w.slot_while_suspended, w.rate_limit,
+               w.rate_key, w.tags, w.queue, w.segment, w.status, w.attempt, w.lease_owner,
+               w.versions, w.pinned, w.started_at, w.deadline_at
+          FROM durable.new_runs(p_runs, v_now, p_worker, p_lease, p_functions, p_versions,
+                                p_pinned) w
          -- Scalar subqueries, one index probe per run and segment: as NOT EXISTS, the planner
          -- may hash every run of the table to check one.
-         WHERE (g.fresh OR (SELECT 1 FROM durable.runs r WHERE r.id = g.id LIMIT 1) IS NULL)
-           AND (g.idempotency_key IS NULL
+         WHERE (w.fresh OR (SELECT 1 FROM durable.runs r WHERE r.id = w.id LIMIT 1) IS NULL)
+           AND (w.idempotency_key IS NULL
                 OR (SELECT 1 FROM durable.runs r
-                     WHERE r.idempotency_key = g.idempotency_key LIMIT 1) IS NULL)
-         ORDER BY g.n
+                     WHERE r.idempotency_key = w.idempotency_key LIMIT 1) IS NULL)
+         ORDER BY w.n
         ON CONFLICT DO NOTHING
         RETURNING durable.runs.id, durable.runs.status
     )
@@ -643,7 +675,7 @@ $$;
 -- With p_ahead, a run due within p_ahead is claimed too (its claim's due_at says when it is
 -- due; the worker waits until then, so that a timer is not late by the claim's round trip).
 -- Each claim is the run's next attempt, recorded with the version the worker runs of its
--- function; durable.create_runs inserts a run claimed the same way (change the two together).
+-- function; durable.new_runs makes a run claimed the same way (change the two together).
 CREATE FUNCTION durable.claim_runs(
     p_functions text[], p_limit integer, p_worker text, p_lease interval,
     p_versions text[] DEFAULT NULL, p_pinned text[] DEFAULT NULL,

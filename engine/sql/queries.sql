@@ -69,6 +69,39 @@ $$;
 -- name: create_runs
 SELECT run_id, created FROM durable.create_runs($1::text::jsonb);
 
+-- name: start_run
+-- One fresh run (its id just made: nothing to look for or lock) with no idempotency key or
+-- concurrency strategy, started in one statement rather than by durable.create_runs, whose
+-- statements each pay their executor's start-up (most of a one-run start's database time): the
+-- row durable.new_runs makes. No row when its retention class has no open segment yet (the
+-- caller then calls create_runs, which opens one). Given $2 (a worker; $3 to $6 as for
+-- start_claimed), the run is inserted claimed when nothing stands in the way; workers are told
+-- unless it was. The clock is read once (a CTE the planner keeps), as create_runs reads it.
+WITH clock AS MATERIALIZED (
+    SELECT durable.clock() AS now
+), started AS (
+    INSERT INTO durable.runs (id, function, input, idempotency_key, trace_context, available_at,
+                              event_cursor, priority, expires_at, run_timeout, parent_id,
+                              concurrency_key, concurrency_limit, slot_while_suspended,
+                              rate_limit, rate_key, tags, queue, segment, status, attempt,
+                              lease_owner, versions, pinned, started_at, deadline_at)
+    SELECT w.id, w.function, w.input, w.idempotency_key, w.trace_context, w.available_at,
+           w.event_cursor, w.priority, w.expires_at, w.run_timeout, w.parent_id,
+           w.concurrency_key, w.concurrency_limit, w.slot_while_suspended, w.rate_limit,
+           w.rate_key, w.tags, w.queue, w.segment, w.status, w.attempt, w.lease_owner,
+           w.versions, w.pinned, w.started_at, w.deadline_at
+      FROM clock c,
+           durable.new_runs(jsonb_build_array($1::text::jsonb), c.now, $2, $3, $4, $5, $6) w
+     WHERE w.segment IS NOT NULL
+    ON CONFLICT DO NOTHING
+    RETURNING id, status, function, input, attempt, trace_context, started_at, deadline_at,
+              created_at
+)
+SELECT s.id, s.status = 'running' AS claimed, s.function, s.input, s.attempt, s.trace_context,
+       s.started_at AS db_now, s.deadline_at, s.created_at, s.started_at AS due_at,
+       CASE WHEN s.status = 'pending' THEN pg_notify('durable_work', '') IS NULL END AS told
+  FROM started s;
+
 -- name: start_claimed
 SELECT run_id, created, id, function, input, attempt, trace_context, db_now, deadline_at, forked,
        created_at, due_at

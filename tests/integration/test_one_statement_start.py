@@ -1,0 +1,144 @@
+"""A fresh run with no idempotency key or concurrency strategy starts in one statement
+(queries.sql's start_run) rather than by durable.create_runs. Its row is the same; a class with
+no open segment falls back to create_runs, which opens one; and a start whose reply was lost is
+tried again as a named run, so that it is found, wherever it went, and not started twice."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+from typing import Any
+
+import asyncpg
+import pytest
+
+import durable
+from engine import FunctionSpec, NewRun, PostgresStore
+from tests.helpers import make_app, running_worker
+
+pytestmark = pytest.mark.postgres
+
+
+class LosingTheReply:
+    """The store's pool, but its first start_run statement commits and then loses its reply
+    (a connection that died after the commit), calling ``after`` in between."""
+
+    def __init__(self, pool: Any, start_run: str, after: Callable[[], Awaitable[None]]) -> None:
+        self.pool, self.start_run, self.after = pool, start_run, after
+        self.seen: list[str] = []  # the statements fetchrow ran
+        self.lost = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.pool, name)
+
+    async def fetchrow(self, query: str, *args: Any) -> Any:
+        self.seen.append(query)
+        row = await self.pool.fetchrow(query, *args)
+        if query == self.start_run and not self.lost:
+            self.lost = True
+            await self.after()
+            raise asyncpg.ConnectionDoesNotExistError("the reply was lost")
+        return row
+
+
+def losing_the_reply(store: PostgresStore, after: Callable[[], Awaitable[None]]) -> LosingTheReply:
+    """Put a ``LosingTheReply`` under ``store``."""
+    # The test looks inside on purpose: it loses one reply.
+    losing = LosingTheReply(store._pool, store._q["start_run"], after)
+    store._pool = losing
+    return losing
+
+
+async def test_a_fresh_run_is_the_same_row_by_either_statement(
+    database_url: str, db: asyncpg.Connection
+) -> None:
+    store = await PostgresStore.connect(database_url, max_size=2)
+    try:
+        await store.open_segments([None])
+        spec = FunctionSpec.describe(_gate, "gated")
+        one = spec.new_run("x", run_id=None)
+        assert one.fresh
+        named = spec.new_run("x", run_id=uuid.uuid4())
+        assert not named.fresh
+        [(first, created)] = await store.start_runs([one])
+        assert created
+        [(second, created)] = await store.start_runs([named])
+        assert created
+    finally:
+        await store.close()
+    columns = await db.fetch(
+        "SELECT * FROM durable.runs WHERE id = ANY($1::uuid[]) ORDER BY id = $2",
+        [first, second],
+        first,
+    )
+    by_fresh, by_named = dict(columns[0]), dict(columns[1])
+    differ = {key for key in by_fresh if by_fresh[key] != by_named[key]}
+    differ -= {"id", "created_at", "updated_at"}
+    assert differ <= {"available_at"}  # each reads the clock as it starts
+    assert (columns[0]["status"], columns[0]["attempt"]) == ("pending", 0)
+
+
+async def test_a_class_with_no_open_segment_gets_one_from_the_fallback(
+    database_url: str, db: asyncpg.Connection
+) -> None:
+    store = await PostgresStore.connect(database_url, max_size=2)
+    three_days = timedelta(days=3)
+    try:  # start_run finds no open segment for the class and inserts nothing
+        run = NewRun(uuid.uuid4(), "f", None, retention=three_days, fresh=True)
+        [(found, created)] = await store.start_runs([run])
+    finally:
+        await store.close()
+    assert (found, created) == (run.run_id, True)
+    segment = await db.fetchval("SELECT segment FROM durable.runs WHERE id = $1", found)
+    assert await db.fetchval("SELECT retention FROM durable.segments WHERE id = $1", segment) == (
+        three_days
+    )
+
+
+async def test_a_start_whose_reply_was_lost_is_found_even_in_an_older_segment(
+    database_url: str, db: asyncpg.Connection
+) -> None:
+    store = await PostgresStore.connect(database_url, max_size=2)
+
+    async def rotate() -> None:  # the open segment changes between the try and the retry
+        await db.execute("SELECT durable.add_segment(NULL)")
+
+    try:
+        await store.open_segments([None])
+        losing = losing_the_reply(store, rotate)
+        run = NewRun(uuid.uuid4(), "f", None, fresh=True)
+        [(found, created)] = await store.start_runs([run])
+    finally:
+        await store.close()
+    assert (found, created) == (run.run_id, False)  # the lost try had made it
+    assert losing.seen == [store._q["start_run"]]  # once, then the retry by create_runs
+    assert await db.fetchval("SELECT count(*) FROM durable.runs WHERE id = $1", found) == 1
+
+
+async def test_an_eager_start_whose_reply_was_lost_is_one_run_and_runs(
+    database_url: str, db: asyncpg.Connection
+) -> None:
+    app = make_app(database_url)  # the suite's lease of two seconds
+
+    @app.function(name="gated")
+    async def gated(ctx: durable.Context, name: str) -> str:
+        return name
+
+    async def rotate() -> None:
+        await db.execute("SELECT durable.add_segment(NULL)")
+
+    async with app, running_worker(app, concurrency=4):
+        warm = await app.start(gated, "warm")  # the worker serves: the next start is eager
+        assert await warm.result(timeout=20) == "warm"
+        losing_the_reply(app._connection.store, rotate)
+        handle = await app.start(gated, "lost")
+        # Inserted claimed by the worker, which never heard so: its lease lapses, and it runs.
+        assert await handle.result(timeout=20) == "lost"
+        info = await handle.info()
+        assert info.attempt == 2
+    assert await db.fetchval("SELECT count(*) FROM durable.runs WHERE id = $1", handle.run_id) == 1
+
+
+async def _gate(ctx: durable.Context, name: str) -> str:
+    return name
