@@ -301,32 +301,20 @@ class PostgresStore:
         under it is raised, and the caller starts the run the usual way, which finds it if it
         was created (its lease then lapses for another claim, as a crashed worker's does): the
         caller must start it as not fresh (``dataclasses.replace(run, fresh=False)``)."""
+        args = (
+            _json(_run_doc(run)),
+            worker,
+            lease,
+            list(functions),
+            _versions(functions, versions),
+            list(pinned),
+        )
         if _one_statement(run):
-            started = await self._once(
-                lambda: self._pool.fetchrow(
-                    self._q["start_run"],
-                    _json(_run_doc(run)),
-                    worker,
-                    lease,
-                    list(functions),
-                    _versions(functions, versions),
-                    list(pinned),
-                )
-            )
+            started = await self._once(lambda: self._pool.fetchrow(self._q["start_run"], *args))
             if started is not None:
                 claim = _claim(started, forked=False) if started["claimed"] else None
                 return started["id"], True, claim
-        row = await self._once(
-            lambda: self._pool.fetchrow(
-                self._q["start_claimed"],
-                _json(_run_doc(run)),
-                worker,
-                lease,
-                list(functions),
-                _versions(functions, versions),
-                list(pinned),
-            )
-        )
+        row = await self._once(lambda: self._pool.fetchrow(self._q["start_claimed"], *args))
         assert row is not None
         claim = _claim(row) if row["id"] is not None else None
         return row["run_id"], row["created"], claim
