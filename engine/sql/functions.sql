@@ -1,7 +1,7 @@
 -- durable: every function of schema durable but the journal's trigger functions, which its table
 -- needs and which live with the tables in the migrations.
 --
--- version: 8
+-- version: 9
 --
 -- How this file is applied. engine/_schema.py runs it after the migrations, under their advisory
 -- lock, and records the version above with the file's checksum (durable.schema_functions):
@@ -688,6 +688,7 @@ DECLARE
     v_now timestamptz := durable.clock();
     v_priority integer;
     v_take uuid[] := '{}';
+    v_due timestamptz[] := '{}';
     v_wanted integer;
     v_seen integer;
     v_run record;
@@ -701,7 +702,8 @@ BEGIN
             v_seen := 0;
             FOR v_run IN
                 SELECT r.id, r.concurrency_key, r.concurrency_limit, r.holds_slot, r.rate_limit,
-                       r.rate_key, r.started_at, r.expires_at, r.deadline_at, r.cancel_requested
+                       r.rate_key, r.started_at, r.expires_at, r.deadline_at, r.cancel_requested,
+                       r.available_at
                   FROM durable.runs r
                  WHERE r.status IN ('pending', 'suspended', 'running')
                    AND r.priority = v_priority AND r.available_at <= v_now + p_ahead
@@ -740,6 +742,7 @@ BEGIN
                     END IF;
                     IF v_retry IS NULL THEN
                         v_take := v_take || v_run.id;
+                        v_due := v_due || v_run.available_at;
                     ELSE
                         UPDATE durable.runs r SET available_at = v_retry, updated_at = v_now
                          WHERE r.id = v_run.id;
@@ -761,10 +764,10 @@ BEGIN
            available_at = v_now + p_lease, wakeup = false,
            started_at = coalesce(r.started_at, v_now),
            deadline_at = coalesce(r.deadline_at, v_now + r.run_timeout), updated_at = v_now
-      FROM (SELECT o.id, o.available_at FROM durable.runs o WHERE o.id = ANY (v_take)) was
+      FROM unnest(v_take, v_due) AS was (id, due_at)
      WHERE r.id = was.id
     RETURNING r.id, r.function, r.input, r.attempt, r.trace_context, v_now, r.deadline_at,
-              r.forked_from IS NOT NULL, r.created_at, was.available_at;
+              r.forked_from IS NOT NULL, r.created_at, was.due_at;
 END
 $$;
 
