@@ -22,9 +22,12 @@ pytestmark = pytest.mark.postgres
 
 class LosingTheReply:
     """The store's pool, but its first start_run statement commits and then loses its reply
-    (a connection that died after the commit), calling ``after`` in between."""
+    (a connection that died after the commit), calling ``after`` in between; with no ``after``,
+    it loses nothing and only records the statements."""
 
-    def __init__(self, pool: Any, start_run: str, after: Callable[[], Awaitable[None]]) -> None:
+    def __init__(
+        self, pool: Any, start_run: str, after: Callable[[], Awaitable[None]] | None
+    ) -> None:
         self.pool, self.start_run, self.after = pool, start_run, after
         self.seen: list[str] = []  # the statements fetchrow ran
         self.lost = False
@@ -35,14 +38,16 @@ class LosingTheReply:
     async def fetchrow(self, query: str, *args: Any) -> Any:
         self.seen.append(query)
         row = await self.pool.fetchrow(query, *args)
-        if query == self.start_run and not self.lost:
+        if query == self.start_run and not self.lost and self.after is not None:
             self.lost = True
             await self.after()
             raise asyncpg.ConnectionDoesNotExistError("the reply was lost")
         return row
 
 
-def losing_the_reply(store: PostgresStore, after: Callable[[], Awaitable[None]]) -> LosingTheReply:
+def losing_the_reply(
+    store: PostgresStore, after: Callable[[], Awaitable[None]] | None
+) -> LosingTheReply:
     """Put a ``LosingTheReply`` under ``store``."""
     # The test looks inside on purpose: it loses one reply.
     losing = LosingTheReply(store._pool, store._q["start_run"], after)
@@ -56,6 +61,7 @@ async def test_a_fresh_run_is_the_same_row_by_either_statement(
     store = await PostgresStore.connect(database_url, max_size=2)
     try:
         await store.open_segments([None])
+        watching = losing_the_reply(store, None)
         spec = FunctionSpec.describe(_gate, "gated")
         one = spec.new_run("x", run_id=None)
         assert one.fresh
@@ -63,12 +69,13 @@ async def test_a_fresh_run_is_the_same_row_by_either_statement(
         assert not named.fresh
         [(first, created)] = await store.start_runs([one])
         assert created
+        assert watching.seen == [store._q["start_run"]]  # the fresh one in one statement
         [(second, created)] = await store.start_runs([named])
         assert created
     finally:
         await store.close()
     columns = await db.fetch(
-        "SELECT * FROM durable.runs WHERE id = ANY($1::uuid[]) ORDER BY id = $2",
+        "SELECT * FROM durable.runs WHERE id = ANY($1::uuid[]) ORDER BY id = $2 DESC",
         [first, second],
         first,
     )
@@ -84,12 +91,14 @@ async def test_a_class_with_no_open_segment_gets_one_from_the_fallback(
 ) -> None:
     store = await PostgresStore.connect(database_url, max_size=2)
     three_days = timedelta(days=3)
+    watching = losing_the_reply(store, None)
     try:  # start_run finds no open segment for the class and inserts nothing
         run = NewRun(uuid.uuid4(), "f", None, retention=three_days, fresh=True)
         [(found, created)] = await store.start_runs([run])
     finally:
         await store.close()
     assert (found, created) == (run.run_id, True)
+    assert watching.seen == [store._q["start_run"]]  # tried first, then create_runs
     segment = await db.fetchval("SELECT segment FROM durable.runs WHERE id = $1", found)
     assert await db.fetchval("SELECT retention FROM durable.segments WHERE id = $1", segment) == (
         three_days
