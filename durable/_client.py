@@ -4,7 +4,6 @@ a ``RunHandle`` asks (``durable._handle.RunSource``)."""
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
@@ -106,7 +105,7 @@ class Client:
             try:
                 started = await worker.start_here(new)
             except DatabaseUnavailable:  # it may be in: the queued start must look for it
-                new = dataclasses.replace(new, fresh=False)
+                new = new.named()
         if started is None:
             [started] = await self._connection.store.start_runs([new])
         return started

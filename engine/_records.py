@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any, Literal, Protocol
 
@@ -72,6 +72,11 @@ class NewRun:
     queue: str | None = None
     retention: timedelta | None = None
     fresh: bool = False
+
+    def named(self) -> NewRun:
+        """This run as not fresh: started again after a try whose reply was lost, which may
+        have inserted it (so it must be locked and looked for)."""
+        return replace(self, fresh=False) if self.fresh else self
 
 
 @dataclass(frozen=True)

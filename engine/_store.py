@@ -13,7 +13,6 @@ the SQL calls, STYLE 5), each a few lines of typed wrapper around one named quer
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import logging
 import random
@@ -269,7 +268,7 @@ class PostgresStore:
                 row = await self._pool.fetchrow(self._q["start_run"], doc, *_UNCLAIMED)
             except TRANSIENT:
                 await self._pool.expire_connections()
-                runs = [_named(runs[0])]
+                runs = [runs[0].named()]
             else:
                 if row is not None:
                     return [(row["id"], True)]
@@ -278,7 +277,7 @@ class PostgresStore:
         async def create() -> list[asyncpg.Record]:
             nonlocal tries
             tries += 1
-            given = runs if tries == 1 else [_named(r) for r in runs]
+            given = runs if tries == 1 else [r.named() for r in runs]
             return await self._pool.fetch(
                 self._q["create_runs"], _json([_run_doc(r) for r in given])
             )
@@ -300,7 +299,7 @@ class PostgresStore:
         (None: the run waits for a claim, and workers were told). Runs once: a connection lost
         under it is raised, and the caller starts the run the usual way, which finds it if it
         was created (its lease then lapses for another claim, as a crashed worker's does): the
-        caller must start it as not fresh (``dataclasses.replace(run, fresh=False)``)."""
+        caller must start it as not fresh (``run.named()``)."""
         args = (
             _json(_run_doc(run)),
             worker,
@@ -312,7 +311,7 @@ class PostgresStore:
         if _one_statement(run):
             started = await self._once(lambda: self._pool.fetchrow(self._q["start_run"], *args))
             if started is not None:
-                claim = _claim(started, forked=False) if started["claimed"] else None
+                claim = _claim(started) if started["claimed"] else None
                 return started["id"], True, claim
         row = await self._once(lambda: self._pool.fetchrow(self._q["start_claimed"], *args))
         assert row is not None
@@ -894,9 +893,7 @@ async def _isolating(
     return outcomes
 
 
-def _claim(
-    row: asyncpg.Record, db_now: datetime | None = None, forked: bool | None = None
-) -> Claim:
+def _claim(row: asyncpg.Record, db_now: datetime | None = None) -> Claim:
     return Claim(
         run_id=row["id"],
         function=row["function"],
@@ -905,7 +902,7 @@ def _claim(
         trace_context=row["trace_context"],
         db_now=row["db_now"] if db_now is None else db_now,
         deadline_at=row["deadline_at"],
-        forked=bool(row["forked"]) if forked is None else forked,
+        forked=bool(row["forked"]),
         created_at=row["created_at"],
         due_at=row["due_at"],
     )
@@ -919,11 +916,6 @@ def _one_statement(run: NewRun) -> bool:
     """Whether ``run`` may start by queries.sql's start_run: fresh (nothing to look for or
     lock), with no idempotency key and no concurrency strategy that acts on other runs."""
     return run.fresh and run.idempotency_key is None and run.strategy == "queue"
-
-
-def _named(run: NewRun) -> NewRun:
-    """``run`` as not fresh: started again after a try that may have inserted it."""
-    return dataclasses.replace(run, fresh=False) if run.fresh else run
 
 
 def _versions(functions: Sequence[str], versions: Sequence[str] | None) -> list[str]:

@@ -98,7 +98,8 @@ WITH clock AS MATERIALIZED (
               created_at
 )
 SELECT s.id, s.status = 'running' AS claimed, s.function, s.input, s.attempt, s.trace_context,
-       s.started_at AS db_now, s.deadline_at, s.created_at, s.started_at AS due_at,
+       s.started_at AS db_now, s.deadline_at, false AS forked, s.created_at,
+       s.started_at AS due_at,
        CASE WHEN s.status = 'pending' THEN pg_notify('durable_work', '') IS NULL END AS told
   FROM started s;
 

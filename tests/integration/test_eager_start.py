@@ -61,7 +61,7 @@ async def test_a_run_started_beside_a_free_worker_runs_there_without_a_claim(
 
 
 async def test_a_run_named_by_its_starter_is_one_run_however_often_it_is_started(
-    database_url: str,
+    database_url: str, db: asyncpg.Connection
 ) -> None:
     # Only a run whose id the start made itself is fresh (not locked nor looked for); a named
     # one started again beside a free worker is found, not inserted claimed a second time.
@@ -80,11 +80,7 @@ async def test_a_run_named_by_its_starter_is_one_run_however_often_it_is_started
         assert await unnamed.result(timeout=20) == "unnamed"
         info = await first.info()
         assert info.attempt == 1
-    conn = await asyncpg.connect(database_url)
-    try:
-        assert await conn.fetchval("SELECT count(*) FROM durable.runs WHERE id = $1", named) == 1
-    finally:
-        await conn.close()
+    assert await db.fetchval("SELECT count(*) FROM durable.runs WHERE id = $1", named) == 1
 
 
 async def test_a_full_worker_leaves_the_run_to_the_queue_and_claims_it_when_a_slot_frees(
