@@ -41,6 +41,10 @@ class Connection:
         self._store: PostgresStore | None = None
         self._listener: Listener | None = None
         self._watchers: set[Callable[[], Awaitable[None]]] = set()  # App.watch_runs, stops
+        # This process in durable.result_waiters: its id, and when it was last recorded there
+        # (loop time; None: not yet, or not since the store changed).
+        self._result_waiter = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4()}"
+        self._result_waiter_seen: float | None = None
         # Watches the embedded server, when the app uses it (see _embedded.keep).
         self._keeper: asyncio.Task[None] | None = None
         self.embedded_lost: EmbeddedPostgresError | None = None
@@ -144,6 +148,21 @@ class Connection:
         self._watchers.add(stop)
         return stop
 
+    async def await_ends(self) -> bool:
+        """Before a caller reads a run whose end it will wait for: record this process in
+        durable.result_waiters (again once WATCH_RENEWAL has passed), which makes runs' ends
+        announce themselves on durable_done. False when nothing listens here (a pooler, no
+        listen URL): no end can be heard, and the caller polls."""
+        store = self.store
+        if self._listener is None or self._listener.polling:
+            return False
+        now = asyncio.get_running_loop().time()
+        seen = self._result_waiter_seen
+        if seen is None or now - seen >= WATCH_RENEWAL.total_seconds():
+            await store.touch_result_waiter(self._result_waiter)
+            self._result_waiter_seen = now
+        return True
+
     async def _start(self, listener: Listener, store: PostgresStore) -> None:
         """Start ``listener`` within connect_timeout, as the pool was opened: a LISTEN URL of
         its own may be out of reach while the database URL is not."""
@@ -173,6 +192,10 @@ class Connection:
             await self._listener.close()
             self._listener = None
         if self._store is not None:
+            if self._result_waiter_seen is not None:
+                self._result_waiter_seen = None
+                with contextlib.suppress(DurableError):
+                    await self._store.end_result_waiter(self._result_waiter)
             await self._store.close()
             self._store = None
 

@@ -29,7 +29,7 @@ KEEP_INPUT: Any = object()  # a fork keeps the input of the run it comes from
 class RunSource(Protocol):
     """What a ``RunHandle`` asks of the app it came from (``durable._client.Client``)."""
 
-    async def run_row(self, run_id: uuid.UUID) -> RunRow | None: ...
+    async def run_row(self, run_id: uuid.UUID, *, settled: bool = False) -> RunRow | None: ...
 
     async def children(self, run_id: uuid.UUID) -> list[RunRow]: ...
 
@@ -205,11 +205,14 @@ class RunHandle(Generic[T]):
             unsubscribe = self._source.on_done(self.run_id, finished.set)
             try:
                 try:
-                    info = await self.info()
+                    row = await self._source.run_row(self.run_id, settled=True)
                 except DatabaseUnavailable:
                     # The database is away (restarting); keep waiting until the deadline.
                     await _wait(finished.wait(), 0.5)
                     continue
+                if row is None:
+                    raise RunNotFound(str(self.run_id))
+                info = RunInfo.from_row(row)
                 if info.status == "completed":
                     return self._rehydrate(info)
                 if info.status == "failed":

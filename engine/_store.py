@@ -667,8 +667,12 @@ class PostgresStore:
 
     # -- reading ------------------------------------------------------------------------------
 
-    async def get_run(self, run_id: uuid.UUID) -> RunRow | None:
-        row = await self._retrying(lambda: self._pool.fetchrow(self._q["get_run"], run_id))
+    async def get_run(self, run_id: uuid.UUID, *, settled: bool = False) -> RunRow | None:
+        """The run as stored. ``settled``: read under a share lock, which waits for a
+        transaction ending the run to commit, for a caller awaiting its end that recorded
+        itself with ``touch_result_waiter`` first: an end is then read here or announced."""
+        query = self._q["get_run_settled" if settled else "get_run"]
+        row = await self._retrying(lambda: self._pool.fetchrow(query, run_id))
         return None if row is None else _run_row(row)
 
     async def find_runs(
@@ -703,6 +707,14 @@ class PostgresStore:
 
     async def end_watcher(self, watcher: str) -> None:
         await self._retrying(lambda: self._pool.execute(self._q["end_watcher"], watcher))
+
+    async def touch_result_waiter(self, waiter: str) -> None:
+        """Say that ``waiter`` (a process) has a caller awaiting a run's end: runs' ends are
+        announced on durable_done while one was seen in the last minute."""
+        await self._retrying(lambda: self._pool.execute(self._q["touch_result_waiter"], waiter))
+
+    async def end_result_waiter(self, waiter: str) -> None:
+        await self._retrying(lambda: self._pool.execute(self._q["end_result_waiter"], waiter))
 
     async def queue_depths(self) -> list[dict[str, Any]]:
         """Per queue: due (pending), scheduled and running runs, the oldest due run's

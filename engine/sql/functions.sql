@@ -1,7 +1,7 @@
 -- durable: every function of schema durable but the journal's trigger functions, which its table
 -- needs and which live with the tables in the migrations.
 --
--- version: 9
+-- version: 10
 --
 -- How this file is applied. engine/_schema.py runs it after the migrations, under their advisory
 -- lock, and records the version above with the file's checksum (durable.schema_functions):
@@ -181,7 +181,25 @@ BEGIN
     DELETE FROM durable.waits w WHERE w.run_id = p_run;
     PERFORM durable.hand_over_slots(ARRAY[v_key]);
     PERFORM durable.wake_parents(ARRAY[p_run]);
-    PERFORM pg_notify('durable_done', p_run::text);
+    PERFORM durable.announce_ends(ARRAY[p_run]);
+END
+$$;
+
+-- Tells whoever awaits them that p_runs ended (or paused): one notification per run on
+-- durable_done, sent only while durable.result_waiters or durable.watchers holds a process seen
+-- in the last minute (a NOTIFY wakes every listening backend at commit). The caller has updated
+-- the runs already, and this statement reads the waiters with a snapshot of its own, taken
+-- after: a waiter recorded before it is seen here, and one recorded after reads the run under a
+-- share lock (the query get_run_settled), which waits for this transaction's end. Either way an
+-- end is read or heard.
+CREATE FUNCTION durable.announce_ends(p_runs uuid[]) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM durable.result_waiters w WHERE w.seen > now() - interval '1 minute')
+       OR EXISTS (SELECT 1 FROM durable.watchers w WHERE w.seen > now() - interval '1 minute')
+    THEN
+        PERFORM pg_notify('durable_done', r::text) FROM unnest(p_runs) AS r;
+    END IF;
 END
 $$;
 
@@ -1135,8 +1153,8 @@ LANGUAGE plpgsql AS $$
 DECLARE
     v_done uuid[];
     v_ended uuid[];
+    v_children uuid[];
     v_keys text[];
-    v_id uuid;
 BEGIN
     WITH given AS (
         SELECT g.* FROM unnest(p_runs, p_attempts, p_statuses, p_results, p_errors)
@@ -1163,21 +1181,23 @@ BEGIN
                                       ELSE r.paused_versions END
           FROM given g JOIN locked l ON l.id = g.run_id
          WHERE r.id = g.run_id
-        RETURNING r.id, g.status, l.holds_slot AS held, l.concurrency_key AS key
+        RETURNING r.id, g.status, l.holds_slot AS held, l.concurrency_key AS key, r.parent_id
     )
     SELECT coalesce(array_agg(f.id), '{}'),
            coalesce(array_agg(f.id) FILTER (WHERE f.status <> 'paused'), '{}'),
+           coalesce(array_agg(f.id) FILTER (WHERE f.status <> 'paused'
+                                              AND f.parent_id IS NOT NULL), '{}'),
            coalesce(array_agg(f.key) FILTER (WHERE f.held), '{}')
-      INTO v_done, v_ended, v_keys
+      INTO v_done, v_ended, v_children, v_keys
       FROM finished f;
     DELETE FROM durable.waits w WHERE w.run_id = ANY (v_ended);
     IF cardinality(v_keys) > 0 THEN
         PERFORM durable.hand_over_slots(v_keys);
     END IF;
-    PERFORM durable.wake_parents(v_ended);
-    FOREACH v_id IN ARRAY v_done LOOP
-        PERFORM pg_notify('durable_done', v_id::text);
-    END LOOP;
+    IF cardinality(v_children) > 0 THEN
+        PERFORM durable.wake_parents(v_children);
+    END IF;
+    PERFORM durable.announce_ends(v_done);
     RETURN QUERY
         SELECT g.run_id = ANY (v_done)
           FROM unnest(p_runs) WITH ORDINALITY AS g (run_id, n)

@@ -1,0 +1,92 @@
+"""How ``RunHandle.result`` hears of a run's end: announced only while a process awaits one,
+and never missed by a waiter that arrives as the run ends."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import asyncpg
+import pytest
+
+import durable
+from tests.helpers import make_app, running_worker, status_is, until
+
+pytestmark = pytest.mark.postgres
+
+
+def _doubling(app: durable.App) -> None:
+    @app.function(name="double")
+    async def double(ctx: durable.Context, n: int) -> int:
+        return n * 2
+
+
+async def test_ends_are_announced_only_while_a_process_awaits_a_result(database_url: str) -> None:
+    app = make_app(database_url)
+    _doubling(app)
+    heard: list[str] = []
+    marker = asyncio.Event()
+
+    def on_notify(_conn: Any, _pid: int, _channel: str, payload: str) -> None:
+        heard.append(payload)
+        if payload == "marker":
+            marker.set()
+
+    listening = await asyncpg.connect(database_url)
+    await listening.add_listener("durable_done", on_notify)
+    try:
+        async with app, running_worker(app):
+            unawaited = await app.start("double", 1)
+            await until(lambda: status_is(unawaited, "completed"), what="the first run's end")
+            # Notifications arrive in commit order: an announcement of that end would have come
+            # before the marker.
+            await listening.execute("SELECT pg_notify('durable_done', 'marker')")
+            await asyncio.wait_for(marker.wait(), 20)
+            before = list(heard)
+            assert await unawaited.result(timeout=20) == 2  # this process now awaits results
+            awaited = await app.start("double", 2)
+            await until(lambda: str(awaited.run_id) in heard, what="the announcement")
+            recorded = await listening.fetchval("SELECT count(*) FROM durable.result_waiters")
+        left = await listening.fetchval("SELECT count(*) FROM durable.result_waiters")
+    finally:
+        await listening.close()
+    assert before == ["marker"]
+    assert (recorded, left) == (1, 0)
+
+
+async def test_a_waiter_reads_an_end_committed_while_it_reads_though_none_is_announced(
+    database_url: str,
+) -> None:
+    app = make_app(database_url)
+    _doubling(app)
+    ender = await asyncpg.connect(database_url)
+    # Another connection looks for the waiter: one in a transaction sees the backends as they
+    # were at its first look.
+    looking = await asyncpg.connect(database_url)
+    async with app:
+        handle = await app.start("double", 21)  # no worker: it stays pending
+        try:
+            ending = ender.transaction()
+            await ending.start()
+            # An end written by hand, announced to nobody: the waiter can only read it.
+            await ender.execute(
+                "UPDATE durable.runs SET status = 'completed', result = '42' WHERE id = $1",
+                handle.run_id,
+            )
+            waiting = asyncio.create_task(handle.result(timeout=60))
+
+            async def reader_blocked() -> bool:
+                return bool(
+                    await looking.fetchval(
+                        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                        "AND query LIKE '%FOR SHARE%' AND datname = current_database()"
+                    )
+                )
+
+            await until(reader_blocked, what="the waiter's read waiting for the row lock")
+            assert not waiting.done()
+            await ending.commit()
+        finally:
+            await ender.close()  # a transaction left open would hold the waiter forever
+            await looking.close()
+        assert await asyncio.wait_for(waiting, 20) == 42
