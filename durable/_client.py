@@ -317,11 +317,11 @@ class Client:
 
     # -- what a RunHandle asks (durable._handle.RunSource) ------------------------------------
 
-    async def run_row(self, run_id: uuid.UUID, *, settled: bool = False) -> RunRow | None:
-        """``settled``: for a caller that waits (``on_done``) unless this read shows the run
-        ended; the end is then read here or heard (``Connection.await_ends``)."""
-        settled = settled and await self._connection.await_ends()
-        return await self._connection.store.get_run(run_id, settled=settled)
+    async def run_row(self, run_id: uuid.UUID) -> RunRow | None:
+        return await self._connection.store.get_run(run_id)
+
+    async def await_end(self) -> float:
+        return await self._connection.await_ends()
 
     async def children(self, run_id: uuid.UUID) -> list[RunRow]:
         return await self._connection.store.list_children(run_id)

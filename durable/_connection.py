@@ -29,6 +29,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("durable._app")
 WATCH_RENEWAL = timedelta(seconds=20)  # well within durable.notify_journal's minute
+RESULT_POLL = 1.0  # seconds a result waiter waits for an announcement before reading again
+RESULT_GRACE = 0.05  # the same, just after this process began to await ends (await_ends)
 
 
 class Connection:
@@ -41,10 +43,11 @@ class Connection:
         self._store: PostgresStore | None = None
         self._listener: Listener | None = None
         self._watchers: set[Callable[[], Awaitable[None]]] = set()  # App.watch_runs, stops
-        # This process in durable.result_waiters: its id, and when it was last recorded there
-        # (loop time; None: not yet, or not since the store changed).
+        # This process in durable.result_waiters (await_ends): its id, when it was last recorded
+        # there and since when without a lapse (loop time; None: not recorded).
         self._result_waiter = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4()}"
         self._result_waiter_seen: float | None = None
+        self._result_waiter_since = 0.0
         # Watches the embedded server, when the app uses it (see _embedded.keep).
         self._keeper: asyncio.Task[None] | None = None
         self.embedded_lost: EmbeddedPostgresError | None = None
@@ -148,20 +151,27 @@ class Connection:
         self._watchers.add(stop)
         return stop
 
-    async def await_ends(self) -> bool:
+    async def await_ends(self) -> float:
         """Before a caller reads a run whose end it will wait for: record this process in
         durable.result_waiters (again once WATCH_RENEWAL has passed), which makes runs' ends
-        announce themselves on durable_done. False when nothing listens here (a pooler, no
-        listen URL): no end can be heard, and the caller polls."""
+        announce themselves on durable_done. Returns how long the caller may wait for the
+        announcement before it reads the run again: RESULT_POLL, or RESULT_GRACE while the
+        record is less than RESULT_POLL old (an end committed then may have looked for waiters
+        before it was there); RESULT_POLL when nothing listens here (a pooler, no listen URL)."""
         store = self.store
         if self._listener is None or self._listener.polling:
-            return False
-        now = asyncio.get_running_loop().time()
+            return RESULT_POLL
+        loop = asyncio.get_running_loop()
+        now = loop.time()
         seen = self._result_waiter_seen
         if seen is None or now - seen >= WATCH_RENEWAL.total_seconds():
             await store.touch_result_waiter(self._result_waiter)
+            if seen is None or now - seen >= 2 * WATCH_RENEWAL.total_seconds():
+                self._result_waiter_since = loop.time()  # the record may have lapsed meanwhile
             self._result_waiter_seen = now
-        return True
+        if loop.time() - self._result_waiter_since < RESULT_POLL:
+            return RESULT_GRACE
+        return RESULT_POLL
 
     async def _start(self, listener: Listener, store: PostgresStore) -> None:
         """Start ``listener`` within connect_timeout, as the pool was opened: a LISTEN URL of

@@ -29,7 +29,12 @@ KEEP_INPUT: Any = object()  # a fork keeps the input of the run it comes from
 class RunSource(Protocol):
     """What a ``RunHandle`` asks of the app it came from (``durable._client.Client``)."""
 
-    async def run_row(self, run_id: uuid.UUID, *, settled: bool = False) -> RunRow | None: ...
+    async def run_row(self, run_id: uuid.UUID) -> RunRow | None: ...
+
+    async def await_end(self) -> float:
+        """Before reading a run whose end the caller waits for (``on_done``) unless the read
+        shows it: how long to wait for that before reading the run again (seconds)."""
+        ...
 
     async def children(self, run_id: uuid.UUID) -> list[RunRow]: ...
 
@@ -205,14 +210,12 @@ class RunHandle(Generic[T]):
             unsubscribe = self._source.on_done(self.run_id, finished.set)
             try:
                 try:
-                    row = await self._source.run_row(self.run_id, settled=True)
+                    patience = await self._source.await_end()
+                    info = await self.info()
                 except DatabaseUnavailable:
                     # The database is away (restarting); keep waiting until the deadline.
                     await _wait(finished.wait(), 0.5)
                     continue
-                if row is None:
-                    raise RunNotFound(str(self.run_id))
-                info = RunInfo.from_row(row)
                 if info.status == "completed":
                     return self._rehydrate(info)
                 if info.status == "failed":
@@ -221,7 +224,7 @@ class RunHandle(Generic[T]):
                 if info.status == "cancelled":
                     error = info.error or ErrorInfo("RunCancelled", "cancelled", "durable")
                     raise RunCancelled(str(self.run_id), error)
-                wait = 1.0 if deadline is None else min(1.0, deadline - loop.time())
+                wait = patience if deadline is None else min(patience, deadline - loop.time())
                 if wait <= 0:
                     raise ResultTimeout(
                         f"run {self.run_id} did not finish within {timeout}s (status {info.status})"

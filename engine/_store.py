@@ -667,12 +667,8 @@ class PostgresStore:
 
     # -- reading ------------------------------------------------------------------------------
 
-    async def get_run(self, run_id: uuid.UUID, *, settled: bool = False) -> RunRow | None:
-        """The run as stored. ``settled``: read under a share lock, which waits for a
-        transaction ending the run to commit, for a caller awaiting its end that recorded
-        itself with ``touch_result_waiter`` first: an end is then read here or announced."""
-        query = self._q["get_run_settled" if settled else "get_run"]
-        row = await self._retrying(lambda: self._pool.fetchrow(query, run_id))
+    async def get_run(self, run_id: uuid.UUID) -> RunRow | None:
+        row = await self._retrying(lambda: self._pool.fetchrow(self._q["get_run"], run_id))
         return None if row is None else _run_row(row)
 
     async def find_runs(

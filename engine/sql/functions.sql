@@ -1,7 +1,7 @@
 -- durable: every function of schema durable but the journal's trigger functions, which its table
 -- needs and which live with the tables in the migrations.
 --
--- version: 10
+-- version: 11
 --
 -- How this file is applied. engine/_schema.py runs it after the migrations, under their advisory
 -- lock, and records the version above with the file's checksum (durable.schema_functions):
@@ -187,11 +187,9 @@ $$;
 
 -- Tells whoever awaits them that p_runs ended (or paused): one notification per run on
 -- durable_done, sent only while durable.result_waiters or durable.watchers holds a process seen
--- in the last minute (a NOTIFY wakes every listening backend at commit). The caller has updated
--- the runs already, and this statement reads the waiters with a snapshot of its own, taken
--- after: a waiter recorded before it is seen here, and one recorded after reads the run under a
--- share lock (the query get_run_settled), which waits for this transaction's end. Either way an
--- end is read or heard.
+-- in the last minute (a NOTIFY wakes every listening backend at commit, every worker's own
+-- included). A waiter recorded after this looked reads the run again within RESULT_GRACE
+-- (durable/_connection.py) rather than the usual second: the end is read, not heard.
 CREATE FUNCTION durable.announce_ends(p_runs uuid[]) RETURNS void
 LANGUAGE plpgsql AS $$
 BEGIN

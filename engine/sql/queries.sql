@@ -225,17 +225,6 @@ SELECT id, function, input, status, idempotency_key, attempt, available_at, leas
        forked_from, fork_position, tags, queue
   FROM durable.runs WHERE id = $1;
 
--- get_run for a caller awaiting the run's end, recorded in durable.result_waiters before: the
--- share lock waits for a transaction ending the run to commit, so that this reads the end, or
--- else the end is announced to it (durable.announce_ends).
--- name: get_run_settled
-SELECT id, function, input, status, idempotency_key, attempt, available_at, lease_owner,
-       result, error, created_at, started_at, updated_at, finished_at, priority, parent_id,
-       concurrency_key, cancel_requested, deadline_at, expires_at, versions, pinned,
-       forked_from, fork_position, tags, queue
-  FROM durable.runs WHERE id = $1
-   FOR SHARE;
-
 -- Runs matching a filter, newest first, a page of at most $12 after the keyset ($10, $11):
 -- status $1, function $2, queue $3, version started on $4, tags containing $5, created in
 -- [$6, $7), and $8/$9 a search: run id $8, or idempotency key or any tag value (jsonpath $9).

@@ -54,39 +54,44 @@ async def test_ends_are_announced_only_while_a_process_awaits_a_result(database_
     assert (recorded, left) == (1, 0)
 
 
-async def test_a_waiter_reads_an_end_committed_while_it_reads_though_none_is_announced(
+async def test_an_end_that_looked_for_waiters_before_the_first_one_came_is_read_not_lost(
     database_url: str,
 ) -> None:
     app = make_app(database_url)
     _doubling(app)
+    heard: list[str] = []
+    marker = asyncio.Event()
+
+    def on_notify(_conn: Any, _pid: int, _channel: str, payload: str) -> None:
+        heard.append(payload)
+        if payload == "marker":
+            marker.set()
+
     ender = await asyncpg.connect(database_url)
-    # Another connection looks for the waiter: one in a transaction sees the backends as they
-    # were at its first look.
-    looking = await asyncpg.connect(database_url)
-    async with app:
-        handle = await app.start("double", 21)  # no worker: it stays pending
-        try:
+    listening = await asyncpg.connect(database_url)
+    await listening.add_listener("durable_done", on_notify)
+    try:
+        async with app:
+            handle = await app.start("double", 21)  # no worker: it stays pending
+            # A run ending as the first waiter comes: its end has looked for waiters (none)
+            # and is not committed yet.
             ending = ender.transaction()
             await ending.start()
-            # An end written by hand, announced to nobody: the waiter can only read it.
             await ender.execute(
                 "UPDATE durable.runs SET status = 'completed', result = '42' WHERE id = $1",
                 handle.run_id,
             )
+            await ender.execute("SELECT durable.announce_ends(ARRAY[$1::uuid])", handle.run_id)
             waiting = asyncio.create_task(handle.result(timeout=60))
-
-            async def reader_blocked() -> bool:
-                return bool(
-                    await looking.fetchval(
-                        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                        "AND query LIKE '%FOR SHARE%' AND datname = current_database()"
-                    )
-                )
-
-            await until(reader_blocked, what="the waiter's read waiting for the row lock")
-            assert not waiting.done()
+            await until(
+                lambda: listening.fetchval("SELECT count(*) FROM durable.result_waiters"),
+                what="the waiter's record",
+            )
             await ending.commit()
-        finally:
-            await ender.close()  # a transaction left open would hold the waiter forever
-            await looking.close()
-        assert await asyncio.wait_for(waiting, 20) == 42
+            assert await asyncio.wait_for(waiting, 20) == 42
+            await listening.execute("SELECT pg_notify('durable_done', 'marker')")
+            await asyncio.wait_for(marker.wait(), 20)
+    finally:
+        await ender.close()
+        await listening.close()
+    assert heard == ["marker"]  # it was read: nothing announced it
