@@ -320,8 +320,8 @@ class Client:
     async def run_row(self, run_id: uuid.UUID) -> RunRow | None:
         return await self._connection.store.get_run(run_id)
 
-    async def await_end(self) -> float:
-        return await self._connection.await_ends()
+    async def read_awaited(self, run_id: uuid.UUID) -> tuple[RunRow | None, float]:
+        return await self._connection.read_awaited(run_id)
 
     async def children(self, run_id: uuid.UUID) -> list[RunRow]:
         return await self._connection.store.list_children(run_id)

@@ -16,7 +16,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING
 
 from durable._settings import Settings
-from engine import Listener, PostgresStore, _urls
+from engine import Listener, PostgresStore, RunRow, _urls
 from engine.errors import (
     ConfigurationError,
     DatabaseUnavailable,
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("durable._app")
 WATCH_RENEWAL = timedelta(seconds=20)  # well within durable.notify_journal's minute
 RESULT_POLL = 1.0  # seconds a result waiter waits for an announcement before reading again
-RESULT_GRACE = 0.05  # the same, just after this process began to await ends (await_ends)
+RESULT_GRACE = 0.05  # the same, just after this process began to await ends (read_awaited)
 
 
 class Connection:
@@ -43,7 +43,7 @@ class Connection:
         self._store: PostgresStore | None = None
         self._listener: Listener | None = None
         self._watchers: set[Callable[[], Awaitable[None]]] = set()  # App.watch_runs, stops
-        # This process in durable.result_waiters (await_ends): its id, when it was last recorded
+        # This process in durable.result_waiters (read_awaited): its id, when it was last recorded
         # there and since when without a lapse (loop time; None: not recorded).
         self._result_waiter = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4()}"
         self._result_waiter_seen: float | None = None
@@ -151,27 +151,29 @@ class Connection:
         self._watchers.add(stop)
         return stop
 
-    async def await_ends(self) -> float:
-        """Before a caller reads a run whose end it will wait for: record this process in
-        durable.result_waiters (again once WATCH_RENEWAL has passed), which makes runs' ends
-        announce themselves on durable_done. Returns how long the caller may wait for the
-        announcement before it reads the run again: RESULT_POLL, or RESULT_GRACE while the
-        record is less than RESULT_POLL old (an end committed then may have looked for waiters
-        before it was there); RESULT_POLL when nothing listens here (a pooler, no listen URL)."""
+    async def read_awaited(self, run_id: uuid.UUID) -> tuple[RunRow | None, float]:
+        """Read run ``run_id`` for a caller that will wait for its end unless the read shows it,
+        recording this process in durable.result_waiters by the same statement (again once
+        WATCH_RENEWAL has passed), which makes runs' ends announce themselves on durable_done.
+        Returns the row and how long the caller may wait for the announcement before it reads
+        again: RESULT_POLL, or RESULT_GRACE while the record is less than RESULT_POLL old (an
+        end committed then may have looked for waiters before it was there); RESULT_POLL when
+        nothing listens here (a pooler, no listen URL)."""
         store = self.store
         if self._listener is None or self._listener.polling:
-            return RESULT_POLL
+            return await store.get_run(run_id), RESULT_POLL
         loop = asyncio.get_running_loop()
         now = loop.time()
         seen = self._result_waiter_seen
         if seen is None or now - seen >= WATCH_RENEWAL.total_seconds():
-            await store.touch_result_waiter(self._result_waiter)
+            row = await store.get_run(run_id, waiter=self._result_waiter)
             if seen is None or now - seen >= 2 * WATCH_RENEWAL.total_seconds():
                 self._result_waiter_since = loop.time()  # the record may have lapsed meanwhile
             self._result_waiter_seen = now
-        if loop.time() - self._result_waiter_since < RESULT_POLL:
-            return RESULT_GRACE
-        return RESULT_POLL
+        else:
+            row = await store.get_run(run_id)
+        fresh = loop.time() - self._result_waiter_since < RESULT_POLL
+        return row, RESULT_GRACE if fresh else RESULT_POLL
 
     async def _start(self, listener: Listener, store: PostgresStore) -> None:
         """Start ``listener`` within connect_timeout, as the pool was opened: a LISTEN URL of

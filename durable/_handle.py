@@ -31,9 +31,9 @@ class RunSource(Protocol):
 
     async def run_row(self, run_id: uuid.UUID) -> RunRow | None: ...
 
-    async def await_end(self) -> float:
-        """Before reading a run whose end the caller waits for (``on_done``) unless the read
-        shows it: how long to wait for that before reading the run again (seconds)."""
+    async def read_awaited(self, run_id: uuid.UUID) -> tuple[RunRow | None, float]:
+        """``run_row`` for a caller that waits for the run's end (``on_done``) unless the read
+        shows it, and how long to wait for that before reading again (seconds)."""
         ...
 
     async def children(self, run_id: uuid.UUID) -> list[RunRow]: ...
@@ -210,12 +210,14 @@ class RunHandle(Generic[T]):
             unsubscribe = self._source.on_done(self.run_id, finished.set)
             try:
                 try:
-                    patience = await self._source.await_end()
-                    info = await self.info()
+                    row, patience = await self._source.read_awaited(self.run_id)
                 except DatabaseUnavailable:
                     # The database is away (restarting); keep waiting until the deadline.
                     await _wait(finished.wait(), 0.5)
                     continue
+                if row is None:
+                    raise RunNotFound(str(self.run_id))
+                info = RunInfo.from_row(row)
                 if info.status == "completed":
                     return self._rehydrate(info)
                 if info.status == "failed":

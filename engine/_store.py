@@ -667,8 +667,12 @@ class PostgresStore:
 
     # -- reading ------------------------------------------------------------------------------
 
-    async def get_run(self, run_id: uuid.UUID) -> RunRow | None:
-        row = await self._retrying(lambda: self._pool.fetchrow(self._q["get_run"], run_id))
+    async def get_run(self, run_id: uuid.UUID, *, waiter: str | None = None) -> RunRow | None:
+        """The run as stored. ``waiter``: the process reading it will await its end, and is
+        recorded in durable.result_waiters by the same statement."""
+        args: tuple[Any, ...] = (run_id,) if waiter is None else (run_id, waiter)
+        query = self._q["get_run" if waiter is None else "get_run_recording_waiter"]
+        row = await self._retrying(lambda: self._pool.fetchrow(query, *args))
         return None if row is None else _run_row(row)
 
     async def find_runs(
@@ -703,11 +707,6 @@ class PostgresStore:
 
     async def end_watcher(self, watcher: str) -> None:
         await self._retrying(lambda: self._pool.execute(self._q["end_watcher"], watcher))
-
-    async def touch_result_waiter(self, waiter: str) -> None:
-        """Say that ``waiter`` (a process) has a caller awaiting a run's end: runs' ends are
-        announced on durable_done while one was seen in the last minute."""
-        await self._retrying(lambda: self._pool.execute(self._q["touch_result_waiter"], waiter))
 
     async def end_result_waiter(self, waiter: str) -> None:
         await self._retrying(lambda: self._pool.execute(self._q["end_result_waiter"], waiter))

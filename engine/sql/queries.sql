@@ -225,6 +225,20 @@ SELECT id, function, input, status, idempotency_key, attempt, available_at, leas
        forked_from, fork_position, tags, queue
   FROM durable.runs WHERE id = $1;
 
+-- get_run for a caller that will await the run's end, recording its process $2 in
+-- durable.result_waiters in the same statement (at most every 20 s while it awaits:
+-- durable.announce_ends announces ends while a waiter was seen in the last minute).
+-- name: get_run_recording_waiter
+WITH recorded AS (
+    INSERT INTO durable.result_waiters (id, seen) VALUES ($2, now())
+    ON CONFLICT (id) DO UPDATE SET seen = excluded.seen
+)
+SELECT id, function, input, status, idempotency_key, attempt, available_at, lease_owner,
+       result, error, created_at, started_at, updated_at, finished_at, priority, parent_id,
+       concurrency_key, cancel_requested, deadline_at, expires_at, versions, pinned,
+       forked_from, fork_position, tags, queue
+  FROM durable.runs WHERE id = $1;
+
 -- Runs matching a filter, newest first, a page of at most $12 after the keyset ($10, $11):
 -- status $1, function $2, queue $3, version started on $4, tags containing $5, created in
 -- [$6, $7), and $8/$9 a search: run id $8, or idempotency key or any tag value (jsonpath $9).
@@ -362,13 +376,7 @@ ON CONFLICT (id) DO UPDATE SET seen = excluded.seen;
 -- name: end_watcher
 DELETE FROM durable.watchers WHERE id = $1 OR seen < now() - interval '1 hour';
 
--- A process with a caller awaiting a run's end says it still has one (at most every 20 s while
--- it does; durable.announce_ends announces ends while one was seen in the last minute), or that
--- it closed.
--- name: touch_result_waiter
-INSERT INTO durable.result_waiters (id, seen) VALUES ($1, now())
-ON CONFLICT (id) DO UPDATE SET seen = excluded.seen;
-
+-- A process with a caller awaiting a run's end closed (get_run_recording_waiter records it).
 -- name: end_result_waiter
 DELETE FROM durable.result_waiters WHERE id = $1 OR seen < now() - interval '1 hour';
 
