@@ -11,6 +11,8 @@ from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
 from typing import Any
 
+import asyncpg
+
 import durable
 from engine import Claim
 
@@ -93,3 +95,40 @@ async def serving(site: Any) -> AsyncIterator[str]:
         server.should_exit = True
         await task
         sock.close()
+
+
+@contextlib.asynccontextmanager
+async def hearing(database_url: str, channel: str) -> AsyncIterator[Heard]:
+    """What is notified on ``channel`` while the block runs, heard by a connection of its own."""
+    conn = await asyncpg.connect(database_url)
+    heard = Heard(conn, channel)
+    await conn.add_listener(channel, heard.on_notify)
+    try:
+        yield heard
+    finally:
+        await conn.close()
+
+
+class Heard:
+    """The payloads notified on a channel so far (``hearing``)."""
+
+    def __init__(self, conn: asyncpg.Connection[Any], channel: str) -> None:
+        self.conn = conn
+        self.channel = channel
+        self.payloads: list[str] = []
+        self._marker = asyncio.Event()
+
+    def on_notify(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
+        self.payloads.append(payload)
+        if payload == "marker":
+            self._marker.set()
+
+    async def everything_sent(self) -> list[str]:
+        """Every payload sent before now, once all have arrived: notifications arrive in commit
+        order, so those sent before a marker notified now are here once the marker is (which
+        is left out, and not heard again)."""
+        self._marker.clear()
+        await self.conn.execute("SELECT pg_notify($1, 'marker')", self.channel)
+        await asyncio.wait_for(self._marker.wait(), 20)
+        self.payloads.remove("marker")
+        return list(self.payloads)

@@ -15,7 +15,7 @@ import pytest
 import durable
 from durable import RunFilter
 from engine.errors import InvalidInput
-from tests.helpers import make_app, running_worker, status_is, until
+from tests.helpers import hearing, make_app, running_worker, status_is, until
 
 pytestmark = pytest.mark.postgres
 
@@ -293,43 +293,24 @@ def _cli_output(main: Any, argv: list[str]) -> str:
 
 
 async def test_appends_are_announced_only_while_someone_watches(database_url: str) -> None:
-    import asyncpg
-
     app = make_app(database_url)
 
     @app.function(name="one_step")
     async def one_step(ctx: durable.Context, n: int) -> int:
         return await ctx.step("double", lambda: n * 2)
 
-    heard: list[str] = []
-    marker = asyncio.Event()
-
-    def on_notify(_conn: Any, _pid: int, _channel: str, payload: str) -> None:
-        heard.append(payload)
-        if payload == "marker":
-            marker.set()
-
-    listening = await asyncpg.connect(database_url)
-    await listening.add_listener("durable_journal", on_notify)
-    try:
-        async with app, running_worker(app):
-            unwatched = await app.start("one_step", 1)
-            await unwatched.result(timeout=20)
-            # Notifications arrive in commit order: once the marker is here, an announcement
-            # of the step's append would have come before it.
-            await listening.execute("SELECT pg_notify('durable_journal', 'marker')")
-            await asyncio.wait_for(marker.wait(), 20)
-            before = list(heard)
-            stop = await app.watch_runs(lambda ids: None)
-            try:
-                watched = await app.start("one_step", 2)
-                await watched.result(timeout=20)
-                await until(lambda: str(watched.run_id) in heard, what="the announcement")
-            finally:
-                await stop()
-    finally:
-        await listening.close()
-    assert before == ["marker"]
+    async with hearing(database_url, "durable_journal") as heard, app, running_worker(app):
+        unwatched = await app.start("one_step", 1)
+        await unwatched.result(timeout=20)
+        before = await heard.everything_sent()  # an announcement of the append would be here
+        stop = await app.watch_runs(lambda ids: None)
+        try:
+            watched = await app.start("one_step", 2)
+            await watched.result(timeout=20)
+            await until(lambda: str(watched.run_id) in heard.payloads, what="the announcement")
+        finally:
+            await stop()
+    assert before == []
 
 
 async def test_queue_depths_count_due_scheduled_and_running_runs(database_url: str) -> None:
