@@ -134,6 +134,9 @@ class RunState:
         self.blocked: list[_Blocked] = []
         self.suspending = False
         self.suspend_until: datetime | None = None
+        # A run claimed ahead of its due time replays at once; its first live call waits
+        # until then (``reach_due``).
+        self.not_before: datetime | None = None
         self.lost = False
         self.nondeterminism: NonDeterminismError | None = None
         self.interrupted: BaseException | None = None
@@ -292,7 +295,10 @@ class RunState:
         self.remember(position, kind, name, value, error)
 
     async def checkpoint(self, moment: Moment, position: str, kind: str, name: str) -> None:
-        """Let the probe (tests only) see this boundary, and crash or halt here."""
+        """Let the probe (tests only) see this boundary, and crash or halt here. Before a live
+        call, first wait until the run is due."""
+        if moment == "before":
+            await self.reach_due()
         if self.probe is None:
             return
         with self.live():  # a probe that waits is live work: the run must not settle meanwhile
@@ -341,6 +347,13 @@ class RunState:
             self.generation += 1
             if self.in_flight == 0:
                 self.idle.set()
+
+    async def reach_due(self) -> None:
+        """Wait, as a blocked point of the run, until ``not_before``; then nothing more waits."""
+        due = self.not_before
+        while due is not None and self.db_time.seconds_until(due) > 0:
+            await self.block(due)
+        self.not_before = None
 
     async def block(self, wake_at: datetime | None) -> None:
         """Wait for ``wake_at`` (None: for an event). Returns when woken in memory; raises the

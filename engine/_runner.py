@@ -8,7 +8,7 @@ import contextlib
 import logging
 import time
 import traceback
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from engine import _codec, _lineage, _metrics, _tracing
@@ -129,7 +129,12 @@ class Runner:
             len(journal),
             extra=self.extra,
         )
-        await self._until_due()
+        if journal and self._ahead():
+            # Replay now, before the due time: the first live call (or the end) waits for it,
+            # so a timer wakes to its continuation rather than to a replay.
+            state.not_before = claim.due_at
+        else:
+            await self._until_due()
         if state.lost:  # handed back or lost while it waited to be due
             if self._handing_back:
                 await self._release()
@@ -153,12 +158,17 @@ class Runner:
         if self._handing_back:
             await self._release()
 
+    def _ahead(self) -> bool:
+        due = self.claim.due_at
+        return due is not None and due > self.claim.db_now
+
     async def _until_due(self) -> None:
         """A run claimed ahead of its time (a timer about to fall due: ``claim_due``'s
         ``ahead``) begins when it is due, or when it is cancelled or lost before then."""
         due = self.claim.due_at
-        if due is None or due <= self.claim.db_now or self._interrupted.is_set():
+        if not self._ahead() or self._interrupted.is_set():
             return
+        assert due is not None
         sleeping = asyncio.ensure_future(self.db_time.sleep(self.db_time.seconds_until(due)))
         interrupted = asyncio.ensure_future(self._interrupted.wait())
         try:
@@ -210,11 +220,15 @@ class Runner:
         finally:
             state.cancel_tasks()
 
-    async def _end(self, call: Awaitable[bool], outcome: str) -> None:
+    async def _end(self, call: Callable[[], Awaitable[bool]], outcome: str) -> None:
         """End the attempt with its last store call. False means the claim was lost meanwhile:
         another worker holds the run and resumes it, and this attempt's outcome is dropped."""
+        if self.state is not None and self.state.not_before is not None:
+            await self._until_due()  # replayed ahead and ended before any live call
+            if self.state.lost:  # lost or handed back meanwhile: this attempt writes nothing
+                return
         self.ending = True
-        written = await call
+        written = await call()
         _metrics.attempt_duration.record(
             time.monotonic() - self._began,
             {"function": self.claim.function, "outcome": outcome if written else "lost"},
@@ -234,7 +248,9 @@ class Runner:
     async def _finish(self, status: EndStatus, *, result: Any = None, error: Any = None) -> None:
         claim = self.claim
         await self._end(
-            self.store.finish(claim.run_id, claim.attempt, status, result=result, error=error),
+            lambda: self.store.finish(
+                claim.run_id, claim.attempt, status, result=result, error=error
+            ),
             status,
         )
 
@@ -244,7 +260,8 @@ class Runner:
             return
         claim = self.claim
         await self._end(
-            self.store.suspend(claim.run_id, claim.attempt, state.suspend_until), "suspended"
+            lambda: self.store.suspend(claim.run_id, claim.attempt, state.suspend_until),
+            "suspended",
         )
 
     async def _end_interrupted(self, state: RunState) -> None:

@@ -1,7 +1,7 @@
 """Timers claimed ahead: a worker claims a run whose timer falls due within the next moments
-(at most ``short_wait``, 50 ms by default) before it is due, and the run waits in the worker
-until then, so that it is not late by a claim's round trip and a journal load; it never resumes
-early, and a cancellation while it waits ends it at once."""
+(at most ``short_wait``, 50 ms by default) before it is due, replays it at once and holds its
+first live call until then, so that it is not late by a claim's round trip, a journal load and
+a replay; it never resumes early, and a cancellation while it waits ends it at once."""
 
 from __future__ import annotations
 
@@ -37,6 +37,67 @@ async def test_a_sleeping_run_is_claimed_before_it_is_due_and_resumes_no_earlier
     assert resumed.due_at == wake_at
     assert resumed.db_now < wake_at  # claimed ahead of its timer
     assert woke >= wake_at.timestamp()  # and not resumed before it
+
+
+async def test_a_run_claimed_ahead_replays_at_once_and_its_continuation_waits_for_the_timer(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_worker, "_CLAIM_AHEAD", timedelta(seconds=1.5))
+    # A lease well past the claim's lead: the worker's own runs are not due again meanwhile.
+    app = make_app(database_url, short_wait=timedelta(seconds=1.5), lease=timedelta(seconds=10))
+    began: list[float] = []  # each attempt passes the top of the function: replayed or live
+
+    @app.function(name="nap_replayed_ahead")
+    async def nap(ctx: durable.Context) -> float:
+        began.append(time.time())
+        await ctx.sleep(timedelta(seconds=2))  # past short_wait: the run suspends
+        return await ctx.step("woke", time.time)
+
+    async with app, running_worker(app, concurrency=4):
+        claims = claims_seen(app)
+        handle = await app.start(nap, None)
+        woke = await handle.result(timeout=20)
+        [sleep] = [e for e in await handle.journal() if e.kind == "sleep"]
+    wake_at = datetime.fromisoformat(sleep.value["wake_at"])
+    resumed = claims[handle.run_id][-1]
+    assert resumed.due_at == wake_at
+    assert resumed.db_now < wake_at
+    assert len(began) == 2
+    assert began[1] < wake_at.timestamp()  # replayed before the timer fell due
+    assert woke >= wake_at.timestamp()  # the step after the sleep ran no earlier
+
+
+async def test_a_run_replayed_ahead_makes_no_live_call_before_it_is_due(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run claimed ahead because another worker's lease on it is about to expire (that
+    worker died after step "a") replays "a" at once, and runs step "b" only once the lease
+    has expired: a live call waits for the due time, whatever made the run due."""
+    monkeypatch.setattr(_worker, "_CLAIM_AHEAD", timedelta(seconds=1.5))
+    # A lease well past the claim's lead: the worker's own runs are not due again meanwhile.
+    app = make_app(database_url, short_wait=timedelta(seconds=1.5), lease=timedelta(seconds=10))
+
+    @app.function(name="taken_over")
+    async def taken_over(ctx: durable.Context) -> float:
+        await ctx.step("a", time.time)
+        return await ctx.step("b", time.time)
+
+    async with app:
+        store = app._connection.store  # a worker that claims, writes step "a" and dies
+        handle = await app.start(taken_over, None)
+        [ghost], _due, _now = await store.claim_due(
+            ["taken_over"], 1, "ghost", timedelta(seconds=2)
+        )
+        assert ghost.run_id == handle.run_id
+        assert await store.append(handle.run_id, ghost.attempt, "0", "step", "a", time.time())
+        claims = claims_seen(app)
+        async with running_worker(app, concurrency=4):
+            b_ran = await handle.result(timeout=20)
+    taken = claims[handle.run_id][-1]
+    assert taken.attempt == ghost.attempt + 1
+    assert taken.due_at is not None
+    assert taken.db_now < taken.due_at  # claimed ahead
+    assert b_ran >= taken.due_at.timestamp()  # step "b" waited for the lease to expire
 
 
 async def test_a_run_cancelled_while_it_waits_to_be_due_ends_without_resuming(
