@@ -89,6 +89,11 @@ class PostgresStore:
         self._q = queries()
         self.appends: GroupCommit[PendingEntry, Outcome] = GroupCommit(self._append_entries)
         self.finishes: GroupCommit[PendingFinish, bool] = GroupCommit(self._finish_runs)
+        # Reads go together the same way: the journals asked for while a load is under way
+        # (the runs of one claim, resumed together) come in the next query.
+        self.journal_loads: GroupCommit[uuid.UUID, list[JournalEntry]] = GroupCommit(
+            self._load_journals_of
+        )
 
     @classmethod
     async def connect(
@@ -398,9 +403,20 @@ class PostgresStore:
     # -- the journal --------------------------------------------------------------------------
 
     async def load_journal(self, run_id: uuid.UUID) -> list[JournalEntry]:
-        """The whole journal of a run, in one query."""
-        rows = await self._retrying(lambda: self._pool.fetch(self._q["load_journal"], run_id))
-        return [JournalEntry(**dict(r.items())) for r in rows]
+        """The whole journal of a run, in one query, shared with the loads asked for meanwhile
+        (``journal_loads``)."""
+        return await self.journal_loads.write(run_id)
+
+    async def _load_journals_of(
+        self, run_ids: Sequence[uuid.UUID]
+    ) -> list[list[JournalEntry] | BaseException]:
+        if len(run_ids) == 1:  # its own query: no array parameter to resolve on a connection
+            rows = await self._retrying(
+                lambda: self._pool.fetch(self._q["load_journal"], run_ids[0])
+            )
+            return [[JournalEntry(**dict(r.items())) for r in rows]]
+        journals = await self.load_journals(run_ids)
+        return [journals.get(run_id, []) for run_id in run_ids]
 
     async def read_journal(self, run_id: uuid.UUID) -> list[JournalEntry]:
         """``load_journal`` with each step's tries (``timing``), which replay does not need:

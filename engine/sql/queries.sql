@@ -127,7 +127,8 @@ SELECT durable.retry_paused($1, $2);
 -- name: fork_run
 SELECT durable.fork_run($1, $2, $3, $4, $5::text::jsonb, $6);
 
--- The journals of many runs at once (durable check), each in the order it was written.
+-- The journals of many runs at once (runs resumed together; durable check), each in the order
+-- it was written.
 -- name: load_journals
 SELECT run_id, position, kind, name, value, error, attempt, created_at
   FROM durable.journal WHERE run_id = ANY ($1)

@@ -101,3 +101,34 @@ async def test_concurrent_steps_share_statements(database_url: str, db: asyncpg.
     )
     assert entries == 300
     assert statements < entries, "every entry was committed on its own"
+
+
+async def test_journals_loaded_together_come_in_shared_queries_each_to_its_run(
+    database_url: str,
+) -> None:
+    """Runs resumed together (one claim's worth) ask for their journals at once: the loads
+    asked for while one is under way go in one query, and each run gets its own journal, an
+    empty one for a run with none."""
+    app = make_app(database_url)
+
+    @app.function(name="counted")
+    async def counted(ctx: durable.Context, n: int) -> int:
+        for i in range(n):
+            await ctx.step(f"s{i}", str, i)
+        return n
+
+    async with app:
+        async with running_worker(app, concurrency=50):
+            handles = await app.start_many(counted, range(1, 21))
+            assert [await h.result(timeout=60) for h in handles] == list(range(1, 21))
+        blank = await app.start(counted, 0)  # never claimed: no journal
+        store = app._connection.store  # a test that counts queries looks inside on purpose
+        before = store.journal_loads.statements
+        ids = [h.run_id for h in handles]
+        journals = await asyncio.gather(*(store.load_journal(i) for i in [*ids, blank.run_id]))
+        shared = store.journal_loads.statements - before
+    assert [[e.value for e in j] for j in journals] == [
+        *([str(i) for i in range(n)] for n in range(1, 21)),
+        [],
+    ]
+    assert shared < len(ids), "every journal was loaded on its own"
