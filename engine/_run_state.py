@@ -3,6 +3,10 @@
 It holds the journal as loaded, the positions replay has consumed, and the live work in flight;
 it decides when the whole run is blocked (and suspends it, or waits in memory for a short
 timer), fences writes by the claim, and lets a test's probe see every journal boundary.
+
+Over 400 lines: one attempt's state is read by every part (the journal by replay, the work in
+flight by the settle logic that suspends, the claim by the fence and by the wait for the due
+time); split, each part would take the others' state as arguments.
 """
 
 from __future__ import annotations
