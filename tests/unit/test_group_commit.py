@@ -43,6 +43,16 @@ async def test_writes_made_during_a_commit_share_the_next_statement() -> None:
     assert (group.statements, group.writes) == (2, 4)
 
 
+async def test_writes_made_in_the_same_turn_as_the_first_go_in_its_statement() -> None:
+    """The runs of one claim end in the same turn of the event loop: their ends go together,
+    not the first alone and the others after its commit."""
+    statements = Statements()
+    statements.release.set()
+    group: GroupCommit[int, str] = GroupCommit(statements.flush)
+    assert await asyncio.gather(*(group.write(n) for n in (1, 2, 3))) == ["ok 1", "ok 2", "ok 3"]
+    assert statements.sent == [[1, 2, 3]]
+
+
 async def test_a_failed_statement_fails_its_callers_and_no_later_one() -> None:
     statements = Statements()
     statements.fail_next = ConnectionResetError("terminated")
