@@ -6,6 +6,7 @@ a replay; it never resumes early, and a cancellation while it waits ends it at o
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 
 import pytest
@@ -27,6 +28,14 @@ async def test_a_sleeping_run_is_claimed_before_it_is_due_and_resumes_no_earlier
         await ctx.sleep(timedelta(milliseconds=600))  # past short_wait: the run suspends
         return await ctx.step("woke", time.time)
 
+    await woken_no_earlier_than_due(app, nap)
+
+
+async def woken_no_earlier_than_due(
+    app: durable.App, nap: Callable[[durable.Context], Awaitable[float]]
+) -> datetime:
+    """Run ``nap`` (a sleep past short_wait, then a step returning the time) and check that it
+    was claimed ahead of its timer and resumed no earlier; returns the wake time."""
     async with app, running_worker(app, concurrency=4):
         claims = claims_seen(app)
         handle = await app.start(nap, None)
@@ -37,6 +46,7 @@ async def test_a_sleeping_run_is_claimed_before_it_is_due_and_resumes_no_earlier
     assert resumed.due_at == wake_at
     assert resumed.db_now < wake_at  # claimed ahead of its timer
     assert woke >= wake_at.timestamp()  # and not resumed before it
+    return wake_at
 
 
 async def test_a_run_claimed_ahead_replays_at_once_and_its_continuation_waits_for_the_timer(
@@ -53,18 +63,9 @@ async def test_a_run_claimed_ahead_replays_at_once_and_its_continuation_waits_fo
         await ctx.sleep(timedelta(seconds=2))  # past short_wait: the run suspends
         return await ctx.step("woke", time.time)
 
-    async with app, running_worker(app, concurrency=4):
-        claims = claims_seen(app)
-        handle = await app.start(nap, None)
-        woke = await handle.result(timeout=20)
-        [sleep] = [e for e in await handle.journal() if e.kind == "sleep"]
-    wake_at = datetime.fromisoformat(sleep.value["wake_at"])
-    resumed = claims[handle.run_id][-1]
-    assert resumed.due_at == wake_at
-    assert resumed.db_now < wake_at
+    wake_at = await woken_no_earlier_than_due(app, nap)
     assert len(began) == 2
     assert began[1] < wake_at.timestamp()  # replayed before the timer fell due
-    assert woke >= wake_at.timestamp()  # the step after the sleep ran no earlier
 
 
 async def test_a_run_replayed_ahead_makes_no_live_call_before_it_is_due(
