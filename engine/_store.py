@@ -901,11 +901,13 @@ async def _isolating(
     statement: Callable[[Sequence[W]], Awaitable[list[R]]], writes: Sequence[W]
 ) -> list[R | BaseException]:
     """Run a group-commit statement; when the database refuses it (a value it cannot store),
-    run each write on its own, so that the bad one fails its own run alone."""
+    run each write on its own, so that the bad one fails its own run alone. A statement whose
+    connection died (a terminated backend is a PostgresError too) fails every write in it: none
+    is sent again, and each caller's run takes it from its journal."""
     try:
         return list(await statement(writes))
-    except asyncpg.PostgresError:
-        if len(writes) == 1:
+    except asyncpg.PostgresError as exc:
+        if len(writes) == 1 or isinstance(exc, TRANSIENT):
             raise
     outcomes: list[R | BaseException] = []
     for write in writes:

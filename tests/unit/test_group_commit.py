@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 
+import asyncpg
 import pytest
 
 from engine._group_commit import GroupCommit
+from engine._store import _isolating
 
 
 class Statements:
@@ -76,3 +78,30 @@ async def test_a_write_the_statement_refuses_fails_its_caller_alone() -> None:
     results = await asyncio.gather(good, bad, return_exceptions=True)
     assert results[0] == "ok 5"
     assert isinstance(results[1], ValueError)
+
+
+async def test_a_statement_whose_backend_was_terminated_fails_every_write_in_it() -> None:
+    """A terminated backend reaches the client as a PostgresError, as a refused value does, but
+    its statement is not sent again one write at a time: every caller in it fails, and each
+    run takes the step again from its journal."""
+    sent: list[list[int]] = []
+
+    async def statement(writes: Sequence[int]) -> list[str]:
+        sent.append(list(writes))
+        raise asyncpg.AdminShutdownError("terminating connection due to administrator command")
+
+    with pytest.raises(asyncpg.AdminShutdownError):
+        await _isolating(statement, [1, 2, 3])
+    assert sent == [[1, 2, 3]]
+
+
+async def test_a_refused_value_fails_its_own_write_alone() -> None:
+    async def statement(writes: Sequence[int]) -> list[str]:
+        if any(w < 0 for w in writes):
+            raise asyncpg.DataError("invalid input")
+        return [f"ok {w}" for w in writes]
+
+    outcomes = await _isolating(statement, [1, -2, 3])
+    assert outcomes[0] == "ok 1"
+    assert isinstance(outcomes[1], asyncpg.DataError)
+    assert outcomes[2] == "ok 3"
