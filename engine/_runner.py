@@ -121,6 +121,7 @@ class Runner:
             journal=journal,
         )
         state.cancelled = self.cancel_requested
+        state.lost = bool(self.lost_because)  # lost or handed back while the journal loaded
         self.state = state
         log.debug(
             "run %s attempt %d: replaying %d journal entries",
@@ -223,10 +224,6 @@ class Runner:
     async def _end(self, call: Callable[[], Awaitable[bool]], outcome: str) -> None:
         """End the attempt with its last store call. False means the claim was lost meanwhile:
         another worker holds the run and resumes it, and this attempt's outcome is dropped."""
-        if self.state is not None and self.state.not_before is not None:
-            await self._until_due()  # replayed ahead and ended before any live call
-            if self.state.lost:  # lost or handed back meanwhile: this attempt writes nothing
-                return
         self.ending = True
         written = await call()
         _metrics.attempt_duration.record(
@@ -254,7 +251,19 @@ class Runner:
             status,
         )
 
+    async def _reach_due(self) -> None:
+        """A run replayed ahead that ends before any live call ends no earlier than it is due,
+        or when it is cancelled, times out or is lost meanwhile: called before the outcome is
+        chosen, so that the outcome sees that."""
+        if self.state is not None and self.state.not_before is not None:
+            await self._until_due()
+            self.state.not_before = None
+
     async def _end_suspended(self, state: RunState) -> None:
+        await self._reach_due()
+        if self.cancel_requested or self.timed_out:
+            await self._end_interrupted(state)
+            return
         if state.nondeterminism is not None:
             await self._pause(state.nondeterminism)
             return
@@ -283,6 +292,7 @@ class Runner:
         await self._finish(status, error=error.to_json())
 
     async def _end_failed(self, state: RunState, exc: BaseException) -> None:
+        await self._reach_due()
         if state.lost:
             return
         if state.nondeterminism is not None:
@@ -298,6 +308,7 @@ class Runner:
         await self._finish("failed", error=error.to_json())
 
     async def _end_returned(self, state: RunState, result: Any) -> None:
+        await self._reach_due()
         if state.lost:
             return
         if self.cancel_requested or self.timed_out:

@@ -89,10 +89,11 @@ class PostgresStore:
         self._q = queries()
         self.appends: GroupCommit[PendingEntry, Outcome] = GroupCommit(self._append_entries)
         self.finishes: GroupCommit[PendingFinish, bool] = GroupCommit(self._finish_runs)
-        # Reads go together the same way: the journals asked for while a load is under way
-        # (the runs of one claim, resumed together) come in the next query.
+        # Reads go together the same way: the journals asked for in one turn of the event
+        # loop (the runs of one claim, resumed together) come in one query; a few queries at
+        # once, so that one slow load (a long journal) does not hold up the others.
         self.journal_loads: GroupCommit[uuid.UUID, list[JournalEntry]] = GroupCommit(
-            self._load_journals_of
+            self._load_journals_of, max_in_flight=4
         )
 
     @classmethod

@@ -126,3 +126,30 @@ async def test_a_run_cancelled_while_it_waits_to_be_due_ends_without_resuming(
         await handle.cancel("changed our mind")
         await until(lambda: status_is(handle, "cancelled"), timeout=2.5, what="cancelled")
     assert resumed == []
+
+
+async def test_a_run_replayed_ahead_and_cancelled_before_it_is_due_ends_cancelled(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Taken over ahead of a dead worker's expiring lease, a run whose every step is journaled
+    replays to its end at once and waits for the due time before it writes that end; a
+    cancellation meanwhile ends it as cancelled, not completed."""
+    monkeypatch.setattr(_worker, "_CLAIM_AHEAD", timedelta(seconds=3))
+    app = make_app(database_url, short_wait=timedelta(seconds=3), lease=timedelta(seconds=10))
+
+    @app.function(name="all_journaled")
+    async def all_journaled(ctx: durable.Context) -> float:
+        return await ctx.step("a", time.time)
+
+    async with app:
+        store = app._connection.store  # a worker that claims, writes step "a" and dies
+        handle = await app.start(all_journaled, None)
+        [ghost], _due, _now = await store.claim_due(
+            ["all_journaled"], 1, "ghost", timedelta(seconds=3)
+        )
+        assert await store.append(handle.run_id, ghost.attempt, "0", "step", "a", time.time())
+        claims = claims_seen(app)
+        async with running_worker(app, concurrency=4):
+            await until(lambda: handle.run_id in claims, what="the run taken over ahead")
+            assert await handle.cancel("changed our mind") == "requested"
+            await until(lambda: status_is(handle, "cancelled"), timeout=2.5, what="cancelled")

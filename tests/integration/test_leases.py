@@ -15,6 +15,9 @@ import pytest
 
 import durable
 from engine import FunctionSpec, Listener, PostgresStore, Worker, WorkerOptions
+from engine._clock import DatabaseTime, SystemClock
+from engine._run_state import Execution
+from engine._runner import Runner
 from tests.helpers import until
 
 pytestmark = pytest.mark.postgres
@@ -135,3 +138,43 @@ async def test_a_run_handed_back_at_shutdown_waits_for_its_step_thread_and_keeps
 async def _lease_beyond(store: PostgresStore, run_id: Any, moment: Any) -> bool:
     row = await store.get_run(run_id)
     return row is not None and row.available_at is not None and row.available_at > moment
+
+
+async def test_a_run_handed_back_while_its_journal_loads_runs_nothing_live(
+    database_url: str,
+) -> None:
+    """The attempt is told to stop before its state exists (its journal still loading, behind
+    other loads): it replays nothing and runs no step, and the run goes back to the queue."""
+    app = durable.App(database_url, lease=timedelta(seconds=5))
+    ran: list[str] = []
+
+    @app.function(name="two_steps")
+    async def two_steps(ctx: durable.Context) -> None:
+        await ctx.step("a", str, "a")
+        await ctx.step("b", ran.append, "b")
+
+    async with app:
+        store = app._connection.store  # an attempt driven by hand, to stop it mid-load
+        handle = await app.start(two_steps, None)
+        [first], _due, _now = await store.claim_due(["two_steps"], 1, "w", timedelta(seconds=5))
+        assert await store.append(handle.run_id, first.attempt, "0", "step", "a", "a")
+        await store.release(handle.run_id, first.attempt)
+        [claim], _due, _now = await store.claim_due(["two_steps"], 1, "w", timedelta(seconds=5))
+        loading, go_on = asyncio.Event(), asyncio.Event()
+        load = store.load_journal
+
+        async def held_load(run_id: uuid.UUID) -> Any:
+            loading.set()
+            await go_on.wait()
+            return await load(run_id)
+
+        store.load_journal = held_load  # type: ignore[method-assign]
+        execution = Execution(store, app.functions, DatabaseTime(SystemClock()))
+        runner = Runner(execution, claim)
+        attempt = asyncio.create_task(runner.execute())
+        await loading.wait()
+        runner.hand_back("worker shutting down")
+        go_on.set()
+        await attempt
+        assert await handle.status() == "pending"  # handed back, for any worker
+    assert ran == []
