@@ -8,7 +8,7 @@ import contextlib
 import logging
 import time
 import traceback
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from typing import Any
 
 from engine import _codec, _lineage, _metrics, _tracing
@@ -221,11 +221,11 @@ class Runner:
         finally:
             state.cancel_tasks()
 
-    async def _end(self, call: Callable[[], Awaitable[bool]], outcome: str) -> None:
+    async def _end(self, call: Awaitable[bool], outcome: str) -> None:
         """End the attempt with its last store call. False means the claim was lost meanwhile:
         another worker holds the run and resumes it, and this attempt's outcome is dropped."""
         self.ending = True
-        written = await call()
+        written = await call
         _metrics.attempt_duration.record(
             time.monotonic() - self._began,
             {"function": self.claim.function, "outcome": outcome if written else "lost"},
@@ -245,9 +245,7 @@ class Runner:
     async def _finish(self, status: EndStatus, *, result: Any = None, error: Any = None) -> None:
         claim = self.claim
         await self._end(
-            lambda: self.store.finish(
-                claim.run_id, claim.attempt, status, result=result, error=error
-            ),
+            self.store.finish(claim.run_id, claim.attempt, status, result=result, error=error),
             status,
         )
 
@@ -269,8 +267,7 @@ class Runner:
             return
         claim = self.claim
         await self._end(
-            lambda: self.store.suspend(claim.run_id, claim.attempt, state.suspend_until),
-            "suspended",
+            self.store.suspend(claim.run_id, claim.attempt, state.suspend_until), "suspended"
         )
 
     async def _end_interrupted(self, state: RunState) -> None:
