@@ -6,6 +6,7 @@ a replay; it never resumes early, and a cancellation while it waits ends it at o
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 
@@ -13,6 +14,7 @@ import pytest
 
 import durable
 from engine import _worker
+from engine._records import Claim
 from tests.helpers import claims_seen, make_app, running_worker, status_is, until
 
 pytestmark = pytest.mark.postgres
@@ -68,6 +70,19 @@ async def test_a_run_claimed_ahead_replays_at_once_and_its_continuation_waits_fo
     assert began[1] < wake_at.timestamp()  # replayed before the timer fell due
 
 
+async def died_after_step_a(
+    app: durable.App, function: str, run_id: uuid.UUID, *, lease: timedelta
+) -> Claim:
+    """Play a worker that claims the run (the only due run of ``function``) for ``lease``,
+    journals its first step "a" (the time) and dies: the run is due again once the lease
+    expires."""
+    store = app._connection.store  # a test that plays a worker looks inside on purpose
+    [ghost], _due, _now = await store.claim_due([function], 1, "ghost", lease)
+    assert ghost.run_id == run_id
+    assert await store.append(run_id, ghost.attempt, "0", "step", "a", time.time())
+    return ghost
+
+
 async def test_a_run_replayed_ahead_makes_no_live_call_before_it_is_due(
     database_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -84,13 +99,10 @@ async def test_a_run_replayed_ahead_makes_no_live_call_before_it_is_due(
         return await ctx.step("b", time.time)
 
     async with app:
-        store = app._connection.store  # a worker that claims, writes step "a" and dies
         handle = await app.start(taken_over, None)
-        [ghost], _due, _now = await store.claim_due(
-            ["taken_over"], 1, "ghost", timedelta(seconds=2)
+        ghost = await died_after_step_a(
+            app, "taken_over", handle.run_id, lease=timedelta(seconds=2)
         )
-        assert ghost.run_id == handle.run_id
-        assert await store.append(handle.run_id, ghost.attempt, "0", "step", "a", time.time())
         claims = claims_seen(app)
         async with running_worker(app, concurrency=4):
             b_ran = await handle.result(timeout=20)
@@ -142,12 +154,8 @@ async def test_a_run_replayed_ahead_and_cancelled_before_it_is_due_ends_cancelle
         return await ctx.step("a", time.time)
 
     async with app:
-        store = app._connection.store  # a worker that claims, writes step "a" and dies
         handle = await app.start(all_journaled, None)
-        [ghost], _due, _now = await store.claim_due(
-            ["all_journaled"], 1, "ghost", timedelta(seconds=3)
-        )
-        assert await store.append(handle.run_id, ghost.attempt, "0", "step", "a", time.time())
+        await died_after_step_a(app, "all_journaled", handle.run_id, lease=timedelta(seconds=3))
         claims = claims_seen(app)
         async with running_worker(app, concurrency=4):
             await until(lambda: handle.run_id in claims, what="the run taken over ahead")
