@@ -249,7 +249,7 @@ class PostgresStore:
         if not runs:
             return []
         if len(runs) == 1 and _one_statement(runs[0]):
-            row = await conn.fetchrow(self._q["start_run"], _json(_run_doc(runs[0])), *_UNCLAIMED)
+            row = await conn.fetchrow(self._q["start_run"], *_run_args(runs[0]), *_UNCLAIMED)
             if row is not None:
                 return [(row["id"], True)]
         rows = await conn.fetch(self._q["create_runs"], _json([_run_doc(r) for r in runs]))
@@ -269,9 +269,10 @@ class PostgresStore:
         if not runs:
             return []
         if len(runs) == 1 and _one_statement(runs[0]):
-            doc = _json(_run_doc(runs[0]))
             try:
-                row = await self._pool.fetchrow(self._q["start_run"], doc, *_UNCLAIMED)
+                row = await self._pool.fetchrow(
+                    self._q["start_run"], *_run_args(runs[0]), *_UNCLAIMED
+                )
             except TRANSIENT:
                 await self._pool.expire_connections()
                 runs = [runs[0].named()]
@@ -306,20 +307,17 @@ class PostgresStore:
         under it is raised, and the caller starts the run the usual way, which finds it if it
         was created (its lease then lapses for another claim, as a crashed worker's does): the
         caller must start it as not fresh (``run.named()``)."""
-        args = (
-            _json(_run_doc(run)),
-            worker,
-            lease,
-            list(functions),
-            _versions(functions, versions),
-            list(pinned),
-        )
+        claiming = (worker, lease, list(functions), _versions(functions, versions), list(pinned))
         if _one_statement(run):
+            args = (*_run_args(run), *claiming)
             started = await self._once(lambda: self._pool.fetchrow(self._q["start_run"], *args))
             if started is not None:
                 claim = _claim(started) if started["claimed"] else None
                 return started["id"], True, claim
-        row = await self._once(lambda: self._pool.fetchrow(self._q["start_claimed"], *args))
+        doc = _json(_run_doc(run))
+        row = await self._once(
+            lambda: self._pool.fetchrow(self._q["start_claimed"], doc, *claiming)
+        )
         assert row is not None
         claim = _claim(row) if row["id"] is not None else None
         return row["run_id"], row["created"], claim
@@ -951,6 +949,31 @@ def _versions(functions: Sequence[str], versions: Sequence[str] | None) -> list[
     if len(versions) != len(functions):
         raise ValueError(f"{len(functions)} functions but {len(versions)} versions")
     return list(versions)
+
+
+def _run_args(run: NewRun) -> tuple[Any, ...]:
+    """``run`` as queries.sql's start_run takes it: its options as parameters ($1 to $18),
+    None where the option is left at its default (durable.new_run gives it)."""
+    return (
+        run.run_id,
+        run.function,
+        _json(run.input),
+        _json(run.trace_context),
+        run.priority or None,
+        run.available_at,
+        run.delay,
+        run.start_timeout,
+        run.run_timeout,
+        run.parent_id,
+        run.concurrency_key,
+        run.concurrency_limit,
+        run.slot_while_suspended or None,
+        run.rate_limit,
+        run.rate_key if run.rate_limit is not None else None,
+        _json(dict(run.tags)) if run.tags else None,
+        run.queue,
+        run.retention,
+    )
 
 
 def _run_doc(run: NewRun) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 -- durable: every function of schema durable but the journal's trigger functions, which its table
 -- needs and which live with the tables in the migrations.
 --
--- version: 11
+-- version: 12
 --
 -- How this file is applied. engine/_schema.py runs it after the migrations, under their advisory
 -- lock, and records the version above with the file's checksum (durable.schema_functions):
@@ -359,43 +359,84 @@ $$;
 -- Starting and cancelling runs
 -- ----------------------------
 
--- The runs given to durable.create_runs, one row per JSON object, in order (n). A run starts at
--- available_at, else after delay seconds, else now; it expires start_timeout seconds after that.
--- A fresh run's id is a random UUID its caller has just made, which no other start can name.
-CREATE FUNCTION durable.given_runs(p_runs jsonb, p_now timestamptz)
+-- The runs given to durable.create_runs, one row per JSON object, in order (n), each option as
+-- given (NULL when absent; durable.new_run gives the defaults and the times). A fresh run's id
+-- is a random UUID its caller has just made, which no other start can name.
+CREATE FUNCTION durable.given_runs(p_runs jsonb)
 RETURNS TABLE (n bigint, id uuid, function text, input jsonb, idempotency_key text,
                trace_context jsonb, priority integer, available_at timestamptz,
-               expires_at timestamptz, run_timeout interval, parent_id uuid,
+               delay interval, start_timeout interval, run_timeout interval, parent_id uuid,
                concurrency_key text, concurrency_limit integer, strategy text,
                slot_while_suspended boolean, rate_limit text, rate_key text, tags jsonb,
                queue text, retention interval, fresh boolean)
 LANGUAGE sql STABLE AS $$
     SELECT e.n, (e.doc ->> 'id')::uuid, e.doc ->> 'function', e.doc -> 'input',
            e.doc ->> 'idempotency_key', e.doc -> 'trace_context',
-           coalesce((e.doc ->> 'priority')::integer, 0), s.at,
-           s.at + make_interval(secs => (e.doc ->> 'start_timeout')::double precision),
+           (e.doc ->> 'priority')::integer, (e.doc ->> 'available_at')::timestamptz,
+           make_interval(secs => (e.doc ->> 'delay')::double precision),
+           make_interval(secs => (e.doc ->> 'start_timeout')::double precision),
            make_interval(secs => (e.doc ->> 'run_timeout')::double precision),
            (e.doc ->> 'parent_id')::uuid, e.doc ->> 'concurrency_key',
            (e.doc ->> 'concurrency_limit')::integer, e.doc ->> 'concurrency_strategy',
-           coalesce((e.doc ->> 'slot_while_suspended')::boolean, false),
-           e.doc ->> 'rate_limit', coalesce(e.doc ->> 'rate_key', ''),
-           coalesce(e.doc -> 'tags', '{}'), e.doc ->> 'queue',
+           (e.doc ->> 'slot_while_suspended')::boolean, e.doc ->> 'rate_limit',
+           e.doc ->> 'rate_key', e.doc -> 'tags', e.doc ->> 'queue',
            make_interval(secs => (e.doc ->> 'retention')::double precision),
            coalesce((e.doc ->> 'fresh')::boolean, false)
-      FROM jsonb_array_elements(p_runs) WITH ORDINALITY AS e (doc, n),
-           LATERAL (SELECT coalesce(
-                               (e.doc ->> 'available_at')::timestamptz,
-                               p_now + make_interval(secs => (e.doc ->> 'delay')::double precision),
-                               p_now) AS at) s;
+      FROM jsonb_array_elements(p_runs) WITH ORDINALITY AS e (doc, n);
 $$;
 
--- The rows durable.create_runs and the one-statement start (queries.sql, start_run) insert for
--- the given runs, one definition for both: each in the open segment of its retention class
--- (NULL when the class has none open), with the event cursor of now (an event counts for a run
--- when sent after it started). Given p_worker, a run due at once with no concurrency key or rate
--- limit is claimed by that worker as durable.claim_runs would leave it (the two set the same
--- columns), for p_lease, at the version p_versions gives its function among p_functions, and
--- pinned to it when the function is one of p_pinned. Also n and fresh (durable.given_runs).
+-- The row durable.create_runs (through durable.new_runs) and the one-statement start
+-- (queries.sql, start_run) insert for one run, one definition for both, from its options as
+-- given (NULL: the default), in segment p_segment (the open one of its retention class,
+-- durable.open_segments; NULL when the class has none open). It starts at p_available_at,
+-- else after p_delay, else at p_now, and expires p_start_timeout after that, with the event
+-- cursor of now (an event counts for a run when sent after it started). Given p_worker, a run
+-- due at once with no concurrency key or rate limit is claimed by that worker as
+-- durable.claim_runs would leave it (the two set the same columns), for p_lease, at the
+-- version p_versions gives its function among p_functions, and pinned to it when the function
+-- is one of p_pinned.
+CREATE FUNCTION durable.new_run(
+    p_id uuid, p_function text, p_input jsonb, p_idempotency_key text, p_trace_context jsonb,
+    p_priority integer, p_available_at timestamptz, p_delay interval, p_start_timeout interval,
+    p_run_timeout interval, p_parent_id uuid, p_concurrency_key text,
+    p_concurrency_limit integer, p_slot_while_suspended boolean, p_rate_limit text,
+    p_rate_key text, p_tags jsonb, p_queue text, p_segment integer, p_now timestamptz,
+    p_worker text, p_lease interval, p_functions text[], p_versions text[], p_pinned text[]
+) RETURNS TABLE (id uuid, function text, input jsonb, idempotency_key text,
+                 trace_context jsonb, available_at timestamptz, event_cursor bigint,
+                 priority integer, expires_at timestamptz, run_timeout interval,
+                 parent_id uuid, concurrency_key text, concurrency_limit integer,
+                 slot_while_suspended boolean, rate_limit text, rate_key text, tags jsonb,
+                 queue text, segment integer, status text, attempt integer, lease_owner text,
+                 versions text[], pinned boolean, started_at timestamptz,
+                 deadline_at timestamptz)
+LANGUAGE sql STABLE AS $$
+    SELECT p_id, p_function, p_input, p_idempotency_key, p_trace_context,
+           CASE WHEN c.claimed THEN p_now + p_lease ELSE t.at END,
+           (SELECT coalesce(max(e.id), 0) FROM durable.events e), coalesce(p_priority, 0),
+           t.at + p_start_timeout, p_run_timeout, p_parent_id, p_concurrency_key,
+           p_concurrency_limit, coalesce(p_slot_while_suspended, false), p_rate_limit,
+           coalesce(p_rate_key, ''), coalesce(p_tags, '{}'), p_queue, p_segment,
+           CASE WHEN c.claimed THEN 'running' ELSE 'pending' END,
+           CASE WHEN c.claimed THEN 1 ELSE 0 END,
+           CASE WHEN c.claimed THEN p_worker END,
+           CASE WHEN c.claimed
+                THEN ARRAY[coalesce(p_versions[array_position(p_functions, p_function)], '')]
+                ELSE '{}' END,
+           c.claimed AND p_function = ANY (coalesce(p_pinned, '{}')),
+           CASE WHEN c.claimed THEN p_now END,
+           CASE WHEN c.claimed THEN p_now + p_run_timeout END
+      FROM (SELECT coalesce(p_available_at, p_now + p_delay, p_now) AS at) t,
+           LATERAL (SELECT p_worker IS NOT NULL AND p_function = ANY (p_functions)
+                           AND p_concurrency_key IS NULL AND p_rate_limit IS NULL
+                           AND t.at <= p_now
+                           AND (t.at + p_start_timeout IS NULL
+                                OR t.at + p_start_timeout > p_now) AS claimed) c;
+$$;
+
+-- durable.new_run for each of the runs given to durable.create_runs (durable.given_runs), in the
+-- open segment of its retention class, with their n and fresh. (The segments are read once for
+-- all runs here, not once per run as a lookup inside durable.new_run would be.)
 CREATE FUNCTION durable.new_runs(
     p_runs jsonb, p_now timestamptz, p_worker text, p_lease interval, p_functions text[],
     p_versions text[], p_pinned text[]
@@ -408,27 +449,16 @@ CREATE FUNCTION durable.new_runs(
                  attempt integer, lease_owner text, versions text[], pinned boolean,
                  started_at timestamptz, deadline_at timestamptz)
 LANGUAGE sql STABLE AS $$
-    SELECT g.n, g.fresh, g.id, g.function, g.input, g.idempotency_key, g.trace_context,
-           CASE WHEN c.claimed THEN p_now + p_lease ELSE g.available_at END,
-           (SELECT coalesce(max(e.id), 0) FROM durable.events e), g.priority, g.expires_at,
-           g.run_timeout, g.parent_id, g.concurrency_key, g.concurrency_limit,
-           g.slot_while_suspended, g.rate_limit, g.rate_key, g.tags, g.queue,
-           o.id,
-           CASE WHEN c.claimed THEN 'running' ELSE 'pending' END,
-           CASE WHEN c.claimed THEN 1 ELSE 0 END,
-           CASE WHEN c.claimed THEN p_worker END,
-           CASE WHEN c.claimed
-                THEN ARRAY[coalesce(p_versions[array_position(p_functions, g.function)], '')]
-                ELSE '{}' END,
-           c.claimed AND g.function = ANY (coalesce(p_pinned, '{}')),
-           CASE WHEN c.claimed THEN p_now END,
-           CASE WHEN c.claimed THEN p_now + g.run_timeout END
-      FROM durable.given_runs(p_runs, p_now) g
+    SELECT g.n, g.fresh, w.*
+      FROM durable.given_runs(p_runs) g
       LEFT JOIN durable.open_segments() o ON o.retention IS NOT DISTINCT FROM g.retention,
-           LATERAL (SELECT p_worker IS NOT NULL AND g.function = ANY (p_functions)
-                           AND g.concurrency_key IS NULL AND g.rate_limit IS NULL
-                           AND g.available_at <= p_now
-                           AND (g.expires_at IS NULL OR g.expires_at > p_now) AS claimed) c;
+           LATERAL durable.new_run(g.id, g.function, g.input, g.idempotency_key,
+                                   g.trace_context, g.priority, g.available_at, g.delay,
+                                   g.start_timeout, g.run_timeout, g.parent_id,
+                                   g.concurrency_key, g.concurrency_limit,
+                                   g.slot_while_suspended, g.rate_limit, g.rate_key, g.tags,
+                                   g.queue, o.id, p_now, p_worker, p_lease,
+                                   p_functions, p_versions, p_pinned) w;
 $$;
 
 -- Starts runs (App.start, App.start_many, Context.start): one JSON object per run with its id,
@@ -465,7 +495,7 @@ BEGIN
     -- time: the common case (no retention, no concurrency strategy) skips what it does not need.
     IF p_runs @? '$[*].retention' THEN
         SELECT coalesce(array_agg(DISTINCT g.retention), '{}') INTO v_classes
-          FROM durable.given_runs(p_runs, v_now) g;
+          FROM durable.given_runs(p_runs) g;
     ELSE
         v_classes := ARRAY[NULL::interval];
     END IF;
@@ -478,7 +508,7 @@ BEGIN
     IF p_runs @? '$[*] ? (@.idempotency_key != null || !(@.fresh == true))' THEN
         PERFORM pg_advisory_xact_lock(hashtextextended(k.key, 17))
            FROM (SELECT DISTINCT u.key
-                   FROM durable.given_runs(p_runs, v_now) g,
+                   FROM durable.given_runs(p_runs) g,
                         LATERAL (VALUES (g.idempotency_key),
                                         (CASE WHEN NOT g.fresh THEN g.id::text END)) u (key)
                   WHERE u.key IS NOT NULL ORDER BY 1) k;
@@ -512,7 +542,7 @@ BEGIN
       FROM inserted i;
     IF p_runs @? '$[*].concurrency_strategy' THEN
         FOR v_new IN SELECT g.id, g.concurrency_key AS key, g.concurrency_limit AS lim, g.strategy
-                       FROM durable.given_runs(p_runs, v_now) g
+                       FROM durable.given_runs(p_runs) g
                       WHERE g.strategy IN ('cancel_newest', 'cancel_in_progress')
                         AND g.id = ANY (v_ids)
                       ORDER BY g.n LOOP
@@ -545,7 +575,7 @@ BEGIN
     ELSE
         RETURN QUERY
         SELECT coalesce(i.id, existing.id), i.id IS NOT NULL
-          FROM durable.given_runs(p_runs, v_now) g
+          FROM durable.given_runs(p_runs) g
           LEFT JOIN unnest(v_ids) AS i (id) ON i.id = g.id
           LEFT JOIN LATERAL (
               SELECT r.id FROM durable.runs r
@@ -691,7 +721,7 @@ $$;
 -- With p_ahead, a run due within p_ahead is claimed too (its claim's due_at says when it is
 -- due; the worker waits until then, so that a timer is not late by the claim's round trip).
 -- Each claim is the run's next attempt, recorded with the version the worker runs of its
--- function; durable.new_runs makes a run claimed the same way (change the two together).
+-- function; durable.new_run makes a run claimed the same way (change the two together).
 CREATE FUNCTION durable.claim_runs(
     p_functions text[], p_limit integer, p_worker text, p_lease interval,
     p_versions text[] DEFAULT NULL, p_pinned text[] DEFAULT NULL,

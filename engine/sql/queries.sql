@@ -73,8 +73,10 @@ SELECT run_id, created FROM durable.create_runs($1::text::jsonb);
 -- One fresh run (its id just made: nothing to look for or lock) with no idempotency key or
 -- concurrency strategy, started in one statement rather than by durable.create_runs, whose
 -- statements each pay their executor's start-up (most of a one-run start's database time): the
--- row durable.new_runs makes. No row when its retention class has no open segment yet (the
--- caller then calls create_runs, which opens one). Given $2 (a worker; $3 to $6 as for
+-- row durable.new_run makes of its options, given as parameters ($1 to $17, NULL: the default)
+-- rather than as JSON to parse, in the open segment of its retention class ($18). No row when
+-- that class has no open segment yet (the caller then calls create_runs, which opens one).
+-- Given $19 (a worker; $20 to $23: its lease, functions, versions and pinned functions, as for
 -- start_claimed), the run is inserted claimed when nothing stands in the way; workers are told
 -- unless it was. The clock is read once (a CTE the planner keeps), as create_runs reads it.
 WITH clock AS MATERIALIZED (
@@ -90,8 +92,11 @@ WITH clock AS MATERIALIZED (
            w.concurrency_key, w.concurrency_limit, w.slot_while_suspended, w.rate_limit,
            w.rate_key, w.tags, w.queue, w.segment, w.status, w.attempt, w.lease_owner,
            w.versions, w.pinned, w.started_at, w.deadline_at
-      FROM clock c,
-           durable.new_runs(jsonb_build_array($1::text::jsonb), c.now, $2, $3, $4, $5, $6) w
+      FROM clock c
+      LEFT JOIN durable.open_segments() o ON o.retention IS NOT DISTINCT FROM $18::interval,
+           durable.new_run($1, $2, $3::text::jsonb, NULL, $4::text::jsonb, $5, $6, $7, $8, $9,
+                           $10, $11, $12, $13, $14, $15, $16::text::jsonb, $17, o.id, c.now,
+                           $19, $20, $21, $22, $23) w
      WHERE w.segment IS NOT NULL
     ON CONFLICT DO NOTHING
     RETURNING id, status, function, input, attempt, trace_context, started_at, deadline_at,

@@ -5,16 +5,18 @@ tried again as a named run, so that it is found, wherever it went, and not start
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Awaitable, Callable
-from datetime import timedelta
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
 import pytest
 
 import durable
-from engine import FunctionSpec, NewRun, PostgresStore
+from engine import NewRun, PostgresStore
 from tests.helpers import make_app, running_worker
 
 pytestmark = pytest.mark.postgres
@@ -55,18 +57,45 @@ def losing_the_reply(
     return losing
 
 
+THREE_DAYS = timedelta(days=3)
+
+# Every option start_run takes as a parameter, so that each is seen to land as create_runs puts
+# it; the time it starts at given as a delay (each statement reads the clock) or as a moment.
+EVERY_OPTION: dict[str, Any] = {
+    "trace_context": {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"},
+    "priority": 5,
+    "start_timeout": timedelta(minutes=5),
+    "run_timeout": timedelta(minutes=1, microseconds=250),
+    "parent_id": uuid.UUID(int=7),
+    "concurrency_key": "tenant-1",
+    "concurrency_limit": 2,
+    "slot_while_suspended": True,
+    "rate_limit": "per-tenant",
+    "rate_key": "tenant-1",
+    "tags": {"team": "billing"},
+    "queue": "bulk",
+    "retention": THREE_DAYS,
+}
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {**EVERY_OPTION, "delay": timedelta(seconds=30, microseconds=5)},
+        {**EVERY_OPTION, "available_at": datetime(2031, 5, 1, 12, 30, 0, 17, tzinfo=UTC)},
+    ],
+    ids=["defaults", "every-option-delayed", "every-option-at-a-moment"],
+)
 async def test_a_fresh_run_is_the_same_row_by_either_statement(
-    database_url: str, db: asyncpg.Connection
+    database_url: str, db: asyncpg.Connection, options: dict[str, Any]
 ) -> None:
     store = await PostgresStore.connect(database_url, max_size=2)
     try:
-        await store.open_segments([None])
+        await store.open_segments([None, THREE_DAYS])
         watching = losing_the_reply(store, None)
-        spec = FunctionSpec.describe(_gate, "gated")
-        one = spec.new_run("x", run_id=None)
-        assert one.fresh
-        named = spec.new_run("x", run_id=uuid.uuid4())
-        assert not named.fresh
+        one = NewRun(uuid.uuid4(), "gated", {"name": "x"}, fresh=True, **options)
+        named = replace(one, run_id=uuid.uuid4(), fresh=False)
         [(first, created)] = await store.start_runs([one])
         assert created
         assert watching.seen == [store._q["start_run"]]  # the fresh one in one statement
@@ -82,18 +111,34 @@ async def test_a_fresh_run_is_the_same_row_by_either_statement(
     by_fresh, by_named = dict(columns[0]), dict(columns[1])
     differ = {key for key in by_fresh if by_fresh[key] != by_named[key]}
     differ -= {"id", "created_at", "updated_at"}
-    assert differ <= {"available_at"}  # each reads the clock as it starts
-    assert (columns[0]["status"], columns[0]["attempt"]) == ("pending", 0)
+    if "available_at" in options:
+        assert differ == set()
+        assert by_fresh["available_at"] == options["available_at"]
+    else:  # each reads the clock as it starts
+        assert differ <= {"available_at", "expires_at"}
+        for row in (by_fresh, by_named):
+            late = row["available_at"] - row["created_at"] - options.get("delay", timedelta())
+            assert timedelta() <= late < timedelta(seconds=5)
+    assert (by_fresh["status"], by_fresh["attempt"]) == ("pending", 0)
+    for option in ("priority", "concurrency_key", "rate_key", "queue", "run_timeout"):
+        assert by_fresh[option] == options.get(option, by_fresh[option])
+    if options:
+        assert json.loads(by_fresh["tags"]) == options["tags"]
+        assert json.loads(by_fresh["trace_context"]) == options["trace_context"]
+        assert by_fresh["expires_at"] - by_fresh["available_at"] == options["start_timeout"]
+        retention = await db.fetchval(
+            "SELECT retention FROM durable.segments WHERE id = $1", by_fresh["segment"]
+        )
+        assert retention == THREE_DAYS
 
 
 async def test_a_class_with_no_open_segment_gets_one_from_the_fallback(
     database_url: str, db: asyncpg.Connection
 ) -> None:
     store = await PostgresStore.connect(database_url, max_size=2)
-    three_days = timedelta(days=3)
     watching = losing_the_reply(store, None)
     try:  # start_run finds no open segment for the class and inserts nothing
-        run = NewRun(uuid.uuid4(), "f", None, retention=three_days, fresh=True)
+        run = NewRun(uuid.uuid4(), "f", None, retention=THREE_DAYS, fresh=True)
         [(found, created)] = await store.start_runs([run])
     finally:
         await store.close()
@@ -101,7 +146,7 @@ async def test_a_class_with_no_open_segment_gets_one_from_the_fallback(
     assert watching.seen == [store._q["start_run"]]  # tried first, then create_runs
     segment = await db.fetchval("SELECT segment FROM durable.runs WHERE id = $1", found)
     assert await db.fetchval("SELECT retention FROM durable.segments WHERE id = $1", segment) == (
-        three_days
+        THREE_DAYS
     )
 
 
@@ -147,7 +192,3 @@ async def test_an_eager_start_whose_reply_was_lost_is_one_run_and_runs(
         info = await handle.info()
         assert info.attempt == 2
     assert await db.fetchval("SELECT count(*) FROM durable.runs WHERE id = $1", handle.run_id) == 1
-
-
-async def _gate(ctx: durable.Context, name: str) -> str:
-    return name
