@@ -108,6 +108,9 @@ def workers(database_url: str, tmp_path: Path) -> Iterator[Workers]:
     pool = Workers(database_url, tmp_path)
     yield pool
     pool.stop_all()
+    # Shown by pytest only when the test failed: what each worker said up to then.
+    for index, process in enumerate(pool.processes):
+        print(f"--- worker {index} (exit {process.returncode}) ---\n{pool.log_of(process)}")
 
 
 def counted(workers: Workers, name: str, at_least: int = 1) -> Callable[[], bool]:
