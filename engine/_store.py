@@ -18,7 +18,7 @@ import logging
 import random
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, Self, TypeVar
 
 import asyncpg
@@ -953,17 +953,18 @@ def _versions(functions: Sequence[str], versions: Sequence[str] | None) -> list[
 
 def _run_args(run: NewRun) -> tuple[Any, ...]:
     """``run`` as queries.sql's start_run takes it: its options as parameters ($1 to $18),
-    None where the option is left at its default (durable.new_run gives it)."""
+    None where the option is left at its default (durable.new_run gives it), durations in
+    seconds as ``_run_doc`` gives them."""
     return (
         run.run_id,
         run.function,
-        _json(run.input),
+        json.dumps(run.input, separators=(",", ":")),  # None is JSON's null, as in _run_doc
         _json(run.trace_context),
         run.priority or None,
-        run.available_at,
-        run.delay,
-        run.start_timeout,
-        run.run_timeout,
+        _aware(run.available_at),
+        _seconds(run.delay),
+        _seconds(run.start_timeout),
+        _seconds(run.run_timeout),
         run.parent_id,
         run.concurrency_key,
         run.concurrency_limit,
@@ -972,7 +973,7 @@ def _run_args(run: NewRun) -> tuple[Any, ...]:
         run.rate_key if run.rate_limit is not None else None,
         _json(dict(run.tags)) if run.tags else None,
         run.queue,
-        run.retention,
+        _seconds(run.retention),
     )
 
 
@@ -980,11 +981,12 @@ def _run_doc(run: NewRun) -> dict[str, Any]:
     """A run as durable.create_runs reads it: one JSON object, without the options left at
     their defaults (a batch of thousands parses faster)."""
     doc: dict[str, Any] = {"id": str(run.run_id), "function": run.function, "input": run.input}
+    at = _aware(run.available_at)
     options: dict[str, Any] = {
         "idempotency_key": run.idempotency_key,
         "trace_context": run.trace_context,
         "priority": run.priority or None,
-        "available_at": None if run.available_at is None else run.available_at.isoformat(),
+        "available_at": None if at is None else at.isoformat(),
         "delay": _seconds(run.delay),
         "start_timeout": _seconds(run.start_timeout),
         "run_timeout": _seconds(run.run_timeout),
@@ -1035,6 +1037,14 @@ def _filter_args(where: RunFilter) -> list[Any]:
         key,
         path,
     ]
+
+
+def _aware(moment: datetime | None) -> datetime | None:
+    """``moment`` with a zone (a naive one taken as UTC, as the SDK takes it), so that neither
+    the session's zone nor the process's decides what it means."""
+    if moment is None or moment.tzinfo is not None:
+        return moment
+    return moment.replace(tzinfo=UTC)
 
 
 def _seconds(span: timedelta | None) -> float | None:

@@ -1,7 +1,7 @@
 -- durable: every function of schema durable but the journal's trigger functions, which its table
 -- needs and which live with the tables in the migrations.
 --
--- version: 12
+-- version: 13
 --
 -- How this file is applied. engine/_schema.py runs it after the migrations, under their advisory
 -- lock, and records the version above with the file's checksum (durable.schema_functions):
@@ -360,12 +360,14 @@ $$;
 -- ----------------------------
 
 -- The runs given to durable.create_runs, one row per JSON object, in order (n), each option as
--- given (NULL when absent; durable.new_run gives the defaults and the times). A fresh run's id
--- is a random UUID its caller has just made, which no other start can name.
+-- given (NULL when absent; durable.new_run gives the defaults and the times), durations in
+-- seconds. A fresh run's id is a random UUID its caller has just made, which no other start
+-- can name.
 CREATE FUNCTION durable.given_runs(p_runs jsonb)
 RETURNS TABLE (n bigint, id uuid, function text, input jsonb, idempotency_key text,
                trace_context jsonb, priority integer, available_at timestamptz,
-               delay interval, start_timeout interval, run_timeout interval, parent_id uuid,
+               delay double precision, start_timeout double precision,
+               run_timeout double precision, parent_id uuid,
                concurrency_key text, concurrency_limit integer, strategy text,
                slot_while_suspended boolean, rate_limit text, rate_key text, tags jsonb,
                queue text, retention interval, fresh boolean)
@@ -373,10 +375,9 @@ LANGUAGE sql STABLE AS $$
     SELECT e.n, (e.doc ->> 'id')::uuid, e.doc ->> 'function', e.doc -> 'input',
            e.doc ->> 'idempotency_key', e.doc -> 'trace_context',
            (e.doc ->> 'priority')::integer, (e.doc ->> 'available_at')::timestamptz,
-           make_interval(secs => (e.doc ->> 'delay')::double precision),
-           make_interval(secs => (e.doc ->> 'start_timeout')::double precision),
-           make_interval(secs => (e.doc ->> 'run_timeout')::double precision),
-           (e.doc ->> 'parent_id')::uuid, e.doc ->> 'concurrency_key',
+           (e.doc ->> 'delay')::double precision,
+           (e.doc ->> 'start_timeout')::double precision,
+           (e.doc ->> 'run_timeout')::double precision, (e.doc ->> 'parent_id')::uuid, e.doc ->> 'concurrency_key',
            (e.doc ->> 'concurrency_limit')::integer, e.doc ->> 'concurrency_strategy',
            (e.doc ->> 'slot_while_suspended')::boolean, e.doc ->> 'rate_limit',
            e.doc ->> 'rate_key', e.doc -> 'tags', e.doc ->> 'queue',
@@ -389,16 +390,19 @@ $$;
 -- (queries.sql, start_run) insert for one run, one definition for both, from its options as
 -- given (NULL: the default), in segment p_segment (the open one of its retention class,
 -- durable.open_segments; NULL when the class has none open). It starts at p_available_at,
--- else after p_delay, else at p_now, and expires p_start_timeout after that, with the event
--- cursor of now (an event counts for a run when sent after it started). Given p_worker, a run
+-- else p_delay seconds after p_now, else at p_now, and expires p_start_timeout seconds after
+-- that, with the event cursor of now (an event counts for a run when sent after it started).
+-- Durations become intervals of seconds here, for both callers: an interval of days would
+-- add calendar days, 23 or 25 hours across a daylight-saving change in the session's zone. Given p_worker, a run
 -- due at once with no concurrency key or rate limit is claimed by that worker as
 -- durable.claim_runs would leave it (the two set the same columns), for p_lease, at the
 -- version p_versions gives its function among p_functions, and pinned to it when the function
 -- is one of p_pinned.
 CREATE FUNCTION durable.new_run(
     p_id uuid, p_function text, p_input jsonb, p_idempotency_key text, p_trace_context jsonb,
-    p_priority integer, p_available_at timestamptz, p_delay interval, p_start_timeout interval,
-    p_run_timeout interval, p_parent_id uuid, p_concurrency_key text,
+    p_priority integer, p_available_at timestamptz, p_delay double precision,
+    p_start_timeout double precision, p_run_timeout double precision, p_parent_id uuid,
+    p_concurrency_key text,
     p_concurrency_limit integer, p_slot_while_suspended boolean, p_rate_limit text,
     p_rate_key text, p_tags jsonb, p_queue text, p_segment integer, p_now timestamptz,
     p_worker text, p_lease interval, p_functions text[], p_versions text[], p_pinned text[]
@@ -414,7 +418,7 @@ LANGUAGE sql STABLE AS $$
     SELECT p_id, p_function, p_input, p_idempotency_key, p_trace_context,
            CASE WHEN c.claimed THEN p_now + p_lease ELSE t.at END,
            (SELECT coalesce(max(e.id), 0) FROM durable.events e), coalesce(p_priority, 0),
-           t.at + p_start_timeout, p_run_timeout, p_parent_id, p_concurrency_key,
+           t.expires_at, d.run_timeout, p_parent_id, p_concurrency_key,
            p_concurrency_limit, coalesce(p_slot_while_suspended, false), p_rate_limit,
            coalesce(p_rate_key, ''), coalesce(p_tags, '{}'), p_queue, p_segment,
            CASE WHEN c.claimed THEN 'running' ELSE 'pending' END,
@@ -425,13 +429,16 @@ LANGUAGE sql STABLE AS $$
                 ELSE '{}' END,
            c.claimed AND p_function = ANY (coalesce(p_pinned, '{}')),
            CASE WHEN c.claimed THEN p_now END,
-           CASE WHEN c.claimed THEN p_now + p_run_timeout END
-      FROM (SELECT coalesce(p_available_at, p_now + p_delay, p_now) AS at) t,
+           CASE WHEN c.claimed THEN p_now + d.run_timeout END
+      FROM (SELECT make_interval(secs => p_delay) AS delay,
+                   make_interval(secs => p_start_timeout) AS start_timeout,
+                   make_interval(secs => p_run_timeout) AS run_timeout) d,
+           LATERAL (SELECT s.at, s.at + d.start_timeout AS expires_at
+                      FROM (SELECT coalesce(p_available_at, p_now + d.delay, p_now) AS at) s) t,
            LATERAL (SELECT p_worker IS NOT NULL AND p_function = ANY (p_functions)
                            AND p_concurrency_key IS NULL AND p_rate_limit IS NULL
                            AND t.at <= p_now
-                           AND (t.at + p_start_timeout IS NULL
-                                OR t.at + p_start_timeout > p_now) AS claimed) c;
+                           AND (t.expires_at IS NULL OR t.expires_at > p_now) AS claimed) c;
 $$;
 
 -- durable.new_run for each of the runs given to durable.create_runs (durable.given_runs), in the

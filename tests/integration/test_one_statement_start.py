@@ -77,24 +77,39 @@ EVERY_OPTION: dict[str, Any] = {
     "retention": THREE_DAYS,
 }
 
+# Durations of days, which must stay spans of seconds: as calendar days they would be 23 or 25
+# hours across a daylight-saving change of the session's zone (the database's, set below).
+LONG: dict[str, Any] = {
+    "delay": timedelta(days=100),
+    "start_timeout": timedelta(days=2),
+    "run_timeout": timedelta(days=1),
+}
+
 
 @pytest.mark.parametrize(
-    "options",
+    ("given", "options"),
     [
-        {},
-        {**EVERY_OPTION, "delay": timedelta(seconds=30, microseconds=5)},
-        {**EVERY_OPTION, "available_at": datetime(2031, 5, 1, 12, 30, 0, 17, tzinfo=UTC)},
+        (None, {}),
+        ({"name": "x"}, {**EVERY_OPTION, "delay": timedelta(seconds=30, microseconds=5)}),
+        (
+            {"name": "x"},
+            {**EVERY_OPTION, "available_at": datetime(2031, 5, 1, 12, 30, 0, 17, tzinfo=UTC)},
+        ),
+        ({"name": "x"}, {**EVERY_OPTION, **LONG}),
     ],
-    ids=["defaults", "every-option-delayed", "every-option-at-a-moment"],
+    ids=["defaults", "every-option-delayed", "every-option-at-a-moment", "days-long"],
 )
 async def test_a_fresh_run_is_the_same_row_by_either_statement(
-    database_url: str, db: asyncpg.Connection, options: dict[str, Any]
+    database_url: str, db: asyncpg.Connection, given: Any, options: dict[str, Any]
 ) -> None:
+    name = await db.fetchval("SELECT current_database()")
+    await db.execute(f"ALTER DATABASE \"{name}\" SET TimeZone TO 'America/New_York'")
     store = await PostgresStore.connect(database_url, max_size=2)
     try:
+        assert await store._pool.fetchval("SHOW TimeZone") == "America/New_York"
         await store.open_segments([None, THREE_DAYS])
         watching = losing_the_reply(store, None)
-        one = NewRun(uuid.uuid4(), "gated", {"name": "x"}, fresh=True, **options)
+        one = NewRun(uuid.uuid4(), "gated", given, fresh=True, **options)
         named = replace(one, run_id=uuid.uuid4(), fresh=False)
         [(first, created)] = await store.start_runs([one])
         assert created
@@ -103,13 +118,16 @@ async def test_a_fresh_run_is_the_same_row_by_either_statement(
         assert created
     finally:
         await store.close()
-    columns = await db.fetch(
-        "SELECT * FROM durable.runs WHERE id = ANY($1::uuid[]) ORDER BY id = $2 DESC",
+    rows = await db.fetch(
+        "SELECT to_jsonb(r)::text AS doc, input IS NULL AS no_input, r.*"
+        "  FROM durable.runs r WHERE id = ANY($1::uuid[]) ORDER BY id = $2 DESC",
         [first, second],
         first,
     )
-    by_fresh, by_named = dict(columns[0]), dict(columns[1])
-    differ = {key for key in by_fresh if by_fresh[key] != by_named[key]}
+    by_fresh, by_named = dict(rows[0]), dict(rows[1])
+    # Every column as PostgreSQL writes it ("1 day" and "24:00:00" are two intervals here).
+    as_text = [json.loads(row["doc"]) for row in rows]
+    differ = {key for key in as_text[0] if as_text[0][key] != as_text[1][key]}
     differ -= {"id", "created_at", "updated_at"}
     if "available_at" in options:
         assert differ == set()
@@ -119,6 +137,7 @@ async def test_a_fresh_run_is_the_same_row_by_either_statement(
         for row in (by_fresh, by_named):
             late = row["available_at"] - row["created_at"] - options.get("delay", timedelta())
             assert timedelta() <= late < timedelta(seconds=5)
+    assert not by_fresh["no_input"]  # no input is JSON's null, not SQL's NULL
     assert (by_fresh["status"], by_fresh["attempt"]) == ("pending", 0)
     for option in ("priority", "concurrency_key", "rate_key", "queue", "run_timeout"):
         assert by_fresh[option] == options.get(option, by_fresh[option])
