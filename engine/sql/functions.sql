@@ -360,14 +360,13 @@ $$;
 -- ----------------------------
 
 -- The runs given to durable.create_runs, one row per JSON object, in order (n), each option as
--- given (NULL when absent; durable.new_run gives the defaults and the times), durations in
--- seconds. A fresh run's id is a random UUID its caller has just made, which no other start
--- can name.
+-- given (NULL when absent; durable.new_run gives the defaults and the times), durations as
+-- intervals of seconds (see durable.new_run). A fresh run's id is a random UUID its caller has
+-- just made, which no other start can name.
 CREATE FUNCTION durable.given_runs(p_runs jsonb)
 RETURNS TABLE (n bigint, id uuid, function text, input jsonb, idempotency_key text,
                trace_context jsonb, priority integer, available_at timestamptz,
-               delay double precision, start_timeout double precision,
-               run_timeout double precision, parent_id uuid,
+               delay interval, start_timeout interval, run_timeout interval, parent_id uuid,
                concurrency_key text, concurrency_limit integer, strategy text,
                slot_while_suspended boolean, rate_limit text, rate_key text, tags jsonb,
                queue text, retention interval, fresh boolean)
@@ -375,9 +374,10 @@ LANGUAGE sql STABLE AS $$
     SELECT e.n, (e.doc ->> 'id')::uuid, e.doc ->> 'function', e.doc -> 'input',
            e.doc ->> 'idempotency_key', e.doc -> 'trace_context',
            (e.doc ->> 'priority')::integer, (e.doc ->> 'available_at')::timestamptz,
-           (e.doc ->> 'delay')::double precision,
-           (e.doc ->> 'start_timeout')::double precision,
-           (e.doc ->> 'run_timeout')::double precision, (e.doc ->> 'parent_id')::uuid, e.doc ->> 'concurrency_key',
+           make_interval(secs => (e.doc ->> 'delay')::double precision),
+           make_interval(secs => (e.doc ->> 'start_timeout')::double precision),
+           make_interval(secs => (e.doc ->> 'run_timeout')::double precision),
+           (e.doc ->> 'parent_id')::uuid, e.doc ->> 'concurrency_key',
            (e.doc ->> 'concurrency_limit')::integer, e.doc ->> 'concurrency_strategy',
            (e.doc ->> 'slot_while_suspended')::boolean, e.doc ->> 'rate_limit',
            e.doc ->> 'rate_key', e.doc -> 'tags', e.doc ->> 'queue',
@@ -390,19 +390,19 @@ $$;
 -- (queries.sql, start_run) insert for one run, one definition for both, from its options as
 -- given (NULL: the default), in segment p_segment (the open one of its retention class,
 -- durable.open_segments; NULL when the class has none open). It starts at p_available_at,
--- else p_delay seconds after p_now, else at p_now, and expires p_start_timeout seconds after
--- that, with the event cursor of now (an event counts for a run when sent after it started).
--- Durations become intervals of seconds here, for both callers: an interval of days would
--- add calendar days, 23 or 25 hours across a daylight-saving change in the session's zone. Given p_worker, a run
--- due at once with no concurrency key or rate limit is claimed by that worker as
--- durable.claim_runs would leave it (the two set the same columns), for p_lease, at the
--- version p_versions gives its function among p_functions, and pinned to it when the function
--- is one of p_pinned.
+-- else p_delay after p_now, else at p_now, and expires p_start_timeout after that, with the
+-- event cursor of now (an event counts for a run when sent after it started). Both callers
+-- give durations as intervals of seconds, make_interval(secs => ...): an interval of days
+-- would add calendar days, 23 or 25 hours across a daylight-saving change of the session's
+-- zone. Given p_worker, a run due at once with no concurrency key or rate limit is claimed
+-- by that worker as durable.claim_runs would leave it (the two set the same columns), for
+-- p_lease, at the version p_versions gives its function among p_functions, and pinned to it
+-- when the function is one of p_pinned. The parameters' types are version 12's: a process of
+-- that version, whose prepared start_run names them, keeps starting runs in a rolling deploy.
 CREATE FUNCTION durable.new_run(
     p_id uuid, p_function text, p_input jsonb, p_idempotency_key text, p_trace_context jsonb,
-    p_priority integer, p_available_at timestamptz, p_delay double precision,
-    p_start_timeout double precision, p_run_timeout double precision, p_parent_id uuid,
-    p_concurrency_key text,
+    p_priority integer, p_available_at timestamptz, p_delay interval, p_start_timeout interval,
+    p_run_timeout interval, p_parent_id uuid, p_concurrency_key text,
     p_concurrency_limit integer, p_slot_while_suspended boolean, p_rate_limit text,
     p_rate_key text, p_tags jsonb, p_queue text, p_segment integer, p_now timestamptz,
     p_worker text, p_lease interval, p_functions text[], p_versions text[], p_pinned text[]
@@ -418,7 +418,7 @@ LANGUAGE sql STABLE AS $$
     SELECT p_id, p_function, p_input, p_idempotency_key, p_trace_context,
            CASE WHEN c.claimed THEN p_now + p_lease ELSE t.at END,
            (SELECT coalesce(max(e.id), 0) FROM durable.events e), coalesce(p_priority, 0),
-           t.expires_at, d.run_timeout, p_parent_id, p_concurrency_key,
+           t.expires_at, p_run_timeout, p_parent_id, p_concurrency_key,
            p_concurrency_limit, coalesce(p_slot_while_suspended, false), p_rate_limit,
            coalesce(p_rate_key, ''), coalesce(p_tags, '{}'), p_queue, p_segment,
            CASE WHEN c.claimed THEN 'running' ELSE 'pending' END,
@@ -429,12 +429,9 @@ LANGUAGE sql STABLE AS $$
                 ELSE '{}' END,
            c.claimed AND p_function = ANY (coalesce(p_pinned, '{}')),
            CASE WHEN c.claimed THEN p_now END,
-           CASE WHEN c.claimed THEN p_now + d.run_timeout END
-      FROM (SELECT make_interval(secs => p_delay) AS delay,
-                   make_interval(secs => p_start_timeout) AS start_timeout,
-                   make_interval(secs => p_run_timeout) AS run_timeout) d,
-           LATERAL (SELECT s.at, s.at + d.start_timeout AS expires_at
-                      FROM (SELECT coalesce(p_available_at, p_now + d.delay, p_now) AS at) s) t,
+           CASE WHEN c.claimed THEN p_now + p_run_timeout END
+      FROM (SELECT s.at, s.at + p_start_timeout AS expires_at
+              FROM (SELECT coalesce(p_available_at, p_now + p_delay, p_now) AS at) s) t,
            LATERAL (SELECT p_worker IS NOT NULL AND p_function = ANY (p_functions)
                            AND p_concurrency_key IS NULL AND p_rate_limit IS NULL
                            AND t.at <= p_now
