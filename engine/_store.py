@@ -951,30 +951,37 @@ def _versions(functions: Sequence[str], versions: Sequence[str] | None) -> list[
     return list(versions)
 
 
-def _run_args(run: NewRun) -> tuple[Any, ...]:
-    """``run`` as queries.sql's start_run takes it: its options as parameters ($1 to $18),
-    None where the option is left at its default (durable.new_run gives it), durations in
-    seconds as ``_run_doc`` gives them."""
-    return (
-        run.run_id,
-        run.function,
-        json.dumps(run.input, separators=(",", ":")),  # None is JSON's null, as in _run_doc
-        _json(run.trace_context),
-        run.priority or None,
-        _aware(run.available_at),
-        _seconds(run.delay),
-        _seconds(run.start_timeout),
-        _seconds(run.run_timeout),
-        run.parent_id,
-        run.concurrency_key,
-        run.concurrency_limit,
-        run.slot_while_suspended or None,
-        run.rate_limit,
-        run.rate_key if run.rate_limit is not None else None,
-        _json(dict(run.tags)) if run.tags else None,
-        run.queue,
-        _seconds(run.retention),
-    )
+# queries.sql's start_run's parameters $1 to $18: the options of ``_run_doc``, in this order
+# (the input, the trace context and the tags as JSON text).
+_START_RUN_OPTIONS = (
+    "id",
+    "function",
+    "input",
+    "trace_context",
+    "priority",
+    "available_at",
+    "delay",
+    "start_timeout",
+    "run_timeout",
+    "parent_id",
+    "concurrency_key",
+    "concurrency_limit",
+    "slot_while_suspended",
+    "rate_limit",
+    "rate_key",
+    "tags",
+    "queue",
+    "retention",
+)
+_JSON_OPTIONS = frozenset({"trace_context", "tags"})
+
+
+def _run_args(run: NewRun) -> list[Any]:
+    """``run`` as queries.sql's start_run takes it: the values of its ``_run_doc`` (None where
+    an option is left at its default), so that both statements read the same values."""
+    doc = _run_doc(run)
+    doc["input"] = json.dumps(doc["input"], separators=(",", ":"))  # always there: None is null
+    return [_json(doc.get(o)) if o in _JSON_OPTIONS else doc.get(o) for o in _START_RUN_OPTIONS]
 
 
 def _run_doc(run: NewRun) -> dict[str, Any]:

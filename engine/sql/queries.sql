@@ -73,9 +73,10 @@ SELECT run_id, created FROM durable.create_runs($1::text::jsonb);
 -- One fresh run (its id just made: nothing to look for or lock) with no idempotency key or
 -- concurrency strategy, started in one statement rather than by durable.create_runs, whose
 -- statements each pay their executor's start-up (most of a one-run start's database time): the
--- row durable.new_run makes of its options, given as parameters ($1 to $17, NULL: the default;
--- durations in seconds, made intervals of seconds as durable.new_run asks) rather than as JSON
--- to parse, in the open segment of its retention class ($18 seconds). No row when
+-- row durable.new_run makes of its options, given as parameters ($1 to $17: the values of the
+-- JSON object create_runs would read, NULL for an option left at its default; durations in
+-- seconds, made intervals of seconds as durable.new_run asks) rather than as JSON to parse,
+-- in the open segment of its retention class ($18 seconds). No row when
 -- that class has no open segment yet (the caller then calls create_runs, which opens one).
 -- Given $19 (a worker; $20 to $23: its lease, functions, versions and pinned functions, as for
 -- start_claimed), the run is inserted claimed when nothing stands in the way; workers are told
@@ -96,10 +97,11 @@ WITH clock AS MATERIALIZED (
       FROM clock c
       LEFT JOIN durable.open_segments() o
              ON o.retention IS NOT DISTINCT FROM make_interval(secs => $18),
-           durable.new_run($1, $2, $3::text::jsonb, NULL, $4::text::jsonb, $5, $6,
-                           make_interval(secs => $7), make_interval(secs => $8),
-                           make_interval(secs => $9), $10, $11, $12, $13, $14, $15,
-                           $16::text::jsonb, $17, o.id, c.now, $19, $20, $21, $22, $23) w
+           durable.new_run($1::text::uuid, $2, $3::text::jsonb, NULL, $4::text::jsonb, $5,
+                           $6::text::timestamptz, make_interval(secs => $7),
+                           make_interval(secs => $8), make_interval(secs => $9),
+                           $10::text::uuid, $11, $12, $13, $14, $15, $16::text::jsonb, $17,
+                           o.id, c.now, $19, $20, $21, $22, $23) w
      WHERE w.segment IS NOT NULL
     ON CONFLICT DO NOTHING
     RETURNING id, status, function, input, attempt, trace_context, started_at, deadline_at,
