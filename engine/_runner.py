@@ -259,6 +259,8 @@ class Runner:
 
     async def _end_suspended(self, state: RunState) -> None:
         await self._reach_due()
+        if state.lost:  # lost or handed back while it waited to be due: it writes nothing
+            return
         if self.cancel_requested or self.timed_out:
             await self._end_interrupted(state)
             return
