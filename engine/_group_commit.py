@@ -12,6 +12,7 @@ next attempt.
 from __future__ import annotations
 
 import asyncio
+import math
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -53,7 +54,14 @@ class PendingFinish:
 class GroupCommit(Generic[W, R]):
     """Sends writes in at most ``max_in_flight`` concurrent statements of at most ``max_batch``
     writes each. ``flush`` returns one outcome per write, in order; an exception in place of an
-    outcome fails that caller alone."""
+    outcome fails that caller alone.
+
+    ``spacing`` (seconds): the least time between the starts of two statements. A write that
+    comes sooner after the last statement began waits out the rest, and every write made
+    meanwhile goes with it: under a steady load of lone writes (runs started one by one, each
+    ending alone) statements carry several writes instead of one each, which saves each of
+    those writes a statement's client work (its send is the largest part) and a commit. A write
+    after a quiet spell goes at once."""
 
     def __init__(
         self,
@@ -61,10 +69,13 @@ class GroupCommit(Generic[W, R]):
         *,
         max_batch: int = 500,
         max_in_flight: int = 1,
+        spacing: float = 0.0,
     ) -> None:
         self._flush = flush
         self._max_batch = max_batch
         self._max_in_flight = max_in_flight
+        self._spacing = spacing
+        self._last_start = -math.inf
         self._queue: list[tuple[W, asyncio.Future[R]]] = []
         self._in_flight = 0
         self._scheduled = False  # a statement's task is created and has not taken its batch
@@ -83,17 +94,26 @@ class GroupCommit(Generic[W, R]):
         if self._queue and not self._scheduled and self._in_flight < self._max_in_flight:
             self._scheduled = True
             self._in_flight += 1
-            task = asyncio.get_running_loop().create_task(
-                self._commit(), context=_lineage.detached_context()
-            )
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            loop = asyncio.get_running_loop()
+            wait = self._last_start + self._spacing - loop.time()
+            if wait > 0:
+                loop.call_later(wait, self._start, context=_lineage.detached_context())
+            else:
+                self._start()
+
+    def _start(self) -> None:
+        task = asyncio.get_running_loop().create_task(
+            self._commit(), context=_lineage.detached_context()
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _commit(self) -> None:
         # The batch is taken when the task first runs, not when it was created: the writes
         # queued in the same turn of the event loop as the first (the runs of one claim,
         # ending together) go with it, at no cost in latency.
         self._scheduled = False
+        self._last_start = asyncio.get_running_loop().time()
         batch, self._queue = self._queue[: self._max_batch], self._queue[self._max_batch :]
         self._send()  # the rest, if more statements may be in flight
         cancelled = False

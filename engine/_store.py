@@ -52,6 +52,10 @@ W = TypeVar("W")
 R = TypeVar("R")
 
 _RETRY_DELAYS = (0.05, 0.2, 0.5)
+# At most one statement of runs' ends per 2 ms (GroupCommit's spacing): an end that comes
+# within 2 ms of the last such statement's start waits out the rest with the ends made
+# meanwhile, and one after a quieter spell goes at once. (Measured on W1 started singly.)
+_FINISH_SPACING = 0.002
 
 
 def _by_run(rows: Sequence[asyncpg.Record], make: Callable[..., R]) -> dict[uuid.UUID, list[R]]:
@@ -88,7 +92,9 @@ class PostgresStore:
         self.listen_dsn = listen_dsn or (None if pooled else dsn)
         self._q = queries()
         self.appends: GroupCommit[PendingEntry, Outcome] = GroupCommit(self._append_entries)
-        self.finishes: GroupCommit[PendingFinish, bool] = GroupCommit(self._finish_runs)
+        self.finishes: GroupCommit[PendingFinish, bool] = GroupCommit(
+            self._finish_runs, spacing=_FINISH_SPACING
+        )
         # Reads go together the same way: the journals asked for in one turn of the event
         # loop (the runs of one claim, resumed together) come in one query; a few queries at
         # once, so that one slow load (a long journal) does not hold up the others.

@@ -55,6 +55,27 @@ async def test_writes_made_in_the_same_turn_as_the_first_go_in_its_statement() -
     assert statements.sent == [[1, 2, 3]]
 
 
+async def test_a_write_soon_after_a_statement_began_waits_out_the_spacing_with_later_ones() -> None:
+    statements = Statements()
+    statements.release.set()
+    began: list[float] = []
+    flush = statements.flush
+
+    async def timed(writes: Sequence[int]) -> list[str | BaseException]:
+        began.append(asyncio.get_running_loop().time())
+        return await flush(writes)
+
+    group: GroupCommit[int, str] = GroupCommit(timed, spacing=0.5)
+    assert await group.write(1) == "ok 1"  # the first goes at once
+    second = asyncio.create_task(group.write(2))
+    for _ in range(5):  # turns of the event loop in which, unspaced, 2 would go alone
+        await asyncio.sleep(0)
+    third = asyncio.create_task(group.write(3))
+    assert (await second, await third) == ("ok 2", "ok 3")
+    assert statements.sent == [[1], [2, 3]]
+    assert began[1] - began[0] >= 0.5
+
+
 async def test_a_failed_statement_fails_its_callers_and_no_later_one() -> None:
     statements = Statements()
     statements.fail_next = ConnectionResetError("terminated")
