@@ -15,9 +15,8 @@ import contextlib
 import functools
 import inspect
 import json
-import math
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, ParamSpec, Protocol, TypeVar
+from typing import Any, NamedTuple, ParamSpec, Protocol, TypeVar
 
 import asyncpg
 
@@ -91,7 +90,7 @@ def surfacing_methods(cls: C) -> C:
 
 
 class Pool(Protocol):
-    """What the store asks of its pool: asyncpg's ``Pool``, or ``TimedPool`` over one."""
+    """What the store asks of its pool: ``HoldingPool`` or ``TimedPool`` over asyncpg's."""
 
     def acquire(self) -> contextlib.AbstractAsyncContextManager[Any]: ...
     async def execute(self, query: str, *args: Any) -> str: ...
@@ -145,14 +144,15 @@ class HoldingPool:
     ``asyncio.shield``, with a timeout around the reset and an inactivity timer re-armed), and
     two turns of the event loop before the caller goes on. This pool borrows connections from
     asyncpg's and lends them to calls itself, the last one kept first (the warmest). asyncpg
-    still opens, counts (a kept connection is in use there) and closes them, and gets one
-    back, through its own return, when a call on it raised or was cancelled (asyncpg rolls
-    back, waits out a cancellation, terminates a broken connection), when it is left in a
-    transaction, when a call is waiting for asyncpg to lend one (the limit starves no one),
-    when it was borrowed before ``expire_connections`` or more than ``hold`` seconds ago (so
-    asyncpg's limits, such as queries per connection, still apply), when it has been kept
-    idle for ``hold`` seconds, and on ``close``. ``setup`` runs on every checkout (a test
-    clock's setting), as asyncpg's own ``setup`` would."""
+    still opens, counts (a kept connection is in use there) and closes them. A connection goes
+    back to asyncpg's own return when a call on it raised or was cancelled (asyncpg rolls back,
+    waits out a cancellation, terminates a broken connection), when it is left in a
+    transaction, when a call is waiting for asyncpg to lend one (the limit starves no one), when
+    it was borrowed more than ``hold`` seconds ago (so asyncpg's limits, such as queries per
+    connection, still apply), when it has been kept idle for ``hold`` seconds, and on
+    ``close``. A kept connection found closed (its server went away meanwhile: asyncpg has
+    taken it back) is skipped; one borrowed before ``expire_connections``, or whose ``setup``
+    failed, is terminated. ``setup`` runs on every checkout (a test clock's setting)."""
 
     def __init__(
         self,
@@ -164,22 +164,22 @@ class HoldingPool:
         self._pool = pool
         self._setup = setup
         self._hold = hold
-        self._kept: list[tuple[Any, float, float]] = []  # connection, borrowed at, kept at
+        self._kept: list[tuple[Any, _Loan, float]] = []  # connection, its loan, kept at
         self._waiting = 0  # calls waiting for asyncpg to lend a connection
-        self._borrowed_after = -math.inf  # expire_connections: earlier ones go back
+        self._generation = 0  # expire_connections: loans of earlier generations end
         self._closing = False
         self._trimming: asyncio.TimerHandle | None = None
         self._returning: set[asyncio.Task[None]] = set()
 
     @contextlib.asynccontextmanager
     async def acquire(self) -> AsyncIterator[Any]:
-        conn, borrowed = await self._checkout()
+        conn, loan = await self._checkout()
         try:
             yield conn
         except BaseException:
             await self._pool.release(conn)
             raise
-        await self._checkin(conn, borrowed)
+        await self._checkin(conn, loan)
 
     async def execute(self, query: str, *args: Any) -> str:
         status: str = await self._call(lambda conn: conn.execute(query, *args))
@@ -197,18 +197,23 @@ class HoldingPool:
 
     async def expire_connections(self) -> None:
         await self._pool.expire_connections()
-        self._borrowed_after = asyncio.get_running_loop().time()
-        # In the background: asyncpg closes an expired connection it gets back, and a close
-        # waits for the server's goodbye, which a server out of reach may never send.
-        self._give_back_later(self._take_kept(len(self._kept)))
+        self._generation += 1
+        # Terminated, not returned: asyncpg would close each gracefully, waiting for the
+        # server's goodbye, which a server out of reach may never send.
+        for conn in self._take_kept(len(self._kept)):
+            _terminate(conn)
 
     async def close(self) -> None:
         self._closing = True
         if self._trimming is not None:
             self._trimming.cancel()
-        await self._give_back(self._take_kept(len(self._kept)))
-        await asyncio.gather(*self._returning)
-        await self._pool.close()
+        try:
+            await self._give_back(self._take_kept(len(self._kept)))
+            await asyncio.gather(*self._returning)
+            await self._pool.close()
+        except BaseException:
+            self._pool.terminate()
+            raise
 
     def terminate(self) -> None:
         self._closing = True
@@ -218,47 +223,51 @@ class HoldingPool:
         self._pool.terminate()
 
     async def _call(self, call: Callable[[Any], Awaitable[T]]) -> T:
-        conn, borrowed = await self._checkout()
+        conn, loan = await self._checkout()
         try:
             result = await call(conn)
         except BaseException:
             await self._pool.release(conn)
             raise
-        await self._checkin(conn, borrowed)
+        await self._checkin(conn, loan)
         return result
 
-    async def _checkout(self) -> tuple[Any, float]:
-        if self._kept:
-            conn, borrowed, _kept_at = self._kept.pop()
-        else:
+    async def _checkout(self) -> tuple[Any, _Loan]:
+        conn = None
+        while self._kept and conn is None:
+            conn, loan, _kept_at = self._kept.pop()
+            if not _alive(conn):
+                _terminate(conn)
+                conn = None
+        if conn is None:
+            loan = _Loan(self._generation, asyncio.get_running_loop().time())
             self._waiting += 1
             try:
                 conn = await self._pool.acquire()
             finally:
                 self._waiting -= 1
-            borrowed = asyncio.get_running_loop().time()
         if self._setup is not None:
             try:
                 await self._setup(conn)
             except BaseException:
-                await self._pool.release(conn)
+                _terminate(conn)
                 raise
-        return conn, borrowed
+        return conn, loan
 
-    async def _checkin(self, conn: Any, borrowed: float) -> None:
+    async def _checkin(self, conn: Any, loan: _Loan) -> None:
         loop = asyncio.get_running_loop()
         now = loop.time()
         if (
             self._closing
             or self._waiting
-            or borrowed <= self._borrowed_after
-            or now - borrowed > self._hold
-            or conn.is_closed()
+            or loan.generation != self._generation
+            or now - loan.at > self._hold
+            or not _alive(conn)
             or conn.is_in_transaction()
         ):
             await self._pool.release(conn)
             return
-        self._kept.append((conn, borrowed, now))
+        self._kept.append((conn, loan, now))
         if self._trimming is None:
             self._trimming = loop.call_later(
                 self._hold, self._trim, context=_lineage.detached_context()
@@ -272,7 +281,11 @@ class HoldingPool:
         while idle < len(self._kept) and self._kept[idle][2] <= loop.time() - self._hold:
             idle += 1
         if idle:
-            self._give_back_later(self._take_kept(idle))
+            task = loop.create_task(
+                self._give_back(self._take_kept(idle)), context=_lineage.detached_context()
+            )
+            self._returning.add(task)
+            task.add_done_callback(self._returning.discard)
         self._trimming = None
         if self._kept:
             after = self._kept[0][2] + self._hold - loop.time()
@@ -283,18 +296,33 @@ class HoldingPool:
     def _take_kept(self, count: int) -> list[Any]:
         """The ``count`` connections kept longest, no longer kept."""
         taken, self._kept = self._kept[:count], self._kept[count:]
-        return [conn for conn, _borrowed, _kept_at in taken]
+        return [conn for conn, _loan, _kept_at in taken]
 
     async def _give_back(self, conns: list[Any]) -> None:
         for conn in conns:
-            await self._pool.release(conn)
+            try:
+                await self._pool.release(conn)
+            except Exception:  # asyncpg's return failed: the connection is of no more use
+                _terminate(conn)
 
-    def _give_back_later(self, conns: list[Any]) -> None:
-        task = asyncio.get_running_loop().create_task(
-            self._give_back(conns), context=_lineage.detached_context()
-        )
-        self._returning.add(task)
-        task.add_done_callback(self._returning.discard)
+
+class _Loan(NamedTuple):
+    """When a connection was borrowed from asyncpg, and in which generation of the pool."""
+
+    generation: int
+    at: float
+
+
+def _alive(conn: Any) -> bool:
+    try:
+        return not conn.is_closed()
+    except (asyncpg.InterfaceError, AttributeError):  # taken back by asyncpg when it closed
+        return False
+
+
+def _terminate(conn: Any) -> None:
+    with contextlib.suppress(asyncpg.InterfaceError, AttributeError):
+        conn.terminate()
 
 
 class TimedPool:

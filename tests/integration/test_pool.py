@@ -104,13 +104,28 @@ async def test_expired_connections_kept_or_lent_are_not_lent_again(pool: Holding
     assert not seen & {kept, lent}
 
 
-async def test_a_terminated_backend_fails_one_call_and_the_next_gets_a_new_connection(
+async def test_a_connection_whose_backend_was_terminated_while_kept_is_not_lent_again(
+    database_url: str, db: asyncpg.Connection
+) -> None:
+    inner = await asyncpg.create_pool(database_url, min_size=0, max_size=2)
+    pool = HoldingPool(inner)
+    try:
+        first = await pool.fetchval(PID)
+        assert await db.fetchval("SELECT pg_terminate_backend($1, 5000)", first)
+        await until(lambda: inner.get_size() == 0, what="asyncpg to see the connection closed")
+        assert await pool.fetchval(PID) != first
+    finally:
+        await pool.close()
+
+
+async def test_a_connection_whose_backend_is_gone_fails_its_call_alone(
     pool: HoldingPool, db: asyncpg.Connection
 ) -> None:
-    first = await pool.fetchval(PID)
-    assert await db.fetchval("SELECT pg_terminate_backend($1)", first)
-    with pytest.raises(TRANSIENT):
-        await pool.fetchval(PID)
+    async with pool.acquire() as conn:
+        first = await conn.fetchval(PID)
+        assert await db.fetchval("SELECT pg_terminate_backend($1, 5000)", first)
+        with pytest.raises(TRANSIENT):
+            await conn.fetchval(PID)
     assert await pool.fetchval(PID) != first
 
 
