@@ -5,6 +5,7 @@ or starve a call waiting for one."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 
 import asyncpg
@@ -16,6 +17,19 @@ from tests.helpers import until
 pytestmark = pytest.mark.postgres
 
 PID = "SELECT pg_backend_pid()"
+
+
+@contextlib.asynccontextmanager
+async def over_asyncpg(
+    database_url: str, hold: float = 30.0
+) -> AsyncIterator[tuple[asyncpg.Pool, HoldingPool]]:
+    """A HoldingPool over an asyncpg pool the test can look into."""
+    inner = await asyncpg.create_pool(database_url, min_size=0, max_size=2)
+    pool = HoldingPool(inner, hold=hold)
+    try:
+        yield inner, pool
+    finally:
+        await pool.close()
 
 
 @pytest.fixture
@@ -107,15 +121,11 @@ async def test_expired_connections_kept_or_lent_are_not_lent_again(pool: Holding
 async def test_a_connection_whose_backend_was_terminated_while_kept_is_not_lent_again(
     database_url: str, db: asyncpg.Connection
 ) -> None:
-    inner = await asyncpg.create_pool(database_url, min_size=0, max_size=2)
-    pool = HoldingPool(inner)
-    try:
+    async with over_asyncpg(database_url) as (inner, pool):
         first = await pool.fetchval(PID)
         assert await db.fetchval("SELECT pg_terminate_backend($1, 5000)", first)
         await until(lambda: inner.get_size() == 0, what="asyncpg to see the connection closed")
         assert await pool.fetchval(PID) != first
-    finally:
-        await pool.close()
 
 
 async def test_a_connection_whose_backend_is_gone_fails_its_call_alone(
@@ -132,29 +142,21 @@ async def test_a_connection_whose_backend_is_gone_fails_its_call_alone(
 async def test_a_connection_kept_idle_for_the_hold_time_goes_back_to_asyncpg(
     database_url: str,
 ) -> None:
-    inner = await asyncpg.create_pool(database_url, min_size=0, max_size=2)
-    pool = HoldingPool(inner, hold=0.2)
-    try:
+    async with over_asyncpg(database_url, hold=0.2) as (inner, pool):
         await pool.fetchval("SELECT 1")
         assert inner.get_idle_size() == 0  # kept here: asyncpg counts it as in use
         await until(lambda: inner.get_idle_size() == 1, what="the trim, 0.2 s after the call")
         assert await pool.fetchval("SELECT 2") == 2
-    finally:
-        await pool.close()
 
 
 async def test_a_connection_held_past_the_hold_time_goes_back_when_its_call_ends(
     database_url: str,
 ) -> None:
-    inner = await asyncpg.create_pool(database_url, min_size=0, max_size=2)
-    pool = HoldingPool(inner, hold=0.2)
-    try:
+    async with over_asyncpg(database_url, hold=0.2) as (inner, pool):
         async with pool.acquire() as conn:
             await asyncio.sleep(0.3)  # borrowed longer than the hold time
             await conn.fetchval("SELECT 1")
         assert inner.get_idle_size() == 1
-    finally:
-        await pool.close()
 
 
 async def test_closing_the_pool_closes_the_connections_it_kept(
