@@ -306,6 +306,16 @@ class CodeVersions:
             [s.name for s in specs if s.options.versioning == "pinned"],
         )
 
+    def of_one(self, function: str) -> CodeVersions:
+        """What a claim of a run of ``function`` alone needs to know: its entry, if any.
+        asyncpg checks every element of an array it sends, so an eager start sends one
+        function's entry rather than the whole worker's."""
+        if function not in self.names:
+            return CodeVersions([], [], [])
+        at = self.names.index(function)
+        pinned = [function] if function in self.pinned else []
+        return CodeVersions([function], [self.versions[at]], pinned)
+
 
 def new_run(
     functions: Mapping[str, FunctionSpec],

@@ -80,6 +80,7 @@ class Worker:
         self.store = store
         self.functions = dict(functions)
         self.code = CodeVersions.of(self.functions)
+        self._code_of = {name: self.code.of_one(name) for name in self.functions}
         _metrics.declare(self.functions)
         # Every function of the app, served here or not: what a run may start as a child.
         self.registry = dict(registry or functions)
@@ -134,7 +135,7 @@ class Worker:
         and the caller starts the run the usual way, which finds it if it was created."""
         if not self.can_start(run.function):
             return None
-        code = self.code
+        code = self._code_of[run.function]
         self._reserved += 1
         try:
             found, created, claim = await self.store.start_claimed(

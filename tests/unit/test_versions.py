@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 import durable
-from engine._registry import code_version
+from engine._registry import CodeVersions, code_version
 from engine.errors import ConfigurationError
 
 
@@ -103,3 +103,10 @@ def test_versioning_is_replay_or_pinned() -> None:
     app = durable.App()
     with pytest.raises(ConfigurationError, match="versioning must be 'replay' or 'pinned'"):
         app.function(versioning="sticky")  # type: ignore[arg-type]
+
+
+def test_an_eager_start_tells_its_claim_the_entry_of_its_own_function_alone() -> None:
+    code = CodeVersions(["a", "b", "c"], ["v1", "v2", "v3"], ["b"])
+    assert code.of_one("b") == CodeVersions(["b"], ["v2"], ["b"])
+    assert code.of_one("c") == CodeVersions(["c"], ["v3"], [])
+    assert code.of_one("z") == CodeVersions([], [], [])
