@@ -96,19 +96,17 @@ class GroupCommit(Generic[W, R]):
             self._in_flight += 1
             loop = asyncio.get_running_loop()
             wait = self._last_start + self._spacing - loop.time()
-            if wait > 0:
-                loop.call_later(wait, self._start, context=_lineage.detached_context())
-            else:
-                self._start()
+            task = loop.create_task(self._commit(wait), context=_lineage.detached_context())
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
-    def _start(self) -> None:
-        task = asyncio.get_running_loop().create_task(
-            self._commit(), context=_lineage.detached_context()
-        )
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _commit(self) -> None:
+    async def _commit(self, wait: float) -> None:
+        if wait > 0:  # spaced: the wait is the task's, so a loop that shuts down cancels it
+            try:
+                await asyncio.sleep(wait)
+            except asyncio.CancelledError:
+                self._in_flight -= 1  # the loop is going away: send nothing more
+                raise
         # The batch is taken when the task first runs, not when it was created: the writes
         # queued in the same turn of the event loop as the first (the runs of one claim,
         # ending together) go with it, at no cost in latency.

@@ -76,6 +76,33 @@ async def test_a_write_soon_after_a_statement_began_waits_out_the_spacing_with_l
     assert began[1] - began[0] >= 0.5
 
 
+def test_a_loop_that_shuts_down_during_the_spacing_leaves_no_statement_pending() -> None:
+    """The wait for the spacing belongs to a task, which the loop's shutdown cancels: a timer
+    that fired during the shutdown would start a statement's task no one cancels or awaits."""
+    statements = Statements()
+    statements.release.set()
+    group: GroupCommit[int, str] = GroupCommit(statements.flush, spacing=0.05)
+    spaced = asyncio.Event()
+
+    async def slow_to_stop() -> None:  # keeps the shutdown going past the spacing
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await asyncio.shield(asyncio.sleep(0.2))
+
+    async def main() -> None:
+        asyncio.get_running_loop().create_task(slow_to_stop())
+        await group.write(1)
+        asyncio.get_running_loop().create_task(group.write(2))
+        await asyncio.sleep(0)  # the second write now waits out the spacing
+        spaced.set()
+
+    asyncio.run(main())
+    assert spaced.is_set()
+    assert statements.sent == [[1]]  # the second never went: its loop was going away
+    assert all(task.done() for task in group._tasks)
+
+
 async def test_a_failed_statement_fails_its_callers_and_no_later_one() -> None:
     statements = Statements()
     statements.fail_next = ConnectionResetError("terminated")
