@@ -101,12 +101,8 @@ class GroupCommit(Generic[W, R]):
             task.add_done_callback(self._tasks.discard)
 
     async def _commit(self, wait: float) -> None:
-        if wait > 0:  # spaced: the wait is the task's, so a loop that shuts down cancels it
-            try:
-                await asyncio.sleep(wait)
-            except asyncio.CancelledError:
-                self._in_flight -= 1  # the loop is going away: send nothing more
-                raise
+        if wait > 0:
+            await self._space(wait)
         # The batch is taken when the task first runs, not when it was created: the writes
         # queued in the same turn of the event loop as the first (the runs of one claim,
         # ending together) go with it, at no cost in latency.
@@ -142,3 +138,12 @@ class GroupCommit(Generic[W, R]):
             self._in_flight -= 1
             if not cancelled:
                 self._send()
+
+    async def _space(self, wait: float) -> None:
+        """Wait out the spacing in the statement's task, so that a loop that shuts down
+        cancels the wait (a timer would start the statement during the shutdown)."""
+        try:
+            await asyncio.sleep(wait)
+        except asyncio.CancelledError:
+            self._in_flight -= 1  # the loop is going away: send nothing more
+            raise
