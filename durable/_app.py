@@ -111,7 +111,9 @@ class App(Declarations):
         super().__init__(settings.max_payload_bytes, version, settings.retention)
         self._connection = Connection(settings, on_lost=self.stop_workers)
         self._hosting = Hosting(self, self._connection, self.connect)
-        self._client = Client(self, self._connection, self._hosting.worker_for)
+        self._client = Client(
+            self, self._connection, self._hosting.worker_for, self._hosting.attempt_here
+        )
         self._reads = Reads(self._connection)
 
     @property

@@ -4,6 +4,7 @@ a ``RunHandle`` asks (``durable._handle.RunSource``)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
@@ -59,10 +60,12 @@ class Client:
         declarations: Declarations,
         connection: Connection,
         worker_for: Callable[[str], Worker | None] = lambda _function: None,
+        attempt_here: Callable[[uuid.UUID], asyncio.Task[None] | None] = lambda _run_id: None,
     ) -> None:
         self._declarations = declarations
         self._connection = connection
         self._worker_for = worker_for
+        self._attempt_here = attempt_here
         self._done_waiters: dict[uuid.UUID, set[Callable[[], None]]] = {}
 
     # -- starting -------------------------------------------------------------------------------
@@ -335,6 +338,9 @@ class Client:
     def return_type_of(self, function: str) -> Any:
         spec = self._declarations.spec_for(function)
         return spec.return_type if spec else NO_TYPE
+
+    def attempt_here(self, run_id: uuid.UUID) -> asyncio.Task[None] | None:
+        return self._attempt_here(run_id)
 
     def on_done(self, run_id: uuid.UUID, callback: Callable[[], None]) -> Callable[[], None]:
         """Call ``callback`` when a notification says ``run_id`` ended (or when the listener

@@ -48,6 +48,12 @@ class RunSource(Protocol):
 
     def on_done(self, run_id: uuid.UUID, callback: Callable[[], None]) -> Callable[[], None]: ...
 
+    def attempt_here(self, run_id: uuid.UUID) -> asyncio.Task[None] | None:
+        """The attempt of ``run_id`` a worker of this process runs now on this event loop, if
+        any: a task that ends when the attempt does (its end written, the run suspended,
+        handed back or lost)."""
+        ...
+
     async def fork_run(
         self,
         run_id: uuid.UUID,
@@ -206,6 +212,13 @@ class RunHandle(Generic[T]):
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         while True:
+            here = self._source.attempt_here(self.run_id)
+            if here is not None:
+                # Run here: its attempt's end is known here first. Waiting for it rather than
+                # reading at once keeps a read (which asks the database to announce the end)
+                # off the attempt's way, and the read after it finds the end written.
+                remaining = None if deadline is None else max(0.0, deadline - loop.time())
+                await asyncio.wait({here}, timeout=remaining)
             finished = asyncio.Event()
             unsubscribe = self._source.on_done(self.run_id, finished.set)
             try:

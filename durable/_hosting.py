@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import timedelta
 
@@ -103,6 +104,16 @@ class Hosting:
         for hosted in self._hosted:
             if hosted.worker is not None and hosted.worker.can_start(function):
                 return hosted.worker
+        return None
+
+    def attempt_here(self, run_id: uuid.UUID) -> asyncio.Task[None] | None:
+        """The task of an attempt of ``run_id`` that a worker of this process runs now on the
+        caller's event loop (``Worker.attempt_here``), if any."""
+        for hosted in self._hosted:
+            if hosted.worker is not None:
+                found = hosted.worker.attempt_here(run_id)
+                if found is not None:
+                    return found
         return None
 
 

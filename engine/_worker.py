@@ -126,6 +126,15 @@ class Worker:
             and self._loop is asyncio.get_running_loop()
         )
 
+    def attempt_here(self, run_id: uuid.UUID) -> asyncio.Task[None] | None:
+        """The task of the attempt of ``run_id`` this worker runs now, if it runs one on the
+        caller's event loop: it ends when the attempt does (its end written, the run
+        suspended, handed back or lost)."""
+        if self._loop is not asyncio.get_running_loop():
+            return None
+        found = self.active.get(run_id)
+        return None if found is None else found[1]
+
     async def start_here(self, run: NewRun) -> tuple[uuid.UUID, bool] | None:
         """Start ``run`` (built by ``engine.new_run``) and, when nothing stands between it and
         a worker, claim it in the same round trip and run it here at once: an eager start,
