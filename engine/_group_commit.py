@@ -78,7 +78,7 @@ class GroupCommit(Generic[W, R]):
         self._last_start = -math.inf
         self._queue: list[tuple[W, asyncio.Future[R]]] = []
         self._in_flight = 0
-        self._scheduled = False  # a statement's task is created and has not taken its batch
+        self._next: asyncio.Task[None] | None = None  # a statement yet to take its batch
         self._tasks: set[asyncio.Task[None]] = set()  # the loop keeps only weak references
         self.statements = 0  # flushes that committed, for benchmarks and tests
         self.writes = 0
@@ -91,22 +91,34 @@ class GroupCommit(Generic[W, R]):
         return await future
 
     def _send(self) -> None:
-        if self._queue and not self._scheduled and self._in_flight < self._max_in_flight:
-            self._scheduled = True
+        if self._queue and self._next is None and self._in_flight < self._max_in_flight:
             self._in_flight += 1
             loop = asyncio.get_running_loop()
             wait = self._last_start + self._spacing - loop.time()
             task = loop.create_task(self._commit(wait), context=_lineage.detached_context())
+            self._next = task
             self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            task.add_done_callback(self._ended)
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if task is self._next:
+            # Cancelled before it took its batch (in its spacing's wait, or before it first
+            # ran): the loop is going away. The writes that waited for it are cancelled, as
+            # those of a statement cancelled in flight are, and a later write starts another.
+            self._next = None
+            self._in_flight -= 1
+            waiting, self._queue = self._queue, []
+            for _item, future in waiting:
+                future.cancel()
 
     async def _commit(self, wait: float) -> None:
-        if wait > 0:
-            await self._space(wait)
-        # The batch is taken when the task first runs, not when it was created: the writes
-        # queued in the same turn of the event loop as the first (the runs of one claim,
-        # ending together) go with it, at no cost in latency.
-        self._scheduled = False
+        if wait > 0:  # spaced: the wait is the task's, so a loop that shuts down cancels it
+            await asyncio.sleep(wait)
+        # The batch is taken when the task runs (after its spacing), not when it was created:
+        # the writes queued in the same turn of the event loop as the first (the runs of one
+        # claim, ending together) go with it, at no cost in latency.
+        self._next = None
         self._last_start = asyncio.get_running_loop().time()
         batch, self._queue = self._queue[: self._max_batch], self._queue[self._max_batch :]
         self._send()  # the rest, if more statements may be in flight
@@ -138,12 +150,3 @@ class GroupCommit(Generic[W, R]):
             self._in_flight -= 1
             if not cancelled:
                 self._send()
-
-    async def _space(self, wait: float) -> None:
-        """Wait out the spacing in the statement's task, so that a loop that shuts down
-        cancels the wait (a timer would start the statement during the shutdown)."""
-        try:
-            await asyncio.sleep(wait)
-        except asyncio.CancelledError:
-            self._in_flight -= 1  # the loop is going away: send nothing more
-            raise

@@ -76,22 +76,27 @@ async def test_a_write_soon_after_a_statement_began_waits_out_the_spacing_with_l
     assert began[1] - began[0] >= 0.5
 
 
-def test_a_loop_that_shuts_down_during_the_spacing_leaves_no_statement_pending() -> None:
-    """The wait for the spacing belongs to a task, which the loop's shutdown cancels: a timer
-    that fired during the shutdown would start a statement's task no one cancels or awaits."""
+def test_a_loop_shutting_down_in_the_spacing_cancels_the_wait_and_takes_writes_after() -> None:
+    """The wait for the spacing belongs to a task, which the loop's shutdown cancels (a timer
+    would start the statement during the shutdown, in a task no one cancels or awaits). The
+    writes that waited for it are cancelled, and a write made later in the shutdown (a task
+    that cleans up) still goes and returns, rather than waiting for a statement that never
+    comes."""
     statements = Statements()
     statements.release.set()
     group: GroupCommit[int, str] = GroupCommit(statements.flush, spacing=0.05)
     spaced = asyncio.Event()
+    late: list[str] = []
 
-    async def slow_to_stop() -> None:  # keeps the shutdown going past the spacing
+    async def cleans_up_late() -> None:
         try:
             await asyncio.Event().wait()
-        finally:
+        finally:  # past the spacing, once the shutdown has cancelled every task
             await asyncio.shield(asyncio.sleep(0.2))
+            late.append(await asyncio.wait_for(group.write(3), 10))
 
     async def main() -> None:
-        asyncio.get_running_loop().create_task(slow_to_stop())
+        asyncio.get_running_loop().create_task(cleans_up_late())
         await group.write(1)
         asyncio.get_running_loop().create_task(group.write(2))
         await asyncio.sleep(0)  # the second write now waits out the spacing
@@ -99,8 +104,23 @@ def test_a_loop_that_shuts_down_during_the_spacing_leaves_no_statement_pending()
 
     asyncio.run(main())
     assert spaced.is_set()
-    assert statements.sent == [[1]]  # the second never went: its loop was going away
-    assert all(task.done() for task in group._tasks)
+    assert statements.sent == [[1], [3]]  # the second never went: its loop was going away
+    assert late == ["ok 3"]
+    assert (group._next, group._in_flight, group._queue) == (None, 0, [])
+
+
+async def test_a_statement_cancelled_before_it_ran_cancels_its_writes_and_not_later_ones() -> None:
+    statements = Statements()
+    statements.release.set()
+    group: GroupCommit[int, str] = GroupCommit(statements.flush)
+    first = asyncio.create_task(group.write(1))
+    await asyncio.sleep(0)  # the write is queued, its statement's task made and not yet run
+    [statement] = group._tasks
+    statement.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    assert await asyncio.wait_for(group.write(2), 10) == "ok 2"
+    assert statements.sent == [[2]]
 
 
 async def test_a_failed_statement_fails_its_callers_and_no_later_one() -> None:
