@@ -65,7 +65,7 @@ class Client:
         self._declarations = declarations
         self._connection = connection
         self._worker_for = worker_for
-        self._attempt_here = attempt_here
+        self.attempt_here = attempt_here  # RunSource.attempt_here
         self._done_waiters: dict[uuid.UUID, set[Callable[[], None]]] = {}
 
     # -- starting -------------------------------------------------------------------------------
@@ -338,9 +338,6 @@ class Client:
     def return_type_of(self, function: str) -> Any:
         spec = self._declarations.spec_for(function)
         return spec.return_type if spec else NO_TYPE
-
-    def attempt_here(self, run_id: uuid.UUID) -> asyncio.Task[None] | None:
-        return self._attempt_here(run_id)
 
     def on_done(self, run_id: uuid.UUID, callback: Callable[[], None]) -> Callable[[], None]:
         """Call ``callback`` when a notification says ``run_id`` ended (or when the listener
