@@ -317,8 +317,11 @@ class PostgresStore:
         caller must start it as not fresh (``run.named()``)."""
         claiming = (worker, lease, list(functions), _versions(functions, versions), list(pinned))
         if _one_statement(run):
+            # Flat when the run looks claimable here (start_run_claimed checks it again).
+            flat = _claimable(run) and run.function in functions
+            query = self._q["start_run_claimed" if flat else "start_run"]
             args = (*_run_args(run), *claiming)
-            started = await self._once(lambda: self._pool.fetchrow(self._q["start_run"], *args))
+            started = await self._once(lambda: self._pool.fetchrow(query, *args))
             if started is not None:
                 claim = _claim(started) if started["claimed"] else None
                 return started["id"], True, claim
@@ -948,6 +951,17 @@ def _one_statement(run: NewRun) -> bool:
     """Whether ``run`` may start by queries.sql's start_run: fresh (nothing to look for or
     lock), with no idempotency key and no concurrency strategy that acts on other runs."""
     return run.fresh and run.idempotency_key is None and run.strategy == "queue"
+
+
+def _claimable(run: NewRun) -> bool:
+    """Whether ``run`` is due at once with nothing to wait for: claimed as it is inserted when a
+    worker that serves its function starts it (durable.new_run's claim, less the clock)."""
+    return (
+        run.available_at is None
+        and run.delay is None
+        and run.concurrency_key is None
+        and run.rate_limit is None
+    )
 
 
 def _versions(functions: Sequence[str], versions: Sequence[str] | None) -> list[str]:

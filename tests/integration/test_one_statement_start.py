@@ -1,7 +1,8 @@
 """A fresh run with no idempotency key or concurrency strategy starts in one statement
-(queries.sql's start_run) rather than by durable.create_runs. Its row is the same; a class with
-no open segment falls back to create_runs, which opens one; and a start whose reply was lost is
-tried again as a named run, so that it is found, wherever it went, and not started twice."""
+(queries.sql's start_run, or start_run_claimed when the worker starting it runs it) rather than
+by durable.create_runs. Its row is the same; a class with no open segment falls back to
+create_runs, which opens one; and a start whose reply was lost is tried again as a named run, so
+that it is found, wherever it went, and not started twice."""
 
 from __future__ import annotations
 
@@ -14,16 +15,19 @@ from typing import Any
 
 import asyncpg
 import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 
 import durable
 from engine import NewRun, PostgresStore
+from engine._store import _claim, _run_args
 from tests.helpers import make_app, running_worker
 
 pytestmark = pytest.mark.postgres
 
 
 class LosingTheReply:
-    """The store's pool, but its first start_run statement commits and then loses its reply
+    """The store's pool, but its first ``start_run`` statement commits and then loses its reply
     (a connection that died after the commit), calling ``after`` in between; with no ``after``,
     it loses nothing and only records the statements."""
 
@@ -48,11 +52,13 @@ class LosingTheReply:
 
 
 def losing_the_reply(
-    store: PostgresStore, after: Callable[[], Awaitable[None]] | None
+    store: PostgresStore,
+    after: Callable[[], Awaitable[None]] | None,
+    statement: str = "start_run",
 ) -> LosingTheReply:
-    """Put a ``LosingTheReply`` under ``store``."""
+    """Put a ``LosingTheReply`` of queries.sql's ``statement`` under ``store``."""
     # The test looks inside on purpose: it loses one reply.
-    losing = LosingTheReply(store._pool, store._q["start_run"], after)
+    losing = LosingTheReply(store._pool, store._q[statement], after)
     store._pool = losing
     return losing
 
@@ -85,6 +91,36 @@ ZONE = "America/New_York"
 BEFORE_THE_CHANGE = datetime(2027, 3, 13, 17, 0, tzinfo=UTC)  # noon; clocks go forward on the 14th
 
 
+async def hold_the_clock(db: asyncpg.Connection) -> None:
+    """Hold the database's clock at ``BEFORE_THE_CHANGE`` and its sessions' zone at ``ZONE``,
+    for the sessions opened after this."""
+    name = await db.fetchval("SELECT current_database()")
+    await db.execute(f"ALTER DATABASE \"{name}\" SET TimeZone TO '{ZONE}'")
+    await db.execute(
+        f"ALTER DATABASE \"{name}\" SET durable.fake_now TO '{BEFORE_THE_CHANGE.isoformat()}'"
+    )
+
+
+async def same_rows(db: asyncpg.Connection, first: uuid.UUID, second: uuid.UUID) -> dict[str, Any]:
+    """Assert that runs ``first`` and ``second`` differ only in their ids and the moments their
+    rows were written; returns ``first``'s row."""
+    rows = await db.fetch(
+        "SELECT to_jsonb(r)::text AS doc, r.* FROM durable.runs r"
+        " WHERE id = ANY($1::uuid[]) ORDER BY id = $2 DESC",
+        [first, second],
+        first,
+    )
+    assert len(rows) == 2
+    one, other = dict(rows[0]), dict(rows[1])
+    # Every column as Python reads it (SQL's NULL is not JSON's null) and as PostgreSQL writes
+    # it ("1 day" and "24:00:00" are two intervals there, one timedelta here).
+    as_text = [json.loads(row["doc"]) for row in rows]
+    differ = {key for key in one if one[key] != other[key]}
+    differ |= {key for key in as_text[0] if as_text[0][key] != as_text[1][key]}
+    assert differ == {"id", "doc", "created_at", "updated_at"}
+    return one
+
+
 @pytest.mark.parametrize(
     ("given", "options"),
     [
@@ -111,11 +147,7 @@ BEFORE_THE_CHANGE = datetime(2027, 3, 13, 17, 0, tzinfo=UTC)  # noon; clocks go 
 async def test_a_fresh_run_is_the_same_row_by_either_statement(
     database_url: str, db: asyncpg.Connection, given: Any, options: dict[str, Any]
 ) -> None:
-    name = await db.fetchval("SELECT current_database()")
-    await db.execute(f"ALTER DATABASE \"{name}\" SET TimeZone TO '{ZONE}'")
-    await db.execute(
-        f"ALTER DATABASE \"{name}\" SET durable.fake_now TO '{BEFORE_THE_CHANGE.isoformat()}'"
-    )
+    await hold_the_clock(db)
     store = await PostgresStore.connect(database_url, max_size=2)
     try:
         assert await store._pool.fetchval("SHOW TimeZone") == ZONE
@@ -130,19 +162,7 @@ async def test_a_fresh_run_is_the_same_row_by_either_statement(
         assert created
     finally:
         await store.close()
-    rows = await db.fetch(
-        "SELECT to_jsonb(r)::text AS doc, r.* FROM durable.runs r"
-        " WHERE id = ANY($1::uuid[]) ORDER BY id = $2 DESC",
-        [first, second],
-        first,
-    )
-    by_fresh, by_named = dict(rows[0]), dict(rows[1])
-    # Every column as Python reads it (SQL's NULL is not JSON's null) and as PostgreSQL writes
-    # it ("1 day" and "24:00:00" are two intervals there, one timedelta here).
-    as_text = [json.loads(row["doc"]) for row in rows]
-    differ = {key for key in by_fresh if by_fresh[key] != by_named[key]}
-    differ |= {key for key in as_text[0] if as_text[0][key] != as_text[1][key]}
-    assert differ == {"id", "doc", "created_at", "updated_at"}
+    by_fresh = await same_rows(db, first, second)
     starts = options.get("available_at", BEFORE_THE_CHANGE + options.get("delay", timedelta()))
     assert by_fresh["available_at"] == starts
     assert json.loads(by_fresh["input"]) == given  # JSON text, null when none: not SQL NULL
@@ -157,6 +177,107 @@ async def test_a_fresh_run_is_the_same_row_by_either_statement(
             "SELECT retention FROM durable.segments WHERE id = $1", by_fresh["segment"]
         )
         assert retention == THREE_DAYS
+
+
+# An eager start's options, drawn at random: with none of a later start, a concurrency key, a
+# rate limit, a start timeout already past or a function the worker does not serve, the run is
+# claimed as it is inserted; with any of them, it waits for a claim.
+EAGER_OPTIONS = st.fixed_dictionaries(
+    {},
+    optional={
+        "trace_context": st.just(EVERY_OPTION["trace_context"]),
+        "priority": st.integers(-3, 3),
+        "start_timeout": st.sampled_from(
+            [timedelta(seconds=-1), timedelta(0), timedelta(minutes=5), timedelta(days=2)]
+        ),
+        "run_timeout": st.sampled_from([timedelta(minutes=1, microseconds=250), timedelta(days=1)]),
+        "parent_id": st.just(uuid.UUID(int=7)),
+        "concurrency_key": st.just("tenant-1"),
+        "concurrency_limit": st.integers(1, 3),
+        "slot_while_suspended": st.booleans(),
+        "rate_limit": st.just("per-tenant"),
+        "rate_key": st.just("tenant-1"),
+        "tags": st.just({"team": "billing"}),
+        "queue": st.just("bulk"),
+        "retention": st.sampled_from([None, THREE_DAYS]),
+        "delay": st.sampled_from([timedelta(seconds=-3), timedelta(0), timedelta(seconds=30)]),
+        "available_at": st.sampled_from(
+            [BEFORE_THE_CHANGE - timedelta(hours=1), BEFORE_THE_CHANGE + timedelta(hours=1)]
+        ),
+    },
+)
+
+
+@settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(options=EAGER_OPTIONS, served=st.booleans(), pinned=st.booleans())
+@example(options={}, served=True, pinned=False)
+@example(  # due 3 s ago: it expires 5 minutes after that, not after now
+    options={"delay": timedelta(seconds=-3), "start_timeout": timedelta(minutes=5)},
+    served=True,
+    pinned=False,
+)
+@example(  # every option a run claimed at its start can have, its start due an hour ago
+    options={
+        **{k: v for k, v in EVERY_OPTION.items() if k not in ("concurrency_key", "rate_limit")},
+        "available_at": BEFORE_THE_CHANGE - timedelta(hours=1),
+    },
+    served=True,
+    pinned=True,
+)
+async def test_an_eager_start_by_the_flat_statement_is_durable_new_runs_row(
+    database_url: str,
+    db: asyncpg.Connection,
+    options: dict[str, Any],
+    served: bool,
+    pinned: bool,
+) -> None:
+    await hold_the_clock(db)
+    store = await PostgresStore.connect(database_url, max_size=1)
+    try:
+        await store.open_segments([None, THREE_DAYS])
+        flat = NewRun(uuid.uuid4(), "gated" if served else "other", {"n": 1}, fresh=True, **options)
+        claiming = ("w-1", timedelta(seconds=30), ["gated"], ["v7"], ["gated"] if pinned else [])
+        row = await store._pool.fetchrow(store._q["start_run_claimed"], *_run_args(flat), *claiming)
+        general = replace(flat, run_id=uuid.uuid4(), fresh=False)  # by durable.start_claimed
+        _, created, claim = await store.start_claimed(general, *claiming)
+    finally:
+        await store.close()
+    assert created
+    if claim is None:  # the run waits: the flat statement must not have inserted it
+        assert row is None
+        assert (
+            await db.fetchval("SELECT count(*) FROM durable.runs WHERE id = $1", flat.run_id) == 0
+        )
+        return
+    assert row is not None
+    by_flat = await same_rows(db, flat.run_id, general.run_id)
+    assert (by_flat["status"], by_flat["attempt"], by_flat["lease_owner"]) == ("running", 1, "w-1")
+    assert replace(_claim(row), run_id=claim.run_id, created_at=claim.created_at) == claim
+
+
+async def test_an_eager_start_is_one_flat_statement(database_url: str) -> None:
+    app = make_app(database_url)
+
+    @app.function(name="gated")
+    async def gated(ctx: durable.Context, name: str) -> str:
+        return name
+
+    async with app, running_worker(app, concurrency=4):
+        warm = await app.start(gated, "warm")  # the worker serves: the next start is eager
+        assert await warm.result(timeout=20) == "warm"
+        store = app._connection.store
+        watching = losing_the_reply(store, None)
+        handle = await app.start(gated, "now")
+        assert watching.seen == [store._q["start_run_claimed"]]
+        assert await handle.result(timeout=20) == "now"
+        watching.seen.clear()  # a run due later is not claimed at its start: start_run
+        later = await app.start(gated, "later", delay=timedelta(milliseconds=1))
+        assert watching.seen == [store._q["start_run"]]
+        assert await later.result(timeout=20) == "later"
 
 
 async def test_a_class_with_no_open_segment_gets_one_from_the_fallback(
@@ -212,8 +333,9 @@ async def test_an_eager_start_whose_reply_was_lost_is_one_run_and_runs(
     async with app, running_worker(app, concurrency=4):
         warm = await app.start(gated, "warm")  # the worker serves: the next start is eager
         assert await warm.result(timeout=20) == "warm"
-        losing_the_reply(app._connection.store, rotate)
+        losing = losing_the_reply(app._connection.store, rotate, "start_run_claimed")
         handle = await app.start(gated, "lost")
+        assert losing.lost
         # Inserted claimed by the worker, which never heard so: its lease lapses, and it runs.
         assert await handle.result(timeout=20) == "lost"
         info = await handle.info()
