@@ -317,7 +317,8 @@ class PostgresStore:
         caller must start it as not fresh (``run.named()``)."""
         claiming = (worker, lease, list(functions), _versions(functions, versions), list(pinned))
         if _one_statement(run):
-            # Flat when the run looks claimable here (start_run_claimed checks it again).
+            # Flat when the run will be claimed (start_run_claimed checks it again, and
+            # inserts nothing when its class has no open segment: start_claimed follows).
             flat = _claimable(run) and run.function in functions
             query = self._q["start_run_claimed" if flat else "start_run"]
             args = (*_run_args(run), *claiming)
@@ -954,13 +955,15 @@ def _one_statement(run: NewRun) -> bool:
 
 
 def _claimable(run: NewRun) -> bool:
-    """Whether ``run`` is due at once with nothing to wait for: claimed as it is inserted when a
-    worker that serves its function starts it (durable.new_run's claim, less the clock)."""
+    """Whether ``run``, started by a worker that serves its function, is claimed as it is
+    inserted (durable.new_run's claim, for a run given no start time: due at once, with no
+    concurrency key or rate limit in the way, and a start timeout, if any, still ahead)."""
     return (
         run.available_at is None
         and run.delay is None
         and run.concurrency_key is None
         and run.rate_limit is None
+        and (run.start_timeout is None or run.start_timeout > timedelta(0))
     )
 
 

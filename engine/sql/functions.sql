@@ -1,7 +1,7 @@
 -- durable: every function of schema durable but the journal's trigger functions, which its table
 -- needs and which live with the tables in the migrations.
 --
--- version: 13
+-- version: 14
 --
 -- How this file is applied. engine/_schema.py runs it after the migrations, under their advisory
 -- lock, and records the version above with the file's checksum (durable.schema_functions):
@@ -399,6 +399,9 @@ $$;
 -- p_lease, at the version p_versions gives its function among p_functions, and pinned to it
 -- when the function is one of p_pinned. The parameters' types are version 12's: a process of
 -- that version, whose prepared start_run names them, keeps starting runs in a rolling deploy.
+-- queries.sql's start_run_claimed writes the claimed row out flat for an eager start (the
+-- choice between the two rows costs a tenth of a start): change it with this function;
+-- tests/integration/test_one_statement_start.py holds the two to the same row.
 CREATE FUNCTION durable.new_run(
     p_id uuid, p_function text, p_input jsonb, p_idempotency_key text, p_trace_context jsonb,
     p_priority integer, p_available_at timestamptz, p_delay interval, p_start_timeout interval,
@@ -725,7 +728,8 @@ $$;
 -- With p_ahead, a run due within p_ahead is claimed too (its claim's due_at says when it is
 -- due; the worker waits until then, so that a timer is not late by the claim's round trip).
 -- Each claim is the run's next attempt, recorded with the version the worker runs of its
--- function; durable.new_run makes a run claimed the same way (change the two together).
+-- function; durable.new_run makes a run claimed the same way, and queries.sql's
+-- start_run_claimed too (change the three together).
 CREATE FUNCTION durable.claim_runs(
     p_functions text[], p_limit integer, p_worker text, p_lease interval,
     p_versions text[] DEFAULT NULL, p_pinned text[] DEFAULT NULL,

@@ -15,7 +15,7 @@ from typing import Any
 
 import asyncpg
 import pytest
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 import durable
@@ -27,14 +27,14 @@ pytestmark = pytest.mark.postgres
 
 
 class LosingTheReply:
-    """The store's pool, but its first ``start_run`` statement commits and then loses its reply
+    """The store's pool, but its first run of ``statement`` commits and then loses its reply
     (a connection that died after the commit), calling ``after`` in between; with no ``after``,
     it loses nothing and only records the statements."""
 
     def __init__(
-        self, pool: Any, start_run: str, after: Callable[[], Awaitable[None]] | None
+        self, pool: Any, statement: str, after: Callable[[], Awaitable[None]] | None
     ) -> None:
-        self.pool, self.start_run, self.after = pool, start_run, after
+        self.pool, self.statement, self.after = pool, statement, after
         self.seen: list[str] = []  # the statements fetchrow ran
         self.lost = False
 
@@ -44,7 +44,7 @@ class LosingTheReply:
     async def fetchrow(self, query: str, *args: Any) -> Any:
         self.seen.append(query)
         row = await self.pool.fetchrow(query, *args)
-        if query == self.start_run and not self.lost and self.after is not None:
+        if query == self.statement and not self.lost and self.after is not None:
             self.lost = True
             await self.after()
             raise asyncpg.ConnectionDoesNotExistError("the reply was lost")
@@ -179,32 +179,43 @@ async def test_a_fresh_run_is_the_same_row_by_either_statement(
         assert retention == THREE_DAYS
 
 
-# An eager start's options, drawn at random: with none of a later start, a concurrency key, a
-# rate limit, a start timeout already past or a function the worker does not serve, the run is
-# claimed as it is inserted; with any of them, it waits for a claim.
-EAGER_OPTIONS = st.fixed_dictionaries(
-    {},
-    optional={
-        "trace_context": st.just(EVERY_OPTION["trace_context"]),
-        "priority": st.integers(-3, 3),
-        "start_timeout": st.sampled_from(
-            [timedelta(seconds=-1), timedelta(0), timedelta(minutes=5), timedelta(days=2)]
-        ),
-        "run_timeout": st.sampled_from([timedelta(minutes=1, microseconds=250), timedelta(days=1)]),
-        "parent_id": st.just(uuid.UUID(int=7)),
-        "concurrency_key": st.just("tenant-1"),
-        "concurrency_limit": st.integers(1, 3),
-        "slot_while_suspended": st.booleans(),
-        "rate_limit": st.just("per-tenant"),
-        "rate_key": st.just("tenant-1"),
-        "tags": st.just({"team": "billing"}),
-        "queue": st.just("bulk"),
-        "retention": st.sampled_from([None, THREE_DAYS]),
-        "delay": st.sampled_from([timedelta(seconds=-3), timedelta(0), timedelta(seconds=30)]),
-        "available_at": st.sampled_from(
-            [BEFORE_THE_CHANGE - timedelta(hours=1), BEFORE_THE_CHANGE + timedelta(hours=1)]
-        ),
-    },
+# An eager start's options, drawn at random: those of a run claimed as it is inserted, or any
+# (a later start, a concurrency key, a rate limit or a start timeout already past: it waits).
+CLAIMED: dict[str, st.SearchStrategy[Any]] = {
+    "trace_context": st.just(EVERY_OPTION["trace_context"]),
+    "priority": st.integers(-3, 3),
+    "start_timeout": st.sampled_from([timedelta(minutes=5), timedelta(days=2)]),
+    "run_timeout": st.sampled_from([timedelta(minutes=1, microseconds=250), timedelta(days=1)]),
+    "parent_id": st.just(uuid.UUID(int=7)),
+    "concurrency_limit": st.integers(1, 3),
+    "slot_while_suspended": st.booleans(),
+    "rate_key": st.just("tenant-1"),
+    "tags": st.just({"team": "billing"}),
+    "queue": st.just("bulk"),
+    "retention": st.sampled_from([None, THREE_DAYS]),
+    "delay": st.sampled_from([timedelta(seconds=-3), timedelta(0)]),
+}
+ANY: dict[str, st.SearchStrategy[Any]] = {
+    **CLAIMED,
+    "start_timeout": st.sampled_from(
+        [timedelta(seconds=-1), timedelta(0), timedelta(minutes=5), timedelta(days=2)]
+    ),
+    "concurrency_key": st.just("tenant-1"),
+    "rate_limit": st.just("per-tenant"),
+    "delay": st.sampled_from([timedelta(seconds=-3), timedelta(0), timedelta(seconds=30)]),
+    "available_at": st.sampled_from(
+        [BEFORE_THE_CHANGE - timedelta(hours=1), BEFORE_THE_CHANGE + timedelta(hours=1)]
+    ),
+}
+# The worker's functions and their versions ("": not known), the run's among them or not.
+WORKERS = st.sampled_from(
+    [
+        (["gated"], ["v7"]),
+        (["other", "gated"], ["v0", "v7"]),
+        (["gated", "other"], ["v7", "v0"]),
+        (["gated", "other"], ["", ""]),
+        (["other"], ["v0"]),
+    ]
 )
 
 
@@ -213,41 +224,68 @@ EAGER_OPTIONS = st.fixed_dictionaries(
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
-@given(options=EAGER_OPTIONS, served=st.booleans(), pinned=st.booleans())
-@example(options={}, served=True, pinned=False)
+@given(
+    options=st.fixed_dictionaries({}, optional=CLAIMED) | st.fixed_dictionaries({}, optional=ANY),
+    worker=WORKERS,
+    pinned=st.sampled_from([[], ["gated"], ["other"]]),
+    given=st.sampled_from([None, {"n": 1}]),
+    open_class=st.booleans(),
+)
+@example(  # first, while its class has no open segment: the flat statement inserts nothing
+    options={"retention": THREE_DAYS},
+    worker=(["gated"], ["v7"]),
+    pinned=[],
+    given=None,
+    open_class=False,
+)
+@example(
+    options={}, worker=(["other", "gated"], ["v0", "v7"]), pinned=[], given=None, open_class=True
+)
 @example(  # due 3 s ago: it expires 5 minutes after that, not after now
     options={"delay": timedelta(seconds=-3), "start_timeout": timedelta(minutes=5)},
-    served=True,
-    pinned=False,
+    worker=(["gated"], ["v7"]),
+    pinned=[],
+    given={"n": 1},
+    open_class=True,
 )
 @example(  # every option a run claimed at its start can have, its start due an hour ago
     options={
         **{k: v for k, v in EVERY_OPTION.items() if k not in ("concurrency_key", "rate_limit")},
         "available_at": BEFORE_THE_CHANGE - timedelta(hours=1),
     },
-    served=True,
-    pinned=True,
+    worker=(["gated", "other"], ["v7", "v0"]),
+    pinned=["gated"],
+    given={"n": 1},
+    open_class=True,
 )
 async def test_an_eager_start_by_the_flat_statement_is_durable_new_runs_row(
     database_url: str,
     db: asyncpg.Connection,
     options: dict[str, Any],
-    served: bool,
-    pinned: bool,
+    worker: tuple[list[str], list[str]],
+    pinned: list[str],
+    given: Any,
+    open_class: bool,
 ) -> None:
     await hold_the_clock(db)
     store = await PostgresStore.connect(database_url, max_size=1)
     try:
-        await store.open_segments([None, THREE_DAYS])
-        flat = NewRun(uuid.uuid4(), "gated" if served else "other", {"n": 1}, fresh=True, **options)
-        claiming = ("w-1", timedelta(seconds=30), ["gated"], ["v7"], ["gated"] if pinned else [])
+        await store.open_segments([None, THREE_DAYS] if open_class else [None])
+        has_segment = await db.fetchval(
+            "SELECT count(*) > 0 FROM durable.open_segments()"
+            " WHERE retention IS NOT DISTINCT FROM $1",
+            options.get("retention"),
+        )
+        flat = NewRun(uuid.uuid4(), "gated", given, fresh=True, **options)
+        claiming = ("w-1", timedelta(seconds=30), *worker, pinned)
         row = await store._pool.fetchrow(store._q["start_run_claimed"], *_run_args(flat), *claiming)
         general = replace(flat, run_id=uuid.uuid4(), fresh=False)  # by durable.start_claimed
         _, created, claim = await store.start_claimed(general, *claiming)
     finally:
         await store.close()
     assert created
-    if claim is None:  # the run waits: the flat statement must not have inserted it
+    event("waits" if claim is None else "claimed" if has_segment else "no open segment")
+    if claim is None or not has_segment:  # it waits, or its class needs a segment opened
         assert row is None
         assert (
             await db.fetchval("SELECT count(*) FROM durable.runs WHERE id = $1", flat.run_id) == 0
@@ -257,6 +295,30 @@ async def test_an_eager_start_by_the_flat_statement_is_durable_new_runs_row(
     by_flat = await same_rows(db, flat.run_id, general.run_id)
     assert (by_flat["status"], by_flat["attempt"], by_flat["lease_owner"]) == ("running", 1, "w-1")
     assert replace(_claim(row), run_id=claim.run_id, created_at=claim.created_at) == claim
+
+
+async def test_an_eager_start_the_flat_statement_cannot_make_takes_one_that_can(
+    database_url: str,
+) -> None:
+    store = await PostgresStore.connect(database_url, max_size=2)
+    claiming = ("w-1", timedelta(seconds=30), ["gated"], ["v7"])
+    try:
+        watching = losing_the_reply(store, None)
+        # Its class has no open segment: the flat statement inserts nothing, start_claimed
+        # opens one and claims the run.
+        no_segment = NewRun(uuid.uuid4(), "gated", None, retention=THREE_DAYS, fresh=True)
+        found, created, claim = await store.start_claimed(no_segment, *claiming)
+        assert (found, created) == (no_segment.run_id, True)
+        assert claim is not None
+        assert watching.seen == [store._q["start_run_claimed"], store._q["start_claimed"]]
+        # Expired as it starts: not claimed, so not tried flat; start_run inserts it waiting.
+        watching.seen.clear()
+        expired = NewRun(uuid.uuid4(), "gated", None, start_timeout=timedelta(0), fresh=True)
+        found, created, claim = await store.start_claimed(expired, *claiming)
+        assert (found, created, claim) == (expired.run_id, True, None)
+        assert watching.seen == [store._q["start_run"]]
+    finally:
+        await store.close()
 
 
 async def test_an_eager_start_is_one_flat_statement(database_url: str) -> None:
@@ -318,8 +380,17 @@ async def test_a_start_whose_reply_was_lost_is_found_even_in_an_older_segment(
     assert await db.fetchval("SELECT count(*) FROM durable.runs WHERE id = $1", found) == 1
 
 
+@pytest.mark.parametrize(
+    ("statement", "when"),
+    [
+        ("start_run_claimed", {}),
+        # Given a start time (an hour ago): claimed by start_run, not the flat statement.
+        ("start_run", {"start_at": datetime.now(UTC) - timedelta(hours=1)}),
+    ],
+    ids=["flat", "given-a-start-time"],
+)
 async def test_an_eager_start_whose_reply_was_lost_is_one_run_and_runs(
-    database_url: str, db: asyncpg.Connection
+    database_url: str, db: asyncpg.Connection, statement: str, when: dict[str, Any]
 ) -> None:
     app = make_app(database_url)  # the suite's lease of two seconds
 
@@ -333,8 +404,8 @@ async def test_an_eager_start_whose_reply_was_lost_is_one_run_and_runs(
     async with app, running_worker(app, concurrency=4):
         warm = await app.start(gated, "warm")  # the worker serves: the next start is eager
         assert await warm.result(timeout=20) == "warm"
-        losing = losing_the_reply(app._connection.store, rotate, "start_run_claimed")
-        handle = await app.start(gated, "lost")
+        losing = losing_the_reply(app._connection.store, rotate, statement)
+        handle = await app.start(gated, "lost", **when)
         assert losing.lost
         # Inserted claimed by the worker, which never heard so: its lease lapses, and it runs.
         assert await handle.result(timeout=20) == "lost"
