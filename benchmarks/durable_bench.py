@@ -16,6 +16,7 @@ import random
 import resource
 import statistics
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 from typing import Any
@@ -185,8 +186,15 @@ async def w2(url: str, n: int) -> dict[str, Any]:
 
 
 async def w3(url: str, n: int) -> dict[str, Any]:
+    """Start to first step, each start after an idle spell; and, between the probes, the floor
+    under them on this machine: after the same idle spell, a committing one-row insert into a
+    two-column table, then the hop to a thread (the probe's step is a plain ``def``), on a
+    connection of its own. No start that is durable when it returns goes below it."""
+    conn = await asyncpg.connect(url)
+    await conn.execute("CREATE TABLE bench_floor (id uuid PRIMARY KEY, v jsonb)")
+
     async def work() -> dict[str, Any]:
-        latencies = []
+        latencies, floor = [], []
         for i in range(n):
             tag = f"p{i}"
             began = time.perf_counter()
@@ -194,9 +202,21 @@ async def w3(url: str, n: int) -> dict[str, Any]:
             await handle.result(timeout=30)
             latencies.append((marks[tag] - began) * 1000)
             await asyncio.sleep(random.uniform(0, 0.25))
-        return {"p50_ms": statistics.median(latencies), "p99_ms": pct(latencies, 0.99)}
+            began = time.perf_counter()
+            await conn.execute("INSERT INTO bench_floor VALUES ($1, '{}')", uuid.uuid4())
+            floor.append((await asyncio.to_thread(time.perf_counter) - began) * 1000)
+            await asyncio.sleep(random.uniform(0, 0.25))
+        return {
+            "p50_ms": statistics.median(latencies),
+            "p99_ms": pct(latencies, 0.99),
+            "floor_p50_ms": statistics.median(floor),
+            "floor_p99_ms": pct(floor, 0.99),
+        }
 
-    return await with_worker(work)
+    try:
+        return await with_worker(work)
+    finally:
+        await conn.close()
 
 
 async def w4(url: str, n: int) -> dict[str, Any]:

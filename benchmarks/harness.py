@@ -74,6 +74,14 @@ ROWS = (
     ("W2", "drain_cpu_us_per_step", "W2 drained: worker CPU per step (µs)", False),
     ("W3", "p50_ms", "W3 start to first step, p50 (ms)", False),
     ("W3", "p99_ms", "W3 start to first step, p99 (ms)", False),
+    (
+        "W3",
+        "floor_p50_ms",
+        "W3's floor: a committing one-row insert after the same idle spell, then a thread hop, "
+        "p50 (ms)",
+        False,
+    ),
+    ("W3", "floor_p99_ms", "W3's floor, p99 (ms)", False),
     ("W4", "late_p50_ms", "W4 1 s sleep, lateness p50 (ms)", False),
     ("W4", "late_p99_ms", "W4 1 s sleep, lateness p99 (ms)", False),
     ("W4", "late_max_ms", "W4 1 s sleep, lateness max (ms)", False),
