@@ -106,6 +106,11 @@ class Worker:
         # ends then wakes the loop to claim again (else only a notification or a timer does).
         self._full = False
         self._ahead = min(_CLAIM_AHEAD, options.short_wait)
+        # A claim takes at most half the slots (rounded up): under a full queue one half's
+        # claim or ends are then in the database while the other half runs. With every slot
+        # in one claim the worker claimed, ran and ended its runs by turns, and both the
+        # database and the process waited for each other half the time.
+        self._claim_limit = -(-options.concurrency // 2)
 
     def stop(self) -> None:
         """Ask the worker to stop claiming and shut down gracefully."""
@@ -215,7 +220,7 @@ class Worker:
         poll = self.options.poll_interval.total_seconds()
         due, db_now = None, None
         try:
-            while (free := self.free_slots) > 0:
+            while (free := min(self.free_slots, self._claim_limit)) > 0:
                 self._wake.clear()
                 self._claiming = free
                 try:
