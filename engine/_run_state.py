@@ -142,6 +142,9 @@ class RunState:
         # until then (``reach_due``).
         self.not_before: datetime | None = None
         self.lost = False
+        # Whether this attempt's span records (a tracer provider was set when it began): its
+        # steps record theirs then, and only then. Decided once per attempt, not per step.
+        self.traced = False
         self.nondeterminism: NonDeterminismError | None = None
         self.interrupted: BaseException | None = None
         self.cancelled = False

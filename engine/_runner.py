@@ -151,7 +151,8 @@ class Runner:
         try:
             with _tracing.run_span(
                 claim.run_id, claim.function, claim.attempt, claim.trace_context
-            ):
+            ) as span:
+                state.traced = span.is_recording()
                 await self._drive(state)
         finally:
             if watchdog is not None:

@@ -4,6 +4,7 @@ trace span, and the record of its tries that the journal keeps (``Context.step``
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import time
@@ -19,6 +20,7 @@ from engine._run_state import RunState
 from engine.errors import ErrorInfo
 
 log = logging.getLogger("engine._context")
+_NOTHING = contextlib.nullcontext()
 
 
 async def take_budget(
@@ -87,9 +89,15 @@ async def execute_step(
         state.check_alive()
         began, started = state.db_time.now(), time.perf_counter()
         failure: ErrorInfo | None = None
-        with _tracing.step_span(state.run_id, state.function, name, position, attempt):
+        # No span and no timeout to set up when neither is asked for: a step's own overhead.
+        span = (
+            _tracing.step_span(state.run_id, state.function, name, position, attempt)
+            if state.traced
+            else _NOTHING
+        )
+        with span:
             try:
-                async with asyncio.timeout(timeout):
+                async with asyncio.timeout(timeout) if timeout is not None else _NOTHING:
                     if inspect.iscoroutinefunction(fn):
                         result = await fn(*args, **kwargs)
                     else:

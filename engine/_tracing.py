@@ -6,9 +6,9 @@ it, so one trace follows a run across crashes, sleeps and resumes.
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
 
 from opentelemetry import context, propagate, trace
 
@@ -31,7 +31,7 @@ def _recording() -> bool:
     return not isinstance(provider, trace.ProxyTracerProvider | trace.NoOpTracerProvider)
 
 
-@contextmanager
+@contextlib.contextmanager
 def run_span(
     run_id: uuid.UUID, function: str, attempt: int, carrier: dict[str, str] | None
 ) -> Iterator[trace.Span]:
@@ -52,14 +52,13 @@ def run_span(
         yield span
 
 
-@contextmanager
 def step_span(
     run_id: uuid.UUID, function: str, step: str, position: str, attempt: int
-) -> Iterator[trace.Span]:
-    if not _recording():  # a no-op span would carry the run's context, already current
-        yield trace.INVALID_SPAN
-        return
-    with _tracer.start_as_current_span(
+) -> contextlib.AbstractContextManager[trace.Span]:
+    """A step's span, opened only in an attempt whose run span records (``RunState.traced``):
+    without a tracer provider a no-op span would only carry the run's context, already
+    current."""
+    return _tracer.start_as_current_span(
         f"durable.step {step}",
         attributes={
             "durable.run_id": str(run_id),
@@ -68,5 +67,4 @@ def step_span(
             "durable.position": position,
             "durable.step_attempt": attempt,
         },
-    ) as span:
-        yield span
+    )
