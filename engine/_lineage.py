@@ -67,11 +67,21 @@ def root_context(owner: TaskOwner) -> contextvars.Context:
 def detached() -> Iterator[None]:
     """Within the block, tasks the current task creates (a driver's, a step body's) take no
     lineage, so live I/O cannot shift the positions that replay must reproduce."""
-    token = _node.set(None)
+    token = detach()
     try:
         yield
     finally:
-        _node.reset(token)
+        reattach(token)
+
+
+def detach() -> contextvars.Token[Node | None]:
+    """``detached`` as two calls, for a block entered twice per step: until ``reattach`` is
+    given the token, tasks the current task creates take no lineage."""
+    return _node.set(None)
+
+
+def reattach(token: contextvars.Token[Node | None]) -> None:
+    _node.reset(token)
 
 
 def detached_context() -> contextvars.Context:

@@ -15,8 +15,7 @@ import asyncio
 import contextlib
 import random
 import uuid
-from collections.abc import Callable, Coroutine, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
@@ -340,20 +339,9 @@ class RunState:
 
     # -- live work and blocking ---------------------------------------------------------------
 
-    @contextmanager
-    def live(self) -> Iterator[None]:
+    def live(self) -> _Live:
         """Marks live work in flight: the run is not idle (and cannot suspend) meanwhile."""
-        self.in_flight += 1
-        self.generation += 1
-        self.idle.clear()
-        try:
-            with _lineage.detached():
-                yield
-        finally:
-            self.in_flight -= 1
-            self.generation += 1
-            if self.in_flight == 0:
-                self.idle.set()
+        return _Live(self)
 
     async def reach_due(self) -> None:
         """Wait, as a blocked point of the run, until ``not_before``; then nothing more waits."""
@@ -418,3 +406,28 @@ class RunState:
 def _resolve(future: asyncio.Future[None]) -> None:
     if not future.done():
         future.set_result(None)
+
+
+class _Live:
+    """``RunState.live``'s block; a class, not a generator, since every step enters it twice
+    (its body, its journal write) and a generator's block costs 2.5 µs more."""
+
+    __slots__ = ("_state", "_token")
+
+    def __init__(self, state: RunState) -> None:
+        self._state = state
+
+    def __enter__(self) -> None:
+        state = self._state
+        state.in_flight += 1
+        state.generation += 1
+        state.idle.clear()
+        self._token = _lineage.detach()
+
+    def __exit__(self, *_exc: object) -> None:
+        _lineage.reattach(self._token)
+        state = self._state
+        state.in_flight -= 1
+        state.generation += 1
+        if state.in_flight == 0:
+            state.idle.set()
