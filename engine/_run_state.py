@@ -141,8 +141,9 @@ class RunState:
         # until then (``reach_due``).
         self.not_before: datetime | None = None
         self.lost = False
-        # Whether this attempt's span records (a tracer provider was set when it began): its
-        # steps record theirs then, and only then. Decided once per attempt, not per step.
+        # Whether this attempt's span records (a tracer provider was set when it began, and
+        # its sampler kept the span): its steps record theirs then, and only then. Decided
+        # once per attempt, not per step.
         self.traced = False
         self.nondeterminism: NonDeterminismError | None = None
         self.interrupted: BaseException | None = None
@@ -425,9 +426,11 @@ class _Live:
         self._token = _lineage.detach()
 
     def __exit__(self, *_exc: object) -> None:
-        _lineage.reattach(self._token)
-        state = self._state
-        state.in_flight -= 1
-        state.generation += 1
-        if state.in_flight == 0:
-            state.idle.set()
+        try:
+            _lineage.reattach(self._token)
+        finally:
+            state = self._state
+            state.in_flight -= 1
+            state.generation += 1
+            if state.in_flight == 0:
+                state.idle.set()

@@ -219,8 +219,14 @@ class Worker:
         code = self.code
         poll = self.options.poll_interval.total_seconds()
         due, db_now = None, None
+        # What woke the loop is answered now; with no slot free it is answered when one frees
+        # (a run's end wakes a full worker), and a wake left set would make _wait spin.
+        self._wake.clear()
         try:
-            while (free := min(self.free_slots, self._claim_limit)) > 0:
+            while (
+                not self._stopping.is_set()
+                and (free := min(self.free_slots, self._claim_limit)) > 0
+            ):
                 self._wake.clear()
                 self._claiming = free
                 try:
