@@ -11,9 +11,8 @@ child's first child. A task factory installed on the loop hands out the lineages
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import contextvars
-from collections.abc import Coroutine, Generator, Iterator
+from collections.abc import Coroutine, Generator
 from typing import Any, Protocol
 
 
@@ -63,20 +62,10 @@ def root_context(owner: TaskOwner) -> contextvars.Context:
     return context
 
 
-@contextlib.contextmanager
-def detached() -> Iterator[None]:
-    """Within the block, tasks the current task creates (a driver's, a step body's) take no
-    lineage, so live I/O cannot shift the positions that replay must reproduce."""
-    token = detach()
-    try:
-        yield
-    finally:
-        reattach(token)
-
-
 def detach() -> contextvars.Token[Node | None]:
-    """``detached`` as two calls, for a block entered twice per step: until ``reattach`` is
-    given the token, tasks the current task creates take no lineage."""
+    """Until ``reattach`` is given the token, tasks the current task creates (a driver's, a
+    step body's) take no lineage, so live I/O cannot shift the positions that replay must
+    reproduce (``RunState.live`` holds the two calls)."""
     return _node.set(None)
 
 

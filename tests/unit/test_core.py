@@ -83,8 +83,11 @@ async def test_tasks_created_while_detached_take_no_lineage() -> None:
     owner = _Owner()
 
     async def root() -> None:
-        with _lineage.detached():
+        token = _lineage.detach()
+        try:
             await asyncio.gather(asyncio.sleep(0))
+        finally:
+            _lineage.reattach(token)
         node = _lineage.current()
         assert node is not None
         assert node.child().lineage == "0"
