@@ -114,6 +114,16 @@ async def with_worker(work: Callable[[], Awaitable[dict[str, Any]]]) -> dict[str
         await worker
 
 
+async def single_insert_rate(conn: asyncpg.Connection[Any], n: int) -> float:
+    """The floor under starts made one call at a time, each durable when it returns: ``n``
+    committing one-row inserts into a two-column table, back to back, on one connection."""
+    await conn.execute("CREATE TABLE bench_single (id uuid PRIMARY KEY, v jsonb)")
+    began = time.perf_counter()
+    for _ in range(n):
+        await conn.execute("INSERT INTO bench_single VALUES ($1, '{}')", uuid.uuid4())
+    return n / (time.perf_counter() - began)
+
+
 async def w1(url: str, n: int) -> dict[str, Any]:
     conn = await asyncpg.connect(url)
     began = time.perf_counter()
@@ -137,10 +147,12 @@ async def w1(url: str, n: int) -> dict[str, Any]:
     for chunk in range(0, n, 1000):
         await app.start_many(noop, range(chunk, min(n, chunk + 1000)))
     batched = n / (time.perf_counter() - began)
+    floor = await single_insert_rate(conn, n)
     await conn.close()
     return {
         "start_single_per_s": single,
         "start_batch_per_s": batched,
+        "floor_single_per_s": floor,
         "drain_per_s": drain,
         "e2e_per_s": e2e,
         "drain_cpu_us_per_run": drain_cpu * 1e6,

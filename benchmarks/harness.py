@@ -61,6 +61,12 @@ ROWS = (
     ("W1", "e2e_cpu_us_per_run", "W1 started singly: process CPU per run (µs)", False),
     ("W1", "start_single_per_s", "W1 start rate, one call per run (starts/s)", True),
     ("W1", "start_batch_per_s", "W1 start rate, batched (starts/s)", True),
+    (
+        "W1",
+        "floor_single_per_s",
+        "W1's floor: committing one-row inserts, one call each, back to back (inserts/s)",
+        True,
+    ),
     ("W2", "workflows_per_s", "W2 five-step workflows, started singly (wf/s)", True),
     ("W2", "steps_per_s", "W2 journaled steps, started singly (steps/s)", True),
     (
