@@ -114,13 +114,24 @@ async def with_worker(work: Callable[[], Awaitable[dict[str, Any]]]) -> dict[str
         await worker
 
 
+async def floor_table(conn: asyncpg.Connection[Any]) -> None:
+    """The table of the floor's inserts (W1's and W3's): two columns, a primary key."""
+    await conn.execute("CREATE TABLE bench_floor (id uuid PRIMARY KEY, v jsonb)")
+
+
+async def floor_insert(conn: asyncpg.Connection[Any]) -> None:
+    """One committing one-row insert into ``floor_table``: no start that is durable when it
+    returns costs less on this machine."""
+    await conn.execute("INSERT INTO bench_floor VALUES ($1, '{}')", uuid.uuid4())
+
+
 async def single_insert_rate(conn: asyncpg.Connection[Any], n: int) -> float:
-    """The floor under starts made one call at a time, each durable when it returns: ``n``
-    committing one-row inserts into a two-column table, back to back, on one connection."""
-    await conn.execute("CREATE TABLE bench_single (id uuid PRIMARY KEY, v jsonb)")
+    """The floor under starts made one call at a time: ``n`` of the floor's inserts, back to
+    back, on one connection."""
+    await floor_table(conn)
     began = time.perf_counter()
     for _ in range(n):
-        await conn.execute("INSERT INTO bench_single VALUES ($1, '{}')", uuid.uuid4())
+        await floor_insert(conn)
     return n / (time.perf_counter() - began)
 
 
@@ -203,7 +214,7 @@ async def w3(url: str, n: int) -> dict[str, Any]:
     two-column table, then the hop to a thread (the probe's step is a plain ``def``), on a
     connection of its own. No start that is durable when it returns goes below it."""
     conn = await asyncpg.connect(url)
-    await conn.execute("CREATE TABLE bench_floor (id uuid PRIMARY KEY, v jsonb)")
+    await floor_table(conn)
 
     async def work() -> dict[str, Any]:
         latencies, floor = [], []
@@ -215,7 +226,7 @@ async def w3(url: str, n: int) -> dict[str, Any]:
             latencies.append((marks[tag] - began) * 1000)
             await asyncio.sleep(random.uniform(0, 0.25))
             began = time.perf_counter()
-            await conn.execute("INSERT INTO bench_floor VALUES ($1, '{}')", uuid.uuid4())
+            await floor_insert(conn)
             floor.append((await asyncio.to_thread(time.perf_counter) - began) * 1000)
             await asyncio.sleep(random.uniform(0, 0.25))
         return {
