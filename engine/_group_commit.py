@@ -61,7 +61,9 @@ class GroupCommit(Generic[W, R]):
     meanwhile goes with it: under a steady load of lone writes (runs started one by one, each
     ending alone) statements carry several writes instead of one each, which saves each of
     those writes a statement's client work (its send is the largest part) and a commit. A write
-    after a quiet spell goes at once."""
+    after a quiet spell goes at once, and so do writes made with ``enough`` once that many wait
+    (work waits on them, and they make a statement worth sending): they end the wait of a
+    statement that is waiting out the spacing."""
 
     def __init__(
         self,
@@ -79,14 +81,22 @@ class GroupCommit(Generic[W, R]):
         self._queue: list[tuple[W, asyncio.Future[R]]] = []
         self._in_flight = 0
         self._next: asyncio.Task[None] | None = None  # a statement yet to take its batch
+        self._hurried = False  # enough writes wait for _next: no spacing
+        self._spaced: asyncio.Future[None] | None = None  # _next's wait, while it lasts
         self._tasks: set[asyncio.Task[None]] = set()  # the loop keeps only weak references
         self.statements = 0  # flushes that committed, for benchmarks and tests
         self.writes = 0
 
-    async def write(self, item: W) -> R:
-        """Queue ``item`` and return its outcome once its statement has committed."""
+    async def write(self, item: W, *, enough: int | None = None) -> R:
+        """Queue ``item`` and return its outcome once its statement has committed. ``enough``:
+        once this many writes wait (``item`` among them), their statement goes without waiting
+        out the spacing."""
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         self._queue.append((item, future))
+        if enough is not None and len(self._queue) >= enough:
+            self._hurried = True
+            if self._spaced is not None and not self._spaced.done():
+                self._spaced.set_result(None)
         self._send()
         return await future
 
@@ -94,7 +104,7 @@ class GroupCommit(Generic[W, R]):
         if self._queue and self._next is None and self._in_flight < self._max_in_flight:
             self._in_flight += 1
             loop = asyncio.get_running_loop()
-            wait = self._last_start + self._spacing - loop.time()
+            wait = 0.0 if self._hurried else self._last_start + self._spacing - loop.time()
             task = loop.create_task(self._commit(wait), context=_lineage.detached_context())
             self._next = task
             self._tasks.add(task)
@@ -107,6 +117,7 @@ class GroupCommit(Generic[W, R]):
             # ran): the loop is going away. The writes that waited for it are cancelled, as
             # those of a statement cancelled in flight are, and a later write starts another.
             self._next = None
+            self._hurried = False
             self._in_flight -= 1
             waiting, self._queue = self._queue, []
             for _item, future in waiting:
@@ -114,11 +125,19 @@ class GroupCommit(Generic[W, R]):
 
     async def _commit(self, wait: float) -> None:
         if wait > 0:  # spaced: the wait is the task's, so a loop that shuts down cancels it
-            await asyncio.sleep(wait)
+            loop = asyncio.get_running_loop()
+            self._spaced = spaced = loop.create_future()
+            timer = loop.call_later(wait, _settle, spaced)
+            try:
+                await spaced
+            finally:
+                timer.cancel()
+                self._spaced = None
         # The batch is taken when the task runs (after its spacing), not when it was created:
         # the writes queued in the same turn of the event loop as the first (the runs of one
         # claim, ending together) go with it, at no cost in latency.
         self._next = None
+        self._hurried = False
         self._last_start = asyncio.get_running_loop().time()
         batch, self._queue = self._queue[: self._max_batch], self._queue[self._max_batch :]
         self._send()  # the rest, if more statements may be in flight
@@ -150,3 +169,8 @@ class GroupCommit(Generic[W, R]):
             self._in_flight -= 1
             if not cancelled:
                 self._send()
+
+
+def _settle(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)

@@ -347,8 +347,12 @@ class Store(Protocol):
         status: EndStatus,
         result: Any = None,
         error: Any = None,
+        *,
+        enough: int | None = None,
     ) -> bool:
-        """End the attempt as completed, failed or paused. False when fenced."""
+        """End the attempt as completed, failed or paused. False when fenced. ``enough``: work
+        waits on this end (due runs, for the slot it frees), so once that many ends wait
+        together they are written without delay."""
         ...
 
     async def release(self, run_id: uuid.UUID, attempt: int) -> bool:

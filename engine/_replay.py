@@ -121,6 +121,8 @@ class JournalStore:
         status: EndStatus,
         result: Any = None,
         error: Any = None,
+        *,
+        enough: int | None = None,
     ) -> bool:
         if not self._holds(run_id, attempt):
             return False

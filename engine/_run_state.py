@@ -86,6 +86,11 @@ class Execution:
     stubs: Mapping[str, Callable[..., Any]] = field(default_factory=dict)
     seed: str | None = None
     replay_only: bool = False
+    # How many attempts' ends, waiting together, go to the store at once rather than after
+    # the delay that lets lone ends share a statement (``Store.finish``'s ``enough``): a
+    # claim's worth when the worker is full (due runs wait for the slots they free). None: the
+    # ends are spaced.
+    ends_together: Callable[[], int | None] = lambda: None
 
 
 @dataclass(frozen=True)

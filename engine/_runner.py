@@ -246,7 +246,14 @@ class Runner:
     async def _finish(self, status: EndStatus, *, result: Any = None, error: Any = None) -> None:
         claim = self.claim
         await self._end(
-            self.store.finish(claim.run_id, claim.attempt, status, result=result, error=error),
+            self.store.finish(
+                claim.run_id,
+                claim.attempt,
+                status,
+                result=result,
+                error=error,
+                enough=self.execution.ends_together(),
+            ),
             status,
         )
 

@@ -95,6 +95,7 @@ class Worker:
             short_wait=options.short_wait.total_seconds(),
             rng=rng or random.SystemRandom(),
             max_payload_bytes=options.max_payload_bytes,
+            ends_together=lambda: self._claim_limit if self._full else None,
         )
         self.active: dict[uuid.UUID, tuple[Runner, asyncio.Task[None]]] = {}
         self._wake = asyncio.Event()
@@ -103,7 +104,9 @@ class Worker:
         self._reserved = 0  # slots held for eager starts in flight
         self._claiming = 0  # slots a claim in flight may fill
         # The last claim left no slot free, so due runs may be waiting for one: a run that
-        # ends then wakes the loop to claim again (else only a notification or a timer does).
+        # ends then wakes the loop to claim again (else only a notification or a timer does),
+        # and a claim's worth of ends go to the database at once (Execution.ends_together)
+        # rather than spaced.
         self._full = False
         self._ahead = min(_CLAIM_AHEAD, options.short_wait)
         # A claim takes at most half the slots (rounded up): under a full queue one half's

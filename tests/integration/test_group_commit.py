@@ -132,3 +132,23 @@ async def test_journals_loaded_together_come_in_shared_queries_each_to_its_run(
         [],
     ]
     assert shared < len(ids), "every journal was loaded on its own"
+
+
+async def test_a_full_workers_ends_do_not_wait_out_the_spacing(database_url: str) -> None:
+    """Runs' ends are spaced so that lone ends share statements; a full worker's ends go at
+    once when a claim's worth wait, since due runs wait for the slots they free. With an
+    hour's spacing, six due runs through one slot (a claim of one) all finish only if every
+    end after the first skips it."""
+    app = make_app(database_url)
+
+    @app.function(name="quick")
+    async def quick(ctx: durable.Context, n: int) -> int:
+        return n
+
+    async with app:
+        store = app._connection.store  # a test of the spacing sets it past the test's length
+        store.finishes._spacing = 3600
+        async with running_worker(app, concurrency=1):
+            handles = await app.start_many(quick, range(6))
+            assert [await h.result(timeout=30) for h in handles] == list(range(6))
+        assert store.finishes.writes == 6

@@ -76,6 +76,47 @@ async def test_a_write_soon_after_a_statement_began_waits_out_the_spacing_with_l
     assert began[1] - began[0] >= 0.5
 
 
+async def test_enough_waiting_writes_end_the_spacing_and_go_together() -> None:
+    """A full worker's runs end with ``enough`` (a claim's worth): due runs wait for the slots
+    those ends free, so once that many wait, their statement does not wait out the spacing.
+    Fewer wait it out, as lone writes do."""
+    statements = Statements()
+    statements.release.set()
+    group: GroupCommit[int, str] = GroupCommit(statements.flush, spacing=3600)
+    assert await group.write(1) == "ok 1"  # the first goes at once
+    waiting = [asyncio.create_task(group.write(2)), asyncio.create_task(group.write(3, enough=3))]
+    for _ in range(5):  # turns of the event loop: two writes of three wait out the spacing
+        await asyncio.sleep(0)
+    assert statements.sent == [[1]]
+    waiting.append(asyncio.create_task(group.write(4, enough=3)))
+    assert list(await asyncio.wait_for(asyncio.gather(*waiting), 10)) == ["ok 2", "ok 3", "ok 4"]
+    assert statements.sent == [[1], [2, 3, 4]]
+    # That statement's hurry is spent: the next write waits out the spacing again.
+    fifth = asyncio.create_task(group.write(5))
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert statements.sent == [[1], [2, 3, 4]]
+    assert await asyncio.wait_for(group.write(6, enough=2), 10) == "ok 6"
+    assert await fifth == "ok 5"
+    assert statements.sent == [[1], [2, 3, 4], [5, 6]]
+
+
+async def test_enough_writes_made_while_a_statement_commits_go_when_it_ends() -> None:
+    """With a statement in flight, writes that are enough wait for it (one statement at a
+    time), then go at once rather than after the spacing."""
+    statements = Statements()
+    group: GroupCommit[int, str] = GroupCommit(statements.flush, spacing=3600)
+    first = asyncio.create_task(group.write(1))
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert statements.sent == [[1]]  # in flight, held
+    second = asyncio.create_task(group.write(2, enough=1))
+    await asyncio.sleep(0)
+    statements.release.set()
+    assert list(await asyncio.wait_for(asyncio.gather(first, second), 10)) == ["ok 1", "ok 2"]
+    assert statements.sent == [[1], [2]]
+
+
 def test_a_loop_shutting_down_in_the_spacing_cancels_the_wait_and_takes_writes_after() -> None:
     """The wait for the spacing belongs to a task, which the loop's shutdown cancels (a timer
     would start the statement during the shutdown, in a task no one cancels or awaits). The
