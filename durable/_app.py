@@ -24,7 +24,7 @@ from durable._handle import RunHandle, RunInfo
 from durable._hosting import Hosting
 from durable._reads import MAX_LISTED, Capacity, Reads
 from durable._settings import Settings
-from engine import Cleanup, Context, RunFilter, ScheduleRow, SegmentRow, _limits
+from engine import Cleanup, Context, RunFilter, ScheduleRow, SegmentRow, _limits, prepare
 from engine.errors import ConfigurationError
 
 T = TypeVar("T")
@@ -149,6 +149,10 @@ class App(Declarations):
         await self._connection.open(
             self.rate_limits, {"durable_done": self._client.dispatch_done}, self.retentions
         )
+        for spec in self._functions.values():  # not at a process's first start of each
+            if spec.takes_input:
+                prepare(spec.input_type)
+            prepare(spec.return_type)
 
     async def close(self) -> None:
         """Stop this app's workers and close its connections."""

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from engine._children import ChildRun
 from engine._clock import Clock, DatabaseTime, SystemClock, VirtualClock
-from engine._codec import dump, load, return_type, validate_input
+from engine._codec import dump, load, prepare, return_type, validate_input
 from engine._context import Context
 from engine._listener import Listener
 from engine._records import (
@@ -90,6 +90,7 @@ __all__ = [
     "dump",
     "load",
     "new_run",
+    "prepare",
     "replay_journal",
     "return_type",
     "validate_input",
